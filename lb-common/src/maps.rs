@@ -1,0 +1,180 @@
+//! Keys and values of the data plane's maps, with the limits that size them.
+
+use core::mem::size_of;
+
+/// Slots in one virtual service's Maglev ring (prime, as Maglev requires).
+pub const RING_SIZE: u32 = 65537;
+/// Engine ids are indices into the engine table: `0..MAX_ENGINES`.
+pub const MAX_ENGINES: u32 = 256;
+/// Default number of virtual services (ring storage is `max_vs * RING_SIZE` slots).
+pub const DEFAULT_MAX_VS: u32 = 64;
+/// Default connection-table capacity (per address family).
+pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+/// Default source-IP persistence table capacity.
+pub const DEFAULT_PERSIST_ENTRIES: u32 = 1 << 18;
+/// A ring slot that names no engine (the virtual service has no active engine).
+pub const ENGINE_NONE: u32 = u32::MAX;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Key of the VIP table: one virtual service is one (address, port, protocol).
+/// IPv4 addresses use `addr_be[0]`; the other words are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+/// This engine steers the virtual service (it is the primary). Without it the VIP's packets are
+/// passed to the local stack: they were already steered here by the primary.
+pub const VS_F_PRIMARY: u32 = 1 << 0;
+/// New flows consult and fill the source-IP persistence table.
+pub const VS_F_PERSIST: u32 = 1 << 1;
+
+/// Value of the VIP table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsMeta {
+    /// Index of the virtual service: its ring is `ring[vs_id * RING_SIZE ..]`, its counters `vs_stats[vs_id]`.
+    pub vs_id: u32,
+    /// `VS_F_*`.
+    pub flags: u32,
+    /// Lifetime of a persistence entry after the last new flow that used it.
+    pub persist_timeout_s: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<VsMeta>() == 16);
+
+/// Connection-table key for IPv4 flows (client → VIP direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowV4 {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowV4>() == 16);
+
+/// Connection-table key for IPv6 flows (client → VIP direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowV6 {
+    pub src_be: [u32; 4],
+    pub dst_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowV6>() == 40);
+
+/// Connection-table value: the engine that owns the flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub engine_id: u32,
+}
+const _: () = assert!(size_of::<ConnEntry>() == 4);
+
+/// Source-IP persistence key: (client address, virtual service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PersistKey {
+    pub client_be: [u32; 4],
+    pub vs_id: u32,
+}
+const _: () = assert!(size_of::<PersistKey>() == 20);
+
+/// Source-IP persistence value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PersistEntry {
+    pub engine_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` when a new flow last used the entry.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(size_of::<PersistEntry>() == 16);
+
+/// Engine states. Only active engines are in rings; the data plane also checks the state on every
+/// connection-table and persistence hit.
+pub const ENGINE_UNUSED: u8 = 0;
+/// Gets new flows and keeps its own.
+pub const ENGINE_ACTIVE: u8 = 1;
+/// Gets no new flows, keeps its existing ones.
+pub const ENGINE_DRAINING: u8 = 2;
+/// Gets nothing: its flows are re-hashed to active engines.
+pub const ENGINE_DOWN: u8 = 3;
+
+/// This host: packets are passed to the local stack.
+pub const ENGINE_MODE_LOCAL: u8 = 0;
+/// Same L2 segment: rewrite MACs, `XDP_TX` (or `XDP_REDIRECT` through the devmap).
+pub const ENGINE_MODE_L2: u8 = 1;
+/// Routed: IP-in-IP (IPv4) / IPv6-in-IPv6 to the engine's address, sent to `mac` (the next hop).
+pub const ENGINE_MODE_TUNNEL: u8 = 2;
+
+/// Value of the engine table (indexed by engine id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Engine {
+    /// Destination MAC: the engine's own (L2 mode) or the next hop's (tunnel mode).
+    pub dst_mac: [u8; 6],
+    /// Source MAC of frames sent towards the engine (the egress interface's).
+    pub src_mac: [u8; 6],
+    /// `ENGINE_*` state.
+    pub state: u8,
+    /// `ENGINE_MODE_*`.
+    pub mode: u8,
+    pub _pad: [u8; 2],
+    /// Egress interface; 0 means the interface the packet arrived on (`XDP_TX`). Any other value
+    /// redirects through the devmap entry at this engine's id.
+    pub ifindex: u32,
+    /// Tunnel endpoint for IPv4 traffic (0: none).
+    pub addr_v4_be: u32,
+    /// Tunnel endpoint for IPv6 traffic (all zero: none).
+    pub addr_v6_be: [u32; 4],
+}
+const _: () = assert!(size_of::<Engine>() == 40);
+
+/// Data-plane wide settings (a one-entry array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Globals {
+    /// Outer source address of IPv4 tunnel packets.
+    pub tunnel_src_v4_be: u32,
+    pub _pad: u32,
+    /// Outer source address of IPv6 tunnel packets.
+    pub tunnel_src_v6_be: [u32; 4],
+}
+const _: () = assert!(size_of::<Globals>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, has no padding the asserts above do not account for,
+    // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VsMeta {}
+    unsafe impl aya::Pod for super::FlowV4 {}
+    unsafe impl aya::Pod for super::FlowV6 {}
+    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for super::PersistKey {}
+    unsafe impl aya::Pod for super::PersistEntry {}
+    unsafe impl aya::Pod for super::Engine {}
+    unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for crate::TrafficCounters {}
+}

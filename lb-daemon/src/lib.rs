@@ -1,0 +1,5 @@
+//! The load balancer daemon: configuration, data-plane control and the control plane around it.
+
+pub mod config;
+pub mod dataplane;
+pub mod tables;

@@ -1,0 +1,187 @@
+//! What the data plane's maps should hold for a configuration, computed without touching the
+//! kernel, and what changes between two such states. The daemon applies the difference, so a
+//! reload writes only what changed — in particular only the ring slots that moved.
+
+use std::collections::BTreeMap;
+
+use lb_common::{
+    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals, RING_SIZE, VS_F_PERSIST,
+    VS_F_PRIMARY, VipKey, VsMeta,
+    addr::{ip_be, v4_be, v6_be},
+    maglev::{self, Member},
+};
+
+use crate::config::{Config, EngineMode, EngineState};
+
+/// What the daemon needs to know about a local interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// Looking up local interfaces by name (the kernel in the daemon; a table in tests).
+pub trait Links {
+    fn link(&self, name: &str) -> Result<Link, PlanError>;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("interface {name}: {reason}")]
+    Interface { name: String, reason: String },
+}
+
+/// The full desired content of the control maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub globals: Globals,
+    pub engines: BTreeMap<u32, Engine>,
+    /// Engine id → egress ifindex, for engines reached through another interface.
+    pub devmap: BTreeMap<u32, u32>,
+    pub vips: BTreeMap<VipKey, VsMeta>,
+    /// VIP addresses (port 0, protocol 0) → number of virtual services on them.
+    pub vip_addrs: BTreeMap<VipKey, u32>,
+    /// Virtual service id → its full Maglev ring.
+    pub rings: BTreeMap<u32, Vec<u32>>,
+}
+
+impl Tables {
+    /// Plans the maps for a validated `config`.
+    pub fn plan(config: &Config, links: &dyn Links) -> Result<Tables, PlanError> {
+        let d = &config.daemon;
+        let main = links.link(&d.interface)?;
+        let mut t = Tables {
+            globals: Globals {
+                tunnel_src_v4_be: d.tunnel_source_v4.map_or(0, v4_be),
+                _pad: 0,
+                tunnel_src_v6_be: d.tunnel_source_v6.map_or([0; 4], v6_be),
+            },
+            ..Tables::default()
+        };
+        for e in &config.engines {
+            let (egress, ifindex) = match &e.interface {
+                Some(name) if *name != d.interface => {
+                    let l = links.link(name)?;
+                    (l, l.ifindex)
+                }
+                _ => (main, 0),
+            };
+            let mode = if e.id == d.engine_id {
+                ENGINE_MODE_LOCAL
+            } else if e.mode == EngineMode::Tunnel {
+                ENGINE_MODE_TUNNEL
+            } else {
+                ENGINE_MODE_L2
+            };
+            if ifindex != 0 && mode != ENGINE_MODE_LOCAL {
+                t.devmap.insert(e.id, ifindex);
+            }
+            t.engines.insert(
+                e.id,
+                Engine {
+                    dst_mac: e.mac.map_or([0; 6], |m| m.0),
+                    src_mac: egress.mac,
+                    state: e.state.code(),
+                    mode,
+                    _pad: [0; 2],
+                    ifindex,
+                    addr_v4_be: e.address_v4.map_or(0, v4_be),
+                    addr_v6_be: e.address_v6.map_or([0; 4], v6_be),
+                },
+            );
+        }
+        for vs in &config.virtual_services {
+            let (family, addr_be) = ip_be(vs.vip);
+            let mut flags = 0;
+            if vs.is_primary_here(d.engine_id) {
+                flags |= VS_F_PRIMARY;
+            }
+            if vs.persistence_timeout_s > 0 {
+                flags |= VS_F_PERSIST;
+            }
+            let key = VipKey { addr_be, port_be: vs.port.to_be(), proto: vs.protocol.number(), family };
+            t.vips.insert(
+                key,
+                VsMeta { vs_id: vs.id, flags, persist_timeout_s: vs.persistence_timeout_s, _pad: 0 },
+            );
+            *t.vip_addrs.entry(VipKey { port_be: 0, proto: 0, ..key }).or_default() += 1;
+            // Only active engines take new flows; draining and down ones keep (or lose) theirs
+            // through the connection table.
+            let members: Vec<Member> = vs
+                .engines
+                .iter()
+                .filter(|m| config.engine(m.id).is_some_and(|e| e.state == EngineState::Active))
+                .map(|m| Member { engine_id: m.id, weight: m.weight })
+                .collect();
+            t.rings.insert(vs.id, maglev::build(&members, RING_SIZE));
+        }
+        Ok(t)
+    }
+}
+
+/// Writes that turn one [`Tables`] into another, in a safe order: what new entries point at is
+/// written before them, and entries are removed before what they point at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub globals: Option<Globals>,
+    pub engines_set: Vec<(u32, Engine)>,
+    pub devmap_set: Vec<(u32, u32)>,
+    /// Ring slot writes: (virtual service, slot, engine).
+    pub ring_set: Vec<(u32, u32, u32)>,
+    pub vip_addrs_set: Vec<(VipKey, u32)>,
+    pub vips_set: Vec<(VipKey, VsMeta)>,
+    // Removals, applied after the sets above.
+    pub vips_remove: Vec<VipKey>,
+    pub vip_addrs_remove: Vec<VipKey>,
+    /// Rings of removed virtual services, reset to empty.
+    pub rings_clear: Vec<u32>,
+    pub devmap_remove: Vec<u32>,
+    pub engines_remove: Vec<u32>,
+}
+
+impl Changes {
+    /// The writes from `old` (`None`: empty maps) to `new`.
+    pub fn between(old: Option<&Tables>, new: &Tables) -> Changes {
+        let empty = Tables::default();
+        let old = old.unwrap_or(&empty);
+        let mut c = Changes::default();
+        if old.globals != new.globals || old.engines.is_empty() {
+            c.globals = Some(new.globals);
+        }
+        c.engines_set = changed(&old.engines, &new.engines);
+        c.devmap_set = changed(&old.devmap, &new.devmap);
+        for (vs, ring) in &new.rings {
+            match old.rings.get(vs) {
+                Some(before) => c.ring_set.extend(maglev::diff(before, ring).into_iter().map(|(s, e)| (*vs, s, e))),
+                None => c.ring_set.extend(ring.iter().enumerate().map(|(s, e)| (*vs, slot(s), *e))),
+            }
+        }
+        c.vip_addrs_set = changed(&old.vip_addrs, &new.vip_addrs);
+        c.vips_set = changed(&old.vips, &new.vips);
+        c.vips_remove = removed(&old.vips, &new.vips);
+        c.vip_addrs_remove = removed(&old.vip_addrs, &new.vip_addrs);
+        c.rings_clear = removed(&old.rings, &new.rings);
+        c.devmap_remove = removed(&old.devmap, &new.devmap);
+        c.engines_remove = removed(&old.engines, &new.engines);
+        c
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+fn slot(s: usize) -> u32 {
+    u32::try_from(s).expect("ring slot fits u32")
+}
+
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    new.iter().filter(|(k, v)| old.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect()
+}
+
+fn removed<K: Ord + Copy, V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<K> {
+    old.keys().filter(|k| !new.contains_key(k)).copied().collect()
+}
+
+#[cfg(test)]
+mod tests;

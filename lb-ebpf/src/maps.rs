@@ -1,0 +1,71 @@
+//! Every map of the data plane, in one place. Sizes here are defaults: the daemon sets the real
+//! ones at load time. The connection and persistence tables are pinned (by name, under the daemon's
+//! pin directory) so a daemon restart keeps them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4, FlowV6,
+    Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE, TrafficCounters, VipKey,
+    VsMeta,
+};
+
+/// LRU lists per CPU, hash table shared: inserts never contend on a global LRU lock (the point of
+/// Katran's per-CPU LRU maps), yet one table holds each flow once, so a flow whose packets move to
+/// another CPU still hits and userspace reads one owner per flow.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// (VIP address, port, protocol) → virtual service.
+#[map]
+pub static VIPS: HashMap<VipKey, VsMeta> = HashMap::with_max_entries(DEFAULT_MAX_VS, 0);
+
+/// VIP addresses alone (key with port 0 and protocol 0) → number of virtual services on them.
+/// Consulted only for packets whose port cannot be read: fragments and truncated L4 headers.
+#[map]
+pub static VIP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VS, 0);
+
+/// Maglev rings of all virtual services back to back: slot `s` of service `v` is `v * RING_SIZE + s`.
+#[map]
+pub static RING: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VS * RING_SIZE, 0);
+
+/// Engine id → how to reach it.
+#[map]
+pub static ENGINES: Array<Engine> = Array::with_max_entries(MAX_ENGINES, 0);
+
+/// Engine id → egress interface, for engines reached through another interface (`XDP_REDIRECT`).
+#[map]
+pub static DEVMAP: DevMap = DevMap::with_max_entries(MAX_ENGINES, 0);
+
+/// IPv4 connection table: flow → owning engine.
+#[map]
+pub static CONN_V4: LruHashMap<FlowV4, ConnEntry> =
+    LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// IPv6 connection table: flow → owning engine.
+#[map]
+pub static CONN_V6: LruHashMap<FlowV6, ConnEntry> =
+    LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Source-IP persistence: (client, virtual service) → engine, with the time it was last used.
+#[map]
+pub static PERSIST: LruHashMap<PersistKey, PersistEntry> =
+    LruHashMap::pinned(DEFAULT_PERSIST_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Data-plane wide settings (one entry).
+#[map]
+pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
+
+/// Traffic per virtual service (per CPU).
+#[map]
+pub static VS_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VS, 0);
+
+/// Traffic per engine the flows were sent to (per CPU).
+#[map]
+pub static ENGINE_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_ENGINES, 0);
+
+/// One counter per `lb_common::Reason` (per CPU).
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

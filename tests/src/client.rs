@@ -1,0 +1,298 @@
+//! HTTP load from a client namespace, counted per answering engine, and held keep-alive
+//! connections.
+//!
+//! Plain blocking `std::net` on threads that entered the client namespace: bounded by the number of
+//! connections and by connect/read timeouts, no runtime needed.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::lab::Ns;
+use crate::netns::{enter, in_ns};
+
+/// Error messages kept per load run (the count covers all).
+const MAX_ERROR_SAMPLES: usize = 10;
+
+/// What a load run saw.
+#[derive(Clone, Debug, Default)]
+pub struct LoadResult {
+    /// Successful responses per body (engine name).
+    pub per_engine: BTreeMap<String, usize>,
+    pub errors: usize,
+    /// The first few error messages.
+    pub error_samples: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl LoadResult {
+    pub fn ok(&self) -> usize {
+        self.per_engine.values().sum()
+    }
+
+    /// Share of successful responses answered by `engine`, in percent.
+    pub fn percent(&self, engine: &str) -> f64 {
+        let ok = self.ok();
+        if ok == 0 {
+            return 0.0;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let p = 100.0 * self.per_engine.get(engine).copied().unwrap_or(0) as f64 / ok as f64;
+        p
+    }
+
+    /// Checks each engine's share against `expected` (percent, by name) within `tolerance`
+    /// percentage points, and that no other engine answered. The error lists every deviation.
+    pub fn check_spread(&self, expected: &BTreeMap<String, f64>, tolerance: f64) -> Result<()> {
+        let mut bad = Vec::new();
+        for (name, want) in expected {
+            let got = self.percent(name);
+            if (got - want).abs() > tolerance {
+                bad.push(format!("{name}: {got:.1}% (expected {want:.1}% ± {tolerance})"));
+            }
+        }
+        for name in self.per_engine.keys() {
+            if !expected.contains_key(name) {
+                bad.push(format!("unexpected answer {name:?}"));
+            }
+        }
+        ensure!(bad.is_empty(), "spread off: {} ({self})", bad.join("; "));
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for LoadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ok, {} errors in {:.2?}:", self.ok(), self.errors, self.elapsed)?;
+        for (name, n) in &self.per_engine {
+            write!(f, " {name}={n} ({:.1}%)", self.percent(name))?;
+        }
+        if !self.error_samples.is_empty() {
+            write!(f, "; first errors: {}", self.error_samples.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Load parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    pub target: SocketAddr,
+    /// Connections in all (one request each, `Connection: close`).
+    pub connections: usize,
+    /// Connections in flight at once (threads).
+    pub parallel: usize,
+    /// Connect timeout, and read/write timeout of each socket operation.
+    pub timeout: Duration,
+}
+
+impl Load {
+    pub fn new(target: SocketAddr, connections: usize) -> Self {
+        Self {
+            target,
+            connections,
+            parallel: 4,
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Runs `load` from namespace `ns`: every connection sends one `GET /` and counts the body.
+pub fn http_load(ns: &Ns, load: &Load) -> Result<LoadResult> {
+    ensure!(load.parallel > 0, "parallel must be > 0");
+    let next = AtomicUsize::new(0);
+    let total = Mutex::new(LoadResult::default());
+    let start = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let mut workers = Vec::new();
+        for _ in 0..load.parallel.min(load.connections.max(1)) {
+            workers.push(s.spawn(|| -> Result<()> {
+                enter(ns.name())?;
+                let mut mine = LoadResult::default();
+                while next.fetch_add(1, Ordering::Relaxed) < load.connections {
+                    match one_request(load.target, load.timeout) {
+                        Ok(name) => *mine.per_engine.entry(name).or_default() += 1,
+                        Err(e) => {
+                            mine.errors += 1;
+                            if mine.error_samples.len() < MAX_ERROR_SAMPLES {
+                                mine.error_samples.push(format!("{e:#}"));
+                            }
+                        }
+                    }
+                }
+                let mut t = total.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (k, v) in mine.per_engine {
+                    *t.per_engine.entry(k).or_default() += v;
+                }
+                t.errors += mine.errors;
+                let room = MAX_ERROR_SAMPLES.saturating_sub(t.error_samples.len());
+                t.error_samples
+                    .extend(mine.error_samples.into_iter().take(room));
+                Ok(())
+            }));
+        }
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("load worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    let mut result = total
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    result.elapsed = start.elapsed();
+    Ok(result)
+}
+
+/// One connection, one `GET /` with `Connection: close`; returns the trimmed body of a 200.
+/// Must run on a thread inside the client namespace.
+pub fn one_request(target: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, timeout).context("connect")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .context("send")?;
+    let mut buf = Vec::with_capacity(512);
+    s.read_to_end(&mut buf).context("read")?;
+    let (status, body) = split_response(&buf)?;
+    ensure!(status == 200, "HTTP status {status}");
+    Ok(String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// Parses `HTTP/1.x NNN ...\r\n...\r\n\r\nbody` into (status, body).
+fn split_response(buf: &[u8]) -> Result<(u16, &[u8])> {
+    let end = find(buf, b"\r\n\r\n").context("no complete HTTP header")?;
+    let head = std::str::from_utf8(&buf[..end]).context("header not UTF-8")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    Ok((status, &buf[end + 4..]))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
+/// A keep-alive connection opened from a client namespace; each [`HeldConnection::get`] sends
+/// another request on the same TCP connection (same flow) and returns the answering engine.
+#[derive(Debug)]
+pub struct HeldConnection {
+    stream: TcpStream,
+    target: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl HeldConnection {
+    /// Connects from `ns` (the socket stays in `ns`; it can be used from any thread).
+    pub fn open(ns: &Ns, target: SocketAddr, timeout: Duration) -> Result<Self> {
+        let stream = in_ns(ns.name(), || {
+            TcpStream::connect_timeout(&target, timeout).context("connect")
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Self {
+            stream,
+            target,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Client side address (the flow's source).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
+    /// `GET /` (keep-alive) on this connection; returns the trimmed body of a 200.
+    pub fn get(&mut self) -> Result<String> {
+        self.stream
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", self.target).as_bytes())
+            .context("send")?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                let len = content_length(&head)
+                    .with_context(|| format!("no Content-Length in {head:?}"))?;
+                if self.buf.len() >= end + 4 + len {
+                    let (status, _) = split_response(&self.buf[..end + 4])?;
+                    let body = String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len])
+                        .trim()
+                        .to_owned();
+                    self.buf.drain(..end + 4 + len);
+                    ensure!(status == 200, "HTTP status {status}");
+                    return Ok(body);
+                }
+            }
+            let n = self.stream.read(&mut chunk).context("read")?;
+            if n == 0 {
+                bail!("connection closed by peer");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// `GET path` with HTTP/1.0 from inside `ns` (for the daemon's metrics endpoint);
+/// returns (status, body).
+pub fn http_get(ns: &Ns, target: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    in_ns(ns.name(), || {
+        let mut s = TcpStream::connect_timeout(&target, timeout)
+            .with_context(|| format!("connect {target}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let (status, body) = split_response(&buf)?;
+        Ok((status, String::from_utf8_lossy(body).into_owned()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_responses() {
+        let r = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 4\r\n\r\nse1\n";
+        let (status, body) = split_response(r).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, b"se1\n");
+        assert_eq!(
+            content_length("HTTP/1.1 200 OK\r\ncontent-length: 12"),
+            Some(12)
+        );
+        assert!(split_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn spread_check() {
+        let mut r = LoadResult::default();
+        r.per_engine.insert("a".into(), 250);
+        r.per_engine.insert("b".into(), 750);
+        let mut want = BTreeMap::new();
+        want.insert("a".to_owned(), 25.0);
+        want.insert("b".to_owned(), 75.0);
+        r.check_spread(&want, 3.0).unwrap();
+        want.insert("a".to_owned(), 30.0);
+        assert!(r.check_spread(&want, 3.0).is_err());
+    }
+}

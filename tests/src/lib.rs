@@ -1,0 +1,69 @@
+//! A load-balancer lab in network namespaces.
+//!
+//! Every "host" (client, engines) is a network namespace that the lab creates with a unique name and
+//! deletes again on drop (also on panic). Hosts share one L2 segment: namespace `sw` with bridge `br0`,
+//! one veth pair per host. Everything is done with `ip`, `sysctl` and `ethtool` commands, so every step
+//! can be repeated by hand.
+//!
+//! - [`lab`]: the topology builder ([`Lab`]) and tracked processes ([`Proc`]).
+//! - [`netns`]: running Rust code inside a namespace (a thread that `setns`'d).
+//! - [`nginx`]: an nginx per namespace answering its own name.
+//! - [`engine`]: primary / secondary engine setup (VIP placement, ARP sysctls, nginx).
+//! - [`daemon`]: `lb-daemon` config writer and process (reload, metrics, graceful stop).
+//! - [`client`]: HTTP connection load from the client namespace, held keep-alive connections.
+//! - [`steering`]: the standard topology used by the end-to-end tests and `lb-lab`.
+//!
+//! Needs root. The two veth traps of `/work/shared/notes/netns-lab.md` are handled here: every bridge
+//! port can get an `XDP_PASS` program ([`Lab::enable_xdp_pass`]) and every host interface has tx
+//! checksum offload turned off ([`Lab::attach`]).
+
+pub mod client;
+pub mod cmd;
+pub mod daemon;
+pub mod engine;
+pub mod lab;
+pub mod netns;
+pub mod nginx;
+pub mod steering;
+
+use std::path::PathBuf;
+
+pub use lab::{Iface, Lab, Ns, Proc};
+
+/// The workspace root (the directory above this package).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map_or(manifest.clone(), PathBuf::from)
+}
+
+/// The daemon binary: `$LB_DAEMON_BIN`, default `<workspace>/target/debug/lb-daemon`.
+pub fn daemon_bin() -> PathBuf {
+    std::env::var_os("LB_DAEMON_BIN").map_or_else(
+        || workspace_root().join("target/debug/lb-daemon"),
+        PathBuf::from,
+    )
+}
+
+/// The data plane object: `$LB_XDP_OBJECT`, default `<workspace>/target/bpf/lb-xdp.o`.
+pub fn xdp_object() -> PathBuf {
+    std::env::var_os("LB_XDP_OBJECT").map_or_else(
+        || workspace_root().join("target/bpf/lb-xdp.o"),
+        PathBuf::from,
+    )
+}
+
+/// True when running as root. Tests that need namespaces and XDP print a skip note and return
+/// when this is false.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// For tests: `if !lb_tests::require_root() { return; }` prints the standard skip message.
+pub fn require_root() -> bool {
+    if is_root() {
+        true
+    } else {
+        eprintln!("skipping: needs root (network namespaces, XDP)");
+        false
+    }
+}
