@@ -12,7 +12,9 @@ pub fn v4_be(a: Ipv4Addr) -> u32 {
 /// An IPv6 address as the data plane reads it from a packet.
 pub fn v6_be(a: Ipv6Addr) -> [u32; 4] {
     let o = a.octets();
-    core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// Any address as `(family, words)`; IPv4 fills the first word only.
@@ -49,7 +51,10 @@ mod tests {
             let (f, w) = ip_be(ip);
             assert_eq!(ip_from_be(f, w), Some(ip));
         }
-        assert_eq!(v4_be("1.2.3.4".parse().unwrap()).to_ne_bytes(), [1, 2, 3, 4]);
+        assert_eq!(
+            v4_be("1.2.3.4".parse().unwrap()).to_ne_bytes(),
+            [1, 2, 3, 4]
+        );
         assert_eq!(ip_from_be(5, [0; 4]), None);
     }
 }

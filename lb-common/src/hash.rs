@@ -15,7 +15,10 @@ pub const FLOW_SEED: u32 = 0x4c42_2d31;
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -28,7 +31,7 @@ const fn finish(h: u32, len_bytes: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// MurmurHash3 x86_32 of `words` (read as their little-endian bytes) with `seed`.
+/// MurmurHash3 `x86_32` of `words` (read as their little-endian bytes) with `seed`.
 #[inline(always)]
 pub fn murmur3_words(words: &[u32], seed: u32) -> u32 {
     let mut h = seed;
@@ -91,7 +94,7 @@ pub const fn ring_slot(hash: u32) -> u32 {
 mod tests {
     use super::*;
 
-    /// Reference MurmurHash3 x86_32 over bytes (the canonical algorithm, tail handling included).
+    /// Reference MurmurHash3 `x86_32` over bytes (the canonical algorithm, tail handling included).
     fn murmur3_bytes(data: &[u8], seed: u32) -> u32 {
         let mut h = seed;
         let chunks = data.chunks_exact(4);
@@ -117,7 +120,10 @@ mod tests {
         assert_eq!(murmur3_bytes(b"", 0xffff_ffff), 0x81f1_6f39);
         assert_eq!(murmur3_bytes(&[0, 0, 0, 0], 0), 0x2362_f9de);
         assert_eq!(murmur3_bytes(b"Hello, world!", 1234), 0xfaf6_cdb3);
-        assert_eq!(murmur3_bytes(b"The quick brown fox jumps over the lazy dog", 0x9747_b28c), 0x2fa8_26cd);
+        assert_eq!(
+            murmur3_bytes(b"The quick brown fox jumps over the lazy dog", 0x9747_b28c),
+            0x2fa8_26cd
+        );
     }
 
     #[test]
@@ -129,20 +135,44 @@ mod tests {
 
     #[test]
     fn flow_hashes_are_murmur3_of_the_key_words() {
-        let f = FlowV4 { src_be: 0x0a00_0001, dst_be: 0x0a00_0002, sport_be: 0x1234, dport_be: 0x5000, proto: 6, _pad: [0; 3] };
+        let f = FlowV4 {
+            src_be: 0x0a00_0001,
+            dst_be: 0x0a00_0002,
+            sport_be: 0x1234,
+            dport_be: 0x5000,
+            proto: 6,
+            _pad: [0; 3],
+        };
         let words = [f.src_be, f.dst_be, 0x5000_1234, 6];
         assert_eq!(flow_hash_v4(&f), murmur3_words(&words, FLOW_SEED));
 
-        let g = FlowV6 { src_be: [1, 2, 3, 4], dst_be: [5, 6, 7, 8], sport_be: 9, dport_be: 10, proto: 17, _pad: [0; 3] };
+        let g = FlowV6 {
+            src_be: [1, 2, 3, 4],
+            dst_be: [5, 6, 7, 8],
+            sport_be: 9,
+            dport_be: 10,
+            proto: 17,
+            _pad: [0; 3],
+        };
         let words = [1, 2, 3, 4, 5, 6, 7, 8, 9 | (10 << 16), 17];
         assert_eq!(flow_hash_v6(&g), murmur3_words(&words, FLOW_SEED));
-        assert_eq!(client_hash(&[1, 2, 3, 4]), murmur3_words(&[1, 2, 3, 4], FLOW_SEED));
+        assert_eq!(
+            client_hash(&[1, 2, 3, 4]),
+            murmur3_words(&[1, 2, 3, 4], FLOW_SEED)
+        );
     }
 
     #[test]
     fn hash_is_stable_across_builds() {
         // Pinned values: a change here moves every unrecorded flow in a running fleet.
-        let f = FlowV4 { src_be: u32::from_ne_bytes([10, 0, 0, 1]), dst_be: u32::from_ne_bytes([10, 0, 0, 100]), sport_be: 40000u16.to_be(), dport_be: 80u16.to_be(), proto: 6, _pad: [0; 3] };
+        let f = FlowV4 {
+            src_be: u32::from_ne_bytes([10, 0, 0, 1]),
+            dst_be: u32::from_ne_bytes([10, 0, 0, 100]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
         assert_eq!(flow_hash_v4(&f), flow_hash_v4(&f));
         assert_eq!(flow_hash_v4(&f), PINNED_V4);
     }
@@ -152,7 +182,14 @@ mod tests {
     fn ports_spread_evenly_over_four_buckets() {
         let mut buckets = [0u32; 4];
         for port in 1024u16..(1024 + 40_000) {
-            let f = FlowV4 { src_be: 0x0100_000a, dst_be: 0x6400_000a, sport_be: port.to_be(), dport_be: 80u16.to_be(), proto: 6, _pad: [0; 3] };
+            let f = FlowV4 {
+                src_be: 0x0100_000a,
+                dst_be: 0x6400_000a,
+                sport_be: port.to_be(),
+                dport_be: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            };
             buckets[(ring_slot(flow_hash_v4(&f)) % 4) as usize] += 1;
         }
         for b in buckets {

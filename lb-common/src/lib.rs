@@ -7,6 +7,10 @@
 //! With the `user` feature (userspace only) the types implement `aya::Pod`, and the Maglev builder and
 //! address helpers become available.
 #![cfg_attr(not(feature = "user"), no_std)]
+// `_pad` fields are explicit padding of map types, public so both sides can build values.
+#![allow(clippy::pub_underscore_fields)]
+// The hash runs inside the XDP program, where every call must be inlined.
+#![allow(clippy::inline_always)]
 
 pub mod counters;
 pub mod hash;

@@ -91,7 +91,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -107,7 +107,9 @@ mod tests {
     use crate::maps::RING_SIZE;
 
     fn members(spec: &[(u32, u32)]) -> Vec<Member> {
-        spec.iter().map(|&(engine_id, weight)| Member { engine_id, weight }).collect()
+        spec.iter()
+            .map(|&(engine_id, weight)| Member { engine_id, weight })
+            .collect()
     }
 
     fn shares(ring: &[u32]) -> HashMap<u32, f64> {
@@ -116,18 +118,27 @@ mod tests {
             *counts.entry(*e).or_default() += 1;
         }
         #[allow(clippy::cast_precision_loss)]
-        counts.into_iter().map(|(e, c)| (e, c as f64 / ring.len() as f64)).collect()
+        counts
+            .into_iter()
+            .map(|(e, c)| (e, c as f64 / ring.len() as f64))
+            .collect()
     }
 
     #[test]
     fn equal_weights_share_within_one_percent() {
         for n in [2u32, 3, 4, 5, 7, 16] {
-            let ring = build(&members(&(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()), RING_SIZE);
+            let ring = build(
+                &members(&(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()),
+                RING_SIZE,
+            );
             let s = shares(&ring);
             assert_eq!(s.len(), n as usize);
             for (e, share) in s {
                 let want = 1.0 / f64::from(n);
-                assert!((share - want).abs() < 0.01, "n={n} engine {e}: share {share:.4}, want {want:.4}");
+                assert!(
+                    (share - want).abs() < 0.01,
+                    "n={n} engine {e}: share {share:.4}, want {want:.4}"
+                );
             }
         }
     }
@@ -139,7 +150,11 @@ mod tests {
         let s = shares(&ring);
         for (id, w) in spec {
             let want = f64::from(w) / 10.0;
-            assert!((s[&id] - want).abs() < 0.01, "engine {id}: share {:.4}, want {want:.4}", s[&id]);
+            assert!(
+                (s[&id] - want).abs() < 0.01,
+                "engine {id}: share {:.4}, want {want:.4}",
+                s[&id]
+            );
         }
     }
 
@@ -155,14 +170,27 @@ mod tests {
     #[test]
     fn removing_one_engine_moves_about_one_nth() {
         for n in [3u32, 4, 5, 8] {
-            let before = build(&members(&(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()), RING_SIZE);
-            let after = build(&members(&(1..n).map(|i| (i, 1)).collect::<Vec<_>>()), RING_SIZE);
+            let before = build(
+                &members(&(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()),
+                RING_SIZE,
+            );
+            let after = build(
+                &members(&(1..n).map(|i| (i, 1)).collect::<Vec<_>>()),
+                RING_SIZE,
+            );
             let moved = diff(&before, &after).len();
             #[allow(clippy::cast_precision_loss)]
             let frac = moved as f64 / f64::from(RING_SIZE);
             let ideal = 1.0 / f64::from(n);
-            assert!(frac >= ideal - 0.005, "n={n}: moved {frac:.4} < ideal {ideal:.4}");
-            assert!(frac <= ideal + 0.02, "n={n}: moved {frac:.4}, bound {:.4}", ideal + 0.02);
+            assert!(
+                frac >= ideal - 0.005,
+                "n={n}: moved {frac:.4} < ideal {ideal:.4}"
+            );
+            assert!(
+                frac <= ideal + 0.02,
+                "n={n}: moved {frac:.4}, bound {:.4}",
+                ideal + 0.02
+            );
             // Slots of the removed engine all moved; no slot moved to a removed engine.
             assert!(before.iter().zip(&after).all(|(b, a)| *b != n || *a != n));
         }

@@ -1,7 +1,10 @@
 //! The XDP program and its maps in the kernel: loading (with table sizes from the configuration and
 //! the state tables pinned), attaching, applying [`Changes`], and reading counters.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -26,8 +29,8 @@ pub const PINNED_MAPS: [&str; 3] = ["CONN_V4", "CONN_V6", "PERSIST"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("creating pin directory {path}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("pin directory {path}: {reason}")]
+    PinDir { path: PathBuf, reason: String },
     #[error("loading the XDP object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {0}")]
@@ -35,7 +38,11 @@ pub enum DataplaneError {
     #[error("program {PROGRAM}: {0}")]
     Program(#[from] ProgramError),
     #[error("attaching to {interface} in {mode:?} mode: {source}")]
-    Attach { interface: String, mode: XdpMode, source: ProgramError },
+    Attach {
+        interface: String,
+        mode: XdpMode,
+        source: ProgramError,
+    },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error("map DEVMAP: {0}")]
@@ -61,7 +68,8 @@ pub struct Dataplane {
     pub conn_v4: HashMap<MapData, FlowV4, ConnEntry>,
     pub conn_v6: HashMap<MapData, FlowV6, ConnEntry>,
     pub persist: HashMap<MapData, PersistKey, PersistEntry>,
-    pub counters: Counters,
+    /// Shared with the metrics endpoint.
+    pub counters: Arc<Counters>,
     max_vs: u32,
 }
 
@@ -76,12 +84,27 @@ impl Dataplane {
     /// Loads `object` with table sizes from `cfg`, pinning the state tables under `cfg.pin_dir`
     /// (reusing them if a previous run left them there). Does not attach.
     pub fn load(object: &[u8], cfg: &DaemonConfig) -> Result<Self, DataplaneError> {
-        Self::load_with(object, &cfg.pin_dir, cfg.max_virtual_services, cfg.conn_table_size, cfg.persist_table_size)
+        Self::load_with(
+            object,
+            &cfg.pin_dir,
+            cfg.max_virtual_services,
+            cfg.conn_table_size,
+            cfg.persist_table_size,
+        )
     }
 
-    pub fn load_with(object: &[u8], pin_dir: &Path, max_vs: u32, conn: u32, persist: u32) -> Result<Self, DataplaneError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::PinDir { path: pin_dir.to_owned(), source })?;
-        let reused: Vec<&str> = PINNED_MAPS.into_iter().filter(|m| pin_dir.join(m).exists()).collect();
+    pub fn load_with(
+        object: &[u8],
+        pin_dir: &Path,
+        max_vs: u32,
+        conn: u32,
+        persist: u32,
+    ) -> Result<Self, DataplaneError> {
+        ensure_bpffs(pin_dir)?;
+        let reused: Vec<&str> = PINNED_MAPS
+            .into_iter()
+            .filter(|m| pin_dir.join(m).exists())
+            .collect();
         if !reused.is_empty() {
             info!(?reused, dir = %pin_dir.display(), "reusing pinned tables");
         }
@@ -102,7 +125,10 @@ impl Dataplane {
         prog.load()?;
         macro_rules! take {
             ($name:literal) => {
-                ebpf.take_map($name).ok_or(DataplaneError::Missing($name))?.try_into().map_err(map_err($name))?
+                ebpf.take_map($name)
+                    .ok_or(DataplaneError::Missing($name))?
+                    .try_into()
+                    .map_err(map_err($name))?
             };
         }
         Ok(Dataplane {
@@ -115,11 +141,11 @@ impl Dataplane {
             conn_v4: take!("CONN_V4"),
             conn_v6: take!("CONN_V6"),
             persist: take!("PERSIST"),
-            counters: Counters {
+            counters: Arc::new(Counters {
                 vs_stats: take!("VS_STATS"),
                 engine_stats: take!("ENGINE_STATS"),
                 reasons: take!("REASONS"),
-            },
+            }),
             ebpf,
             link: None,
             max_vs,
@@ -128,7 +154,11 @@ impl Dataplane {
 
     /// The steering program (for attaching elsewhere, or `TestRun`).
     pub fn program(&self) -> &Xdp {
-        self.ebpf.program(PROGRAM).expect("loaded in load()").try_into().expect("an XDP program")
+        self.ebpf
+            .program(PROGRAM)
+            .expect("loaded in load()")
+            .try_into()
+            .expect("an XDP program")
     }
 
     /// Attaches to `interface`. Native mode fails if the driver cannot do it; generic mode works
@@ -137,14 +167,25 @@ impl Dataplane {
         let aya_mode = match mode {
             XdpMode::Native => AyaXdpMode::Driver,
             XdpMode::Generic => {
-                warn!(interface, "ATTACHING IN GENERIC (SKB) MODE: packets pay for an skb before steering; expect a fraction of native throughput. Use xdp_mode = \"native\" in production.");
+                warn!(
+                    interface,
+                    "ATTACHING IN GENERIC (SKB) MODE: packets pay for an skb before steering; expect a fraction of native throughput. Use xdp_mode = \"native\" in production."
+                );
                 AyaXdpMode::Skb
             }
         };
-        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded in load()").try_into()?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .expect("loaded in load()")
+            .try_into()?;
         let link = prog
             .attach(interface, aya_mode)
-            .map_err(|source| DataplaneError::Attach { interface: interface.into(), mode, source })?;
+            .map_err(|source| DataplaneError::Attach {
+                interface: interface.into(),
+                mode,
+                source,
+            })?;
         self.link = Some(link);
         info!(interface, ?mode, "XDP program attached");
         Ok(())
@@ -153,7 +194,11 @@ impl Dataplane {
     /// Detaches the program (the maps stay pinned).
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some(link) = self.link.take() {
-            let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).expect("loaded in load()").try_into()?;
+            let prog: &mut Xdp = self
+                .ebpf
+                .program_mut(PROGRAM)
+                .expect("loaded in load()")
+                .try_into()?;
             prog.detach(link)?;
             info!("XDP program detached");
         }
@@ -175,7 +220,9 @@ impl Dataplane {
             self.set_slot(*vs, *slot, *engine)?;
         }
         for (k, n) in &c.vip_addrs_set {
-            self.vip_addrs.insert(k, n, 0).map_err(map_err("VIP_ADDRS"))?;
+            self.vip_addrs
+                .insert(k, n, 0)
+                .map_err(map_err("VIP_ADDRS"))?;
         }
         for (k, m) in &c.vips_set {
             self.vips.insert(k, m, 0).map_err(map_err("VIPS"))?;
@@ -195,7 +242,9 @@ impl Dataplane {
             self.devmap.set(*id, 0, None, 0)?;
         }
         for id in &c.engines_remove {
-            self.engines.set(*id, Engine::default(), 0).map_err(map_err("ENGINES"))?;
+            self.engines
+                .set(*id, Engine::default(), 0)
+                .map_err(map_err("ENGINES"))?;
         }
         Ok(())
     }
@@ -204,12 +253,16 @@ impl Dataplane {
         if vs >= self.max_vs {
             return Err(DataplaneError::RingOutOfRange(vs));
         }
-        self.ring.set(vs * RING_SIZE + slot, engine, 0).map_err(map_err("RING"))
+        self.ring
+            .set(vs * RING_SIZE + slot, engine, 0)
+            .map_err(map_err("RING"))
     }
 
     /// The engine a ring slot names (for tests and diagnostics).
     pub fn ring_slot(&self, vs: u32, slot: u32) -> Result<u32, DataplaneError> {
-        self.ring.get(&(vs * RING_SIZE + slot), 0).map_err(map_err("RING"))
+        self.ring
+            .get(&(vs * RING_SIZE + slot), 0)
+            .map_err(map_err("RING"))
     }
 
     /// Sets an engine's entry directly (tests and the failover work use it).
@@ -221,31 +274,88 @@ impl Dataplane {
 impl Counters {
     /// One reason counter, summed over CPUs.
     pub fn reason(&self, r: Reason) -> Result<u64, DataplaneError> {
-        Ok(self.reasons.get(&(r as u32), 0).map_err(map_err("REASONS"))?.iter().sum())
+        Ok(self
+            .reasons
+            .get(&(r as u32), 0)
+            .map_err(map_err("REASONS"))?
+            .iter()
+            .sum())
     }
 
     /// Every reason counter.
     pub fn reasons(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         debug_assert_eq!(Reason::ALL.len(), REASON_COUNT as usize);
-        Reason::ALL.iter().map(|r| Ok((*r, self.reason(*r)?))).collect()
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.reason(*r)?)))
+            .collect()
     }
 
     /// Traffic of a virtual service, summed over CPUs.
     pub fn vs(&self, vs_id: u32) -> Result<TrafficCounters, DataplaneError> {
-        Ok(sum(&self.vs_stats.get(&vs_id, 0).map_err(map_err("VS_STATS"))?))
+        Ok(sum(&self
+            .vs_stats
+            .get(&vs_id, 0)
+            .map_err(map_err("VS_STATS"))?))
     }
 
     /// Traffic sent to an engine, summed over CPUs.
     pub fn engine(&self, id: u32) -> Result<TrafficCounters, DataplaneError> {
         debug_assert!(id < MAX_ENGINES);
-        Ok(sum(&self.engine_stats.get(&id, 0).map_err(map_err("ENGINE_STATS"))?))
+        Ok(sum(&self
+            .engine_stats
+            .get(&id, 0)
+            .map_err(map_err("ENGINE_STATS"))?))
     }
 }
 
+/// The default bpffs mount point.
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `pin_dir` exists on a bpffs mount: pins anywhere else fail, and pins on a private
+/// mount vanish with it. Mounts bpffs at `/sys/fs/bpf` when that is where `pin_dir` lives and nothing
+/// is mounted there (as systemd does at boot).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
+    use nix::sys::statfs::statfs;
+    let err = |reason: String| DataplaneError::PinDir {
+        path: pin_dir.to_owned(),
+        reason,
+    };
+    let on_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let mut existing = pin_dir;
+    while !existing.exists() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| err("no existing parent directory".into()))?;
+    }
+    if !on_bpffs(existing) {
+        let bpffs = Path::new(BPFFS);
+        if !pin_dir.starts_with(bpffs) || !bpffs.is_dir() {
+            return Err(err(format!(
+                "{} is not on a bpffs mount (mount -t bpf bpf DIR)",
+                existing.display()
+            )));
+        }
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| err(format!("{BPFFS} is not bpffs and mounting it failed: {e}")))?;
+        info!("mounted bpffs at {BPFFS}");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|e| err(e.to_string()))
+}
+
 fn sum(per_cpu: &[TrafficCounters]) -> TrafficCounters {
-    per_cpu.iter().fold(TrafficCounters::default(), |a, c| TrafficCounters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
-    })
+    per_cpu
+        .iter()
+        .fold(TrafficCounters::default(), |a, c| TrafficCounters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            new_flows: a.new_flows + c.new_flows,
+        })
 }

@@ -2,4 +2,6 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod links;
+pub mod metrics;
 pub mod tables;

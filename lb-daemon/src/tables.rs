@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals, RING_SIZE, VS_F_PERSIST,
-    VS_F_PRIMARY, VipKey, VsMeta,
+    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals, RING_SIZE,
+    VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsMeta,
     addr::{ip_be, v4_be, v6_be},
     maglev::{self, Member},
 };
@@ -99,19 +99,42 @@ impl Tables {
             if vs.persistence_timeout_s > 0 {
                 flags |= VS_F_PERSIST;
             }
-            let key = VipKey { addr_be, port_be: vs.port.to_be(), proto: vs.protocol.number(), family };
+            let key = VipKey {
+                addr_be,
+                port_be: vs.port.to_be(),
+                proto: vs.protocol.number(),
+                family,
+            };
             t.vips.insert(
                 key,
-                VsMeta { vs_id: vs.id, flags, persist_timeout_s: vs.persistence_timeout_s, _pad: 0 },
+                VsMeta {
+                    vs_id: vs.id,
+                    flags,
+                    persist_timeout_s: vs.persistence_timeout_s,
+                    _pad: 0,
+                },
             );
-            *t.vip_addrs.entry(VipKey { port_be: 0, proto: 0, ..key }).or_default() += 1;
+            *t.vip_addrs
+                .entry(VipKey {
+                    port_be: 0,
+                    proto: 0,
+                    ..key
+                })
+                .or_default() += 1;
             // Only active engines take new flows; draining and down ones keep (or lose) theirs
             // through the connection table.
             let members: Vec<Member> = vs
                 .engines
                 .iter()
-                .filter(|m| config.engine(m.id).is_some_and(|e| e.state == EngineState::Active))
-                .map(|m| Member { engine_id: m.id, weight: m.weight })
+                .filter(|m| {
+                    config
+                        .engine(m.id)
+                        .is_some_and(|e| e.state == EngineState::Active)
+                })
+                .map(|m| Member {
+                    engine_id: m.id,
+                    weight: m.weight,
+                })
                 .collect();
             t.rings.insert(vs.id, maglev::build(&members, RING_SIZE));
         }
@@ -152,8 +175,14 @@ impl Changes {
         c.devmap_set = changed(&old.devmap, &new.devmap);
         for (vs, ring) in &new.rings {
             match old.rings.get(vs) {
-                Some(before) => c.ring_set.extend(maglev::diff(before, ring).into_iter().map(|(s, e)| (*vs, s, e))),
-                None => c.ring_set.extend(ring.iter().enumerate().map(|(s, e)| (*vs, slot(s), *e))),
+                Some(before) => c.ring_set.extend(
+                    maglev::diff(before, ring)
+                        .into_iter()
+                        .map(|(s, e)| (*vs, s, e)),
+                ),
+                None => c
+                    .ring_set
+                    .extend(ring.iter().enumerate().map(|(s, e)| (*vs, slot(s), *e))),
             }
         }
         c.vip_addrs_set = changed(&old.vip_addrs, &new.vip_addrs);
@@ -175,12 +204,21 @@ fn slot(s: usize) -> u32 {
     u32::try_from(s).expect("ring slot fits u32")
 }
 
-fn changed<K: Ord + Copy, V: PartialEq + Copy>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<(K, V)> {
-    new.iter().filter(|(k, v)| old.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect()
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    new.iter()
+        .filter(|(k, v)| old.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect()
 }
 
 fn removed<K: Ord + Copy, V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<K> {
-    old.keys().filter(|k| !new.contains_key(k)).copied().collect()
+    old.keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]

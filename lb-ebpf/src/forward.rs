@@ -62,7 +62,11 @@ fn transmit(ctx: &XdpContext, engine_id: u32, e: &Engine, tx_reason: Reason) -> 
     }
     match DEVMAP.redirect(engine_id, u64::from(XDP_DROP)) {
         Ok(action) => {
-            count(if tx_reason == Reason::TxL2 { Reason::RedirectL2 } else { Reason::TxTunnel });
+            count(if tx_reason == Reason::TxL2 {
+                Reason::RedirectL2
+            } else {
+                Reason::TxTunnel
+            });
             action
         }
         Err(_) => {
@@ -89,8 +93,18 @@ fn rewrite_macs(ctx: &XdpContext, e: &Engine) -> bool {
 /// Grows the head by `outer_len` and writes a new Ethernet header (keeping a VLAN tag) for `e`.
 /// Returns the offset of the outer IP header.
 #[inline(always)]
-fn push_outer(ctx: &XdpContext, l3_off: usize, outer_len: usize, e: &Engine, ethertype_be: u16) -> Result<usize, Reason> {
-    let vlan: Option<u32> = if l3_off > ETH_HLEN { load(ctx, ETH_HLEN - 2) } else { None };
+fn push_outer(
+    ctx: &XdpContext,
+    l3_off: usize,
+    outer_len: usize,
+    e: &Engine,
+    ethertype_be: u16,
+) -> Result<usize, Reason> {
+    let vlan: Option<u32> = if l3_off > ETH_HLEN {
+        load(ctx, ETH_HLEN - 2)
+    } else {
+        None
+    };
     // SAFETY: `ctx.ctx` is the program's own context; a negative delta grows the head.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return Err(Reason::DropAdjustHead);
@@ -168,8 +182,11 @@ fn encap_v6(ctx: &XdpContext, l3_off: usize, e: &Engine, hash: u32) -> Result<()
     let inner_payload: u16 = load(ctx, l3_off + 4).ok_or(Reason::DropTruncated)?;
     let payload_be = (u16::from_be(inner_payload).wrapping_add(IPV6_HLEN as u16)).to_be();
     let word0 = (0x6000_0000u32 | (hash & 0x000f_ffff)).to_be();
-    let word1 = u32::from(payload_be) | (u32::from(PROTO_IPV6) << 16) | (u32::from(OUTER_TTL) << 24);
-    let hdr: [u32; 10] = [word0, word1, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3]];
+    let word1 =
+        u32::from(payload_be) | (u32::from(PROTO_IPV6) << 16) | (u32::from(OUTER_TTL) << 24);
+    let hdr: [u32; 10] = [
+        word0, word1, src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+    ];
     let off = push_outer(ctx, l3_off, IPV6_HLEN, e, ETH_P_IPV6_BE)?;
     let p = ptr_at::<[u32; 10]>(ctx, off).ok_or(Reason::DropAdjustHead)?;
     // SAFETY: checked in bounds.

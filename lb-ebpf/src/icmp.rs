@@ -23,7 +23,12 @@ const ICMP_HLEN: usize = 8;
 /// Whether `ip`'s destination is a VIP address (any port).
 #[inline(always)]
 pub fn to_vip_addr(ip: &Ip) -> bool {
-    let key = VipKey { addr_be: ip.dst_be, port_be: 0, proto: 0, family: ip.family };
+    let key = VipKey {
+        addr_be: ip.dst_be,
+        port_be: 0,
+        proto: 0,
+        family: ip.family,
+    };
     VIP_ADDRS.get_ptr(&key).is_some()
 }
 
@@ -37,7 +42,11 @@ fn pass(reason: Reason) -> u32 {
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
     let Some(type_code) = load::<[u8; 2]>(ctx, ip.l4_off) else {
-        return pass(if to_vip_addr(ip) { Reason::PassIcmp } else { Reason::PassTruncated });
+        return pass(if to_vip_addr(ip) {
+            Reason::PassIcmp
+        } else {
+            Reason::PassTruncated
+        });
     };
     let (v4, too_big) = if ip.family == lb_common::FAMILY_V4 {
         (true, type_code == [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED])
@@ -45,10 +54,18 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
         (false, type_code[0] == ICMPV6_PKT_TOOBIG)
     };
     if !too_big {
-        return pass(if to_vip_addr(ip) { Reason::PassIcmp } else { Reason::PassNotVip });
+        return pass(if to_vip_addr(ip) {
+            Reason::PassIcmp
+        } else {
+            Reason::PassNotVip
+        });
     }
     let quote_off = ip.l4_off + ICMP_HLEN;
-    let quoted = if v4 { ipv4(ctx, quote_off) } else { ipv6(ctx, quote_off) };
+    let quoted = if v4 {
+        ipv4(ctx, quote_off)
+    } else {
+        ipv6(ctx, quote_off)
+    };
     let Ok(q) = quoted else {
         return malformed(ip);
     };
@@ -59,7 +76,12 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
         return pass(Reason::PassIcmp);
     }
     // The quote is VIP:vport → client:cport.
-    let key = VipKey { addr_be: q.src_be, port_be: ports[0], proto: q.proto, family: q.family };
+    let key = VipKey {
+        addr_be: q.src_be,
+        port_be: ports[0],
+        proto: q.proto,
+        family: q.family,
+    };
     let Some(vs) = VIPS.get_ptr(&key) else {
         return pass(Reason::PassNotVip);
     };

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, VS_F_PRIMARY,
-    VipKey,
+    FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
+    VS_F_PRIMARY, VipKey,
 };
 
 use crate::{
@@ -83,12 +83,25 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
     // to a VIP cannot be steered consistently: they are dropped (engines keep DF set; PMTU works
     // through ICMP steering). Fragments to other addresses pass.
     if ip.fragment {
-        return Err(if icmp::to_vip_addr(&ip) { Reason::DropFragment } else { Reason::PassNotVip });
+        return Err(if icmp::to_vip_addr(&ip) {
+            Reason::DropFragment
+        } else {
+            Reason::PassNotVip
+        });
     }
     let Some(ports) = load::<[u16; 2]>(ctx, ip.l4_off) else {
-        return Err(if icmp::to_vip_addr(&ip) { Reason::DropTruncated } else { Reason::PassTruncated });
+        return Err(if icmp::to_vip_addr(&ip) {
+            Reason::DropTruncated
+        } else {
+            Reason::PassTruncated
+        });
     };
-    let key = VipKey { addr_be: ip.dst_be, port_be: ports[1], proto: ip.proto, family: ip.family };
+    let key = VipKey {
+        addr_be: ip.dst_be,
+        port_be: ports[1],
+        proto: ip.proto,
+        family: ip.family,
+    };
     let vs = maps::VIPS.get_ptr(&key).ok_or(Reason::PassNotVip)?;
     // SAFETY: a map value pointer from a successful lookup.
     let vs = unsafe { *vs };

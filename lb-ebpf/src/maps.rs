@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4, FlowV6,
-    Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE, TrafficCounters, VipKey,
-    VsMeta,
+    ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4,
+    FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE,
+    TrafficCounters, VipKey, VsMeta,
 };
 
 /// LRU lists per CPU, hash table shared: inserts never contend on a global LRU lock (the point of
@@ -59,7 +59,8 @@ pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);
 
 /// Traffic per virtual service (per CPU).
 #[map]
-pub static VS_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VS, 0);
+pub static VS_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VS, 0);
 
 /// Traffic per engine the flows were sent to (per CPU).
 #[map]

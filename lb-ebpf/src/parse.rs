@@ -55,9 +55,15 @@ pub fn l2(ctx: &XdpContext) -> Option<L2> {
     let ethertype_be: u16 = load(ctx, 12)?;
     if ethertype_be == ETH_P_8021Q_BE || ethertype_be == ETH_P_8021AD_BE {
         let inner: u16 = load(ctx, ETH_HLEN + 2)?;
-        return Some(L2 { len: ETH_HLEN + VLAN_HLEN, ethertype_be: inner });
+        return Some(L2 {
+            len: ETH_HLEN + VLAN_HLEN,
+            ethertype_be: inner,
+        });
     }
-    Some(L2 { len: ETH_HLEN, ethertype_be })
+    Some(L2 {
+        len: ETH_HLEN,
+        ethertype_be,
+    })
 }
 
 /// What an IP header (and IPv6 extension headers) says.

@@ -41,7 +41,9 @@ fn engine(id: u32) -> Option<Engine> {
 /// (a ring update in flight) is treated as empty.
 #[inline(always)]
 fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
-    let id = *RING.get(vs_id * RING_SIZE + ring_slot(hash)).ok_or(Reason::DropNoEngine)?;
+    let id = *RING
+        .get(vs_id * RING_SIZE + ring_slot(hash))
+        .ok_or(Reason::DropNoEngine)?;
     if id == ENGINE_NONE {
         return Err(Reason::DropNoEngine);
     }
@@ -53,11 +55,19 @@ fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
 
 /// A new flow's engine: persistence (for persistent services), else the ring.
 #[inline(always)]
-fn place(vs: &VsMeta, flow_hash: u32, client_be: &[u32; 4], mode: Mode) -> Result<(u32, Engine), Reason> {
+fn place(
+    vs: &VsMeta,
+    flow_hash: u32,
+    client_be: &[u32; 4],
+    mode: Mode,
+) -> Result<(u32, Engine), Reason> {
     if vs.flags & VS_F_PERSIST == 0 {
         return ring_engine(vs.vs_id, flow_hash);
     }
-    let key = PersistKey { client_be: *client_be, vs_id: vs.vs_id };
+    let key = PersistKey {
+        client_be: *client_be,
+        vs_id: vs.vs_id,
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(p) = PERSIST.get_ptr_mut(&key) {
@@ -78,7 +88,15 @@ fn place(vs: &VsMeta, flow_hash: u32, client_be: &[u32; 4], mode: Mode) -> Resul
     }
     let (id, e) = ring_engine(vs.vs_id, client_hash(client_be))?;
     if mode == Mode::Record {
-        let _ = PERSIST.insert(&key, &PersistEntry { engine_id: id, _pad: 0, last_used_ns: now }, 0);
+        let _ = PERSIST.insert(
+            &key,
+            &PersistEntry {
+                engine_id: id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            0,
+        );
     }
     Ok((id, e))
 }
@@ -87,7 +105,12 @@ macro_rules! owner_fn {
     ($name:ident, $flow:ty, $table:ident, $hash:ident) => {
         /// The owner of `flow`, recording it when new (and `mode` is `Record`).
         #[inline(always)]
-        pub fn $name(flow: &$flow, vs: &VsMeta, tcp_non_syn: bool, mode: Mode) -> Result<Owner, Reason> {
+        pub fn $name(
+            flow: &$flow,
+            vs: &VsMeta,
+            tcp_non_syn: bool,
+            mode: Mode,
+        ) -> Result<Owner, Reason> {
             let hash = $hash(flow);
             if let Some(entry) = $table.get_ptr_mut(flow) {
                 // SAFETY: a map value pointer from a successful lookup.
@@ -95,7 +118,12 @@ macro_rules! owner_fn {
                 if let Some(e) = engine(id) {
                     if e.state != ENGINE_DOWN {
                         count(Reason::ConnHit);
-                        return Ok(Owner { engine_id: id, engine: e, new_flow: false, hash });
+                        return Ok(Owner {
+                            engine_id: id,
+                            engine: e,
+                            new_flow: false,
+                            hash,
+                        });
                     }
                 }
                 count(Reason::ConnOwnerDown);
@@ -104,7 +132,12 @@ macro_rules! owner_fn {
                     // SAFETY: as above.
                     unsafe { (*entry).engine_id = id };
                 }
-                return Ok(Owner { engine_id: id, engine: e, new_flow: true, hash });
+                return Ok(Owner {
+                    engine_id: id,
+                    engine: e,
+                    new_flow: true,
+                    hash,
+                });
             }
             if tcp_non_syn {
                 count(Reason::TcpNonSynMiss);
@@ -114,7 +147,12 @@ macro_rules! owner_fn {
                 let _ = $table.insert(flow, &ConnEntry { engine_id: id }, 0);
                 count(Reason::ConnNew);
             }
-            Ok(Owner { engine_id: id, engine: e, new_flow: true, hash })
+            Ok(Owner {
+                engine_id: id,
+                engine: e,
+                new_flow: true,
+                hash,
+            })
         }
     };
 }

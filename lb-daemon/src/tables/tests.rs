@@ -8,14 +8,32 @@ struct FakeLinks(HashMap<&'static str, Link>);
 
 impl Links for FakeLinks {
     fn link(&self, name: &str) -> Result<Link, PlanError> {
-        self.0.get(name).copied().ok_or_else(|| PlanError::Interface { name: name.into(), reason: "no such interface".into() })
+        self.0
+            .get(name)
+            .copied()
+            .ok_or_else(|| PlanError::Interface {
+                name: name.into(),
+                reason: "no such interface".into(),
+            })
     }
 }
 
 fn links() -> FakeLinks {
     FakeLinks(HashMap::from([
-        ("eth0", Link { ifindex: 2, mac: [2, 0, 0, 0, 0, 0xaa] }),
-        ("eth1", Link { ifindex: 3, mac: [2, 0, 0, 0, 0, 0xbb] }),
+        (
+            "eth0",
+            Link {
+                ifindex: 2,
+                mac: [2, 0, 0, 0, 0, 0xaa],
+            },
+        ),
+        (
+            "eth1",
+            Link {
+                ifindex: 3,
+                mac: [2, 0, 0, 0, 0, 0xbb],
+            },
+        ),
     ]))
 }
 
@@ -58,22 +76,42 @@ fn plan(text: &str) -> Tables {
 }
 
 fn vip_key(port: u16) -> VipKey {
-    VipKey { addr_be: [v4_be("10.100.0.10".parse().unwrap()), 0, 0, 0], port_be: port.to_be(), proto: PROTO_TCP, family: FAMILY_V4 }
+    VipKey {
+        addr_be: [v4_be("10.100.0.10".parse().unwrap()), 0, 0, 0],
+        port_be: port.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    }
 }
 
 #[test]
 fn engines_get_mode_egress_and_macs() {
     let t = plan(BASE);
     let local = t.engines[&1];
-    assert_eq!((local.mode, local.state), (ENGINE_MODE_LOCAL, ENGINE_ACTIVE));
+    assert_eq!(
+        (local.mode, local.state),
+        (ENGINE_MODE_LOCAL, ENGINE_ACTIVE)
+    );
     let l2 = t.engines[&2];
-    assert_eq!((l2.mode, l2.dst_mac, l2.src_mac, l2.ifindex), (ENGINE_MODE_L2, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 0xaa], 0));
+    assert_eq!(
+        (l2.mode, l2.dst_mac, l2.src_mac, l2.ifindex),
+        (ENGINE_MODE_L2, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 0xaa], 0)
+    );
     let other_if = t.engines[&3];
-    assert_eq!((other_if.src_mac, other_if.ifindex), ([2, 0, 0, 0, 0, 0xbb], 3));
+    assert_eq!(
+        (other_if.src_mac, other_if.ifindex),
+        ([2, 0, 0, 0, 0, 0xbb], 3)
+    );
     assert_eq!(t.devmap, BTreeMap::from([(3, 3)]));
     let tun = t.engines[&4];
-    assert_eq!((tun.mode, tun.addr_v4_be), (ENGINE_MODE_TUNNEL, v4_be("192.0.2.4".parse().unwrap())));
-    assert_eq!(t.globals.tunnel_src_v4_be, v4_be("192.0.2.1".parse().unwrap()));
+    assert_eq!(
+        (tun.mode, tun.addr_v4_be),
+        (ENGINE_MODE_TUNNEL, v4_be("192.0.2.4".parse().unwrap()))
+    );
+    assert_eq!(
+        t.globals.tunnel_src_v4_be,
+        v4_be("192.0.2.1".parse().unwrap())
+    );
 }
 
 #[test]
@@ -81,7 +119,14 @@ fn virtual_service_maps_to_vip_entry_and_full_ring() {
     let t = plan(BASE);
     let meta = t.vips[&vip_key(80)];
     assert_eq!((meta.vs_id, meta.flags), (0, VS_F_PRIMARY));
-    assert_eq!(t.vip_addrs[&VipKey { port_be: 0, proto: 0, ..vip_key(80) }], 1);
+    assert_eq!(
+        t.vip_addrs[&VipKey {
+            port_be: 0,
+            proto: 0,
+            ..vip_key(80)
+        }],
+        1
+    );
     let ring = &t.rings[&0];
     assert_eq!(ring.len(), RING_SIZE as usize);
     assert!(ring.iter().all(|e| [1, 2, 3].contains(e)));
@@ -97,7 +142,10 @@ fn secondary_and_persistent_flags() {
 
 #[test]
 fn draining_and_down_engines_leave_the_ring_but_keep_their_entry() {
-    let text = BASE.replace("id = 2\nmac = \"02:00:00:00:00:02\"", "id = 2\nmac = \"02:00:00:00:00:02\"\nstate = \"draining\"");
+    let text = BASE.replace(
+        "id = 2\nmac = \"02:00:00:00:00:02\"",
+        "id = 2\nmac = \"02:00:00:00:00:02\"\nstate = \"draining\"",
+    );
     let t = plan(&text);
     assert_eq!(t.engines[&2].state, ENGINE_DRAINING);
     assert!(!t.rings[&0].contains(&2));
@@ -142,14 +190,31 @@ fn adding_an_engine_writes_only_the_slots_that_move() {
 #[test]
 fn removing_a_virtual_service_removes_vip_then_clears_ring() {
     let before = plan(&BASE.replace("[[virtual_services]]", "[[virtual_services]]\nid = 1\nname = \"web2\"\nvip = \"10.100.0.10\"\nport = 81\nprotocol = \"tcp\"\nprimary = 1\nengines = [ { id = 2 } ]\n\n[[virtual_services]]"));
-    assert_eq!(before.vip_addrs[&VipKey { port_be: 0, proto: 0, ..vip_key(80) }], 2);
+    assert_eq!(
+        before.vip_addrs[&VipKey {
+            port_be: 0,
+            proto: 0,
+            ..vip_key(80)
+        }],
+        2
+    );
     let after = plan(BASE);
     let c = Changes::between(Some(&before), &after);
     assert_eq!(c.vips_remove, vec![vip_key(81)]);
     assert_eq!(c.rings_clear, vec![1]);
     // The address still carries one service: updated, not removed.
     assert!(c.vip_addrs_remove.is_empty());
-    assert_eq!(c.vip_addrs_set, vec![(VipKey { port_be: 0, proto: 0, ..vip_key(80) }, 1)]);
+    assert_eq!(
+        c.vip_addrs_set,
+        vec![(
+            VipKey {
+                port_be: 0,
+                proto: 0,
+                ..vip_key(80)
+            },
+            1
+        )]
+    );
 }
 
 #[test]
