@@ -84,8 +84,11 @@ reasons! {
     DropIcmpMalformed = 22 => "drop_icmp_malformed",
     /// Dropped: the devmap had no usable interface for an engine reached through another interface.
     DropRedirect = 23 => "drop_redirect",
+    /// A SYN matched a flow owned by a draining engine: a new connection reusing the ports, placed
+    /// again (draining engines take no new connections).
+    SynToDraining = 24 => "syn_to_draining",
 }
 
 /// Size of the `REASONS` map.
-pub const REASON_COUNT: u32 = 24;
+pub const REASON_COUNT: u32 = 25;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);

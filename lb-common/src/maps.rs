@@ -43,19 +43,34 @@ pub const VS_F_PRIMARY: u32 = 1 << 0;
 /// New flows consult and fill the source-IP persistence table.
 pub const VS_F_PERSIST: u32 = 1 << 1;
 
-/// Value of the VIP table.
+/// Value of the VS table (an array indexed by virtual service id). The VIP table maps a
+/// (VIP, port, protocol) to the id; a connection-table hit finds the service here directly and
+/// checks `vip` against the packet, so a stale entry of a removed or re-used id is never followed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VsMeta {
-    /// Index of the virtual service: its ring is `ring[vs_id * RING_SIZE ..]`, its counters `vs_stats[vs_id]`.
-    pub vs_id: u32,
+pub struct VsEntry {
+    pub vip: VipKey,
     /// `VS_F_*`.
     pub flags: u32,
     /// Lifetime of a persistence entry after the last new flow that used it.
     pub persist_timeout_s: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(size_of::<VsMeta>() == 16);
+const _: () = assert!(size_of::<VsEntry>() == 28);
+
+/// Words of the VIP port bitmap: one bit per (protocol, port), TCP ports in words
+/// `0..1024`, UDP ports in `1024..2048`. Packets to ports no VIP uses pass after one array read.
+pub const VIP_PORT_WORDS: u32 = 2048;
+
+/// The bitmap word and bit of `(proto, port)`; `None` for protocols VIPs cannot use.
+#[inline(always)]
+pub const fn vip_port_bit(proto: u8, port: u16) -> Option<(u32, u64)> {
+    let base = match proto {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1024,
+        _ => return None,
+    };
+    Some((base + (port as u32 >> 6), 1u64 << (port & 63)))
+}
 
 /// Connection-table key for IPv4 flows (client → VIP direction).
 #[repr(C)]
@@ -83,13 +98,14 @@ pub struct FlowV6 {
 }
 const _: () = assert!(size_of::<FlowV6>() == 40);
 
-/// Connection-table value: the engine that owns the flow.
+/// Connection-table value: the engine that owns the flow, and the virtual service it belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
     pub engine_id: u32,
+    pub vs_id: u32,
 }
-const _: () = assert!(size_of::<ConnEntry>() == 4);
+const _: () = assert!(size_of::<ConnEntry>() == 8);
 
 /// Source-IP persistence key: (client address, virtual service).
 #[repr(C)]
@@ -168,7 +184,7 @@ mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, has no padding the asserts above do not account for,
     // and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::VipKey {}
-    unsafe impl aya::Pod for super::VsMeta {}
+    unsafe impl aya::Pod for super::VsEntry {}
     unsafe impl aya::Pod for super::FlowV4 {}
     unsafe impl aya::Pod for super::FlowV6 {}
     unsafe impl aya::Pod for super::ConnEntry {}

@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     ConnEntry, ENGINE_NONE, Engine, FlowV4, FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey,
-    REASON_COUNT, RING_SIZE, Reason, TrafficCounters, VipKey, VsMeta,
+    REASON_COUNT, RING_SIZE, Reason, TrafficCounters, VipKey, VsEntry,
 };
 use tracing::{info, warn};
 
@@ -59,7 +59,9 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 pub struct Dataplane {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
-    vips: HashMap<MapData, VipKey, VsMeta>,
+    vips: HashMap<MapData, VipKey, u32>,
+    vs: Array<MapData, VsEntry>,
+    vip_ports: Array<MapData, u64>,
     vip_addrs: HashMap<MapData, VipKey, u32>,
     ring: Array<MapData, u32>,
     engines: Array<MapData, Engine>,
@@ -112,6 +114,7 @@ impl Dataplane {
             .default_map_pin_directory(pin_dir)
             .map_max_entries("VIPS", max_vs)
             .map_max_entries("VIP_ADDRS", max_vs)
+            .map_max_entries("VS", max_vs)
             .map_max_entries("RING", max_vs * RING_SIZE)
             .map_max_entries("VS_STATS", max_vs)
             .map_max_entries("CONN_V4", conn)
@@ -134,6 +137,8 @@ impl Dataplane {
         Ok(Dataplane {
             vips: take!("VIPS"),
             vip_addrs: take!("VIP_ADDRS"),
+            vs: take!("VS"),
+            vip_ports: take!("VIP_PORTS"),
             ring: take!("RING"),
             engines: take!("ENGINES"),
             devmap: take!("DEVMAP"),
@@ -205,12 +210,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes `c` into the maps, in its order.
+    /// Writes `c` into the maps, in the order [`Changes`] documents.
     pub fn apply(&mut self, c: &Changes) -> Result<(), DataplaneError> {
         if let Some(g) = c.globals {
             self.globals.set(0, g, 0).map_err(map_err("GLOBALS"))?;
         }
-        for (id, e) in &c.engines_set {
+        for (id, e) in &c.engines_enable {
             self.engines.set(*id, e, 0).map_err(map_err("ENGINES"))?;
         }
         for (id, ifindex) in &c.devmap_set {
@@ -219,19 +224,40 @@ impl Dataplane {
         for (vs, slot, engine) in &c.ring_set {
             self.set_slot(*vs, *slot, *engine)?;
         }
+        for (id, e) in &c.engines_disable {
+            self.engines.set(*id, e, 0).map_err(map_err("ENGINES"))?;
+        }
+        for (id, v) in &c.vs_set {
+            self.vs.set(*id, v, 0).map_err(map_err("VS"))?;
+        }
+        for (w, bits) in &c.vip_ports_grow {
+            self.vip_ports
+                .set(*w, bits, 0)
+                .map_err(map_err("VIP_PORTS"))?;
+        }
         for (k, n) in &c.vip_addrs_set {
             self.vip_addrs
                 .insert(k, n, 0)
                 .map_err(map_err("VIP_ADDRS"))?;
         }
-        for (k, m) in &c.vips_set {
-            self.vips.insert(k, m, 0).map_err(map_err("VIPS"))?;
+        for (k, id) in &c.vips_set {
+            self.vips.insert(k, id, 0).map_err(map_err("VIPS"))?;
         }
         for k in &c.vips_remove {
             self.vips.remove(k).map_err(map_err("VIPS"))?;
         }
         for k in &c.vip_addrs_remove {
             self.vip_addrs.remove(k).map_err(map_err("VIP_ADDRS"))?;
+        }
+        for (w, bits) in &c.vip_ports_shrink {
+            self.vip_ports
+                .set(*w, bits, 0)
+                .map_err(map_err("VIP_PORTS"))?;
+        }
+        for id in &c.vs_clear {
+            self.vs
+                .set(*id, VsEntry::default(), 0)
+                .map_err(map_err("VS"))?;
         }
         for vs in &c.rings_clear {
             for slot in 0..RING_SIZE {

@@ -202,7 +202,9 @@ fn reload(
     }
     info!(
         ring_slots = changes.ring_set.len(),
-        engines = changes.engines_set.len() + changes.engines_remove.len(),
+        engines = changes.engines_enable.len()
+            + changes.engines_disable.len()
+            + changes.engines_remove.len(),
         vips = changes.vips_set.len() + changes.vips_remove.len(),
         "configuration reloaded"
     );

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals, RING_SIZE,
-    VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsMeta,
+    ENGINE_ACTIVE, ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals,
+    RING_SIZE, VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsEntry,
     addr::{ip_be, v4_be, v6_be},
     maglev::{self, Member},
+    vip_port_bit,
 };
 
 use crate::config::{Config, EngineMode, EngineState};
@@ -38,7 +39,12 @@ pub struct Tables {
     pub engines: BTreeMap<u32, Engine>,
     /// Engine id → egress ifindex, for engines reached through another interface.
     pub devmap: BTreeMap<u32, u32>,
-    pub vips: BTreeMap<VipKey, VsMeta>,
+    /// (VIP, port, protocol) → virtual service id.
+    pub vips: BTreeMap<VipKey, u32>,
+    /// Virtual service id → entry of the VS array.
+    pub vs: BTreeMap<u32, VsEntry>,
+    /// Non-zero words of the VIP port bitmap.
+    pub vip_ports: BTreeMap<u32, u64>,
     /// VIP addresses (port 0, protocol 0) → number of virtual services on them.
     pub vip_addrs: BTreeMap<VipKey, u32>,
     /// Virtual service id → its full Maglev ring.
@@ -105,15 +111,17 @@ impl Tables {
                 proto: vs.protocol.number(),
                 family,
             };
-            t.vips.insert(
-                key,
-                VsMeta {
-                    vs_id: vs.id,
+            t.vips.insert(key, vs.id);
+            t.vs.insert(
+                vs.id,
+                VsEntry {
+                    vip: key,
                     flags,
                     persist_timeout_s: vs.persistence_timeout_s,
-                    _pad: 0,
                 },
             );
+            let (word, bit) = vip_port_bit(key.proto, vs.port).expect("TCP or UDP");
+            *t.vip_ports.entry(word).or_default() |= bit;
             *t.vip_addrs
                 .entry(VipKey {
                     port_be: 0,
@@ -142,20 +150,31 @@ impl Tables {
     }
 }
 
-/// Writes that turn one [`Tables`] into another, in a safe order: what new entries point at is
-/// written before them, and entries are removed before what they point at.
+/// Writes that turn one [`Tables`] into another. [`Changes::steps`] orders them so that every
+/// intermediate state is safe: what an entry points at is written before it and removed after it;
+/// an engine becomes usable before a ring names it and unusable after rings stop naming it.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub globals: Option<Globals>,
-    pub engines_set: Vec<(u32, Engine)>,
+    /// Engines whose new state is active (or that are this host), and all new devmap entries.
+    pub engines_enable: Vec<(u32, Engine)>,
     pub devmap_set: Vec<(u32, u32)>,
     /// Ring slot writes: (virtual service, slot, engine).
     pub ring_set: Vec<(u32, u32, u32)>,
+    /// Engines whose new state is draining or down.
+    pub engines_disable: Vec<(u32, Engine)>,
+    pub vs_set: Vec<(u32, VsEntry)>,
+    /// Port bitmap words grown to old | new before VIPs are added.
+    pub vip_ports_grow: Vec<(u32, u64)>,
     pub vip_addrs_set: Vec<(VipKey, u32)>,
-    pub vips_set: Vec<(VipKey, VsMeta)>,
-    // Removals, applied after the sets above.
+    pub vips_set: Vec<(VipKey, u32)>,
+    // Removals, applied after everything above.
     pub vips_remove: Vec<VipKey>,
     pub vip_addrs_remove: Vec<VipKey>,
+    /// Port bitmap words shrunk to their final value once VIPs are gone.
+    pub vip_ports_shrink: Vec<(u32, u64)>,
+    /// VS array entries of removed virtual services, cleared.
+    pub vs_clear: Vec<u32>,
     /// Rings of removed virtual services, reset to empty.
     pub rings_clear: Vec<u32>,
     pub devmap_remove: Vec<u32>,
@@ -171,7 +190,11 @@ impl Changes {
         if old.globals != new.globals || old.engines.is_empty() {
             c.globals = Some(new.globals);
         }
-        c.engines_set = changed(&old.engines, &new.engines);
+        let (enable, disable): (Vec<_>, Vec<_>) = changed(&old.engines, &new.engines)
+            .into_iter()
+            .partition(|(_, e)| e.state == ENGINE_ACTIVE || e.mode == ENGINE_MODE_LOCAL);
+        c.engines_enable = enable;
+        c.engines_disable = disable;
         c.devmap_set = changed(&old.devmap, &new.devmap);
         for (vs, ring) in &new.rings {
             match old.rings.get(vs) {
@@ -185,10 +208,30 @@ impl Changes {
                     .extend(ring.iter().enumerate().map(|(s, e)| (*vs, slot(s), *e))),
             }
         }
+        c.vs_set = changed(&old.vs, &new.vs);
+        let words: std::collections::BTreeSet<u32> = old
+            .vip_ports
+            .keys()
+            .chain(new.vip_ports.keys())
+            .copied()
+            .collect();
+        for w in words {
+            let (before, after) = (
+                old.vip_ports.get(&w).copied().unwrap_or(0),
+                new.vip_ports.get(&w).copied().unwrap_or(0),
+            );
+            if before | after != before {
+                c.vip_ports_grow.push((w, before | after));
+            }
+            if after != before | after {
+                c.vip_ports_shrink.push((w, after));
+            }
+        }
         c.vip_addrs_set = changed(&old.vip_addrs, &new.vip_addrs);
         c.vips_set = changed(&old.vips, &new.vips);
         c.vips_remove = removed(&old.vips, &new.vips);
         c.vip_addrs_remove = removed(&old.vip_addrs, &new.vip_addrs);
+        c.vs_clear = removed(&old.vs, &new.vs);
         c.rings_clear = removed(&old.rings, &new.rings);
         c.devmap_remove = removed(&old.devmap, &new.devmap);
         c.engines_remove = removed(&old.engines, &new.engines);

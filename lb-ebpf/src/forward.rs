@@ -22,11 +22,18 @@ const OUTER_TTL: u8 = 64;
 const IPV4_DF_BE: u16 = 0x4000u16.to_be();
 
 /// Sends the packet (whose IP header starts at `l3_off`, of `family`) to `owner`, counting it
-/// against virtual service `vs_id`.
+/// against the owner's virtual service. `flow_label` is the outer IPv6 flow label of tunnelled
+/// IPv6 packets (the flow hash, so the path and the receiver's RSS can spread them).
 #[inline(always)]
-pub fn to_owner(ctx: &XdpContext, l3_off: usize, family: u8, vs_id: u32, owner: &Owner) -> u32 {
+pub fn to_owner(
+    ctx: &XdpContext,
+    l3_off: usize,
+    family: u8,
+    owner: &Owner,
+    flow_label: u32,
+) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    traffic(vs_id, owner.engine_id, bytes, owner.new_flow);
+    traffic(owner.vs_id, owner.engine_id, bytes, owner.new_flow);
     let e = &owner.engine;
     if e.mode == ENGINE_MODE_LOCAL {
         count(Reason::Local);
@@ -42,7 +49,7 @@ pub fn to_owner(ctx: &XdpContext, l3_off: usize, family: u8, vs_id: u32, owner: 
     let encapsulated = if family == FAMILY_V4 {
         encap_v4(ctx, l3_off, e)
     } else {
-        encap_v6(ctx, l3_off, e, owner.hash)
+        encap_v6(ctx, l3_off, e, flow_label)
     };
     match encapsulated {
         Ok(()) => transmit(ctx, owner.engine_id, e, Reason::TxTunnel),
@@ -90,8 +97,9 @@ fn rewrite_macs(ctx: &XdpContext, e: &Engine) -> bool {
     true
 }
 
-/// Grows the head by `outer_len` and writes a new Ethernet header (keeping a VLAN tag) for `e`.
-/// Returns the offset of the outer IP header.
+/// Grows the head by `outer_len` and writes a new Ethernet header for `e`, keeping a VLAN tag.
+/// Returns the offset of the outer IP header. Nothing read before the helper call is used after
+/// it: the old header is still in the packet, `outer_len` bytes further on.
 #[inline(always)]
 fn push_outer(
     ctx: &XdpContext,
@@ -100,11 +108,6 @@ fn push_outer(
     e: &Engine,
     ethertype_be: u16,
 ) -> Result<usize, Reason> {
-    let vlan: Option<u32> = if l3_off > ETH_HLEN {
-        load(ctx, ETH_HLEN - 2)
-    } else {
-        None
-    };
     // SAFETY: `ctx.ctx` is the program's own context; a negative delta grows the head.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return Err(Reason::DropAdjustHead);
@@ -113,7 +116,8 @@ fn push_outer(
         return Err(Reason::DropAdjustHead);
     }
     let mut off = ETH_HLEN - 2;
-    if let Some(tag) = vlan {
+    if l3_off > ETH_HLEN {
+        let tag: u32 = load(ctx, outer_len + ETH_HLEN - 2).ok_or(Reason::DropAdjustHead)?;
         let p = ptr_at::<u32>(ctx, off).ok_or(Reason::DropAdjustHead)?;
         // SAFETY: checked in bounds.
         unsafe { p.write_unaligned(tag) };
@@ -167,10 +171,9 @@ fn encap_v4(ctx: &XdpContext, l3_off: usize, e: &Engine) -> Result<(), Reason> {
     Ok(())
 }
 
-/// IPv6-in-IPv6: a new IPv6 header to the engine's address; the flow label carries the flow hash
-/// so routers and the receiver's RSS spread tunnelled flows.
+/// IPv6-in-IPv6: a new IPv6 header to the engine's address, with `flow_label`.
 #[inline(always)]
-fn encap_v6(ctx: &XdpContext, l3_off: usize, e: &Engine, hash: u32) -> Result<(), Reason> {
+fn encap_v6(ctx: &XdpContext, l3_off: usize, e: &Engine, flow_label: u32) -> Result<(), Reason> {
     let Some(g) = GLOBALS.get(0) else {
         return Err(Reason::DropTunnelNoAddr);
     };
@@ -181,7 +184,7 @@ fn encap_v6(ctx: &XdpContext, l3_off: usize, e: &Engine, hash: u32) -> Result<()
     }
     let inner_payload: u16 = load(ctx, l3_off + 4).ok_or(Reason::DropTruncated)?;
     let payload_be = (u16::from_be(inner_payload).wrapping_add(IPV6_HLEN as u16)).to_be();
-    let word0 = (0x6000_0000u32 | (hash & 0x000f_ffff)).to_be();
+    let word0 = (0x6000_0000u32 | (flow_label & 0x000f_ffff)).to_be();
     let word1 =
         u32::from(payload_be) | (u32::from(PROTO_IPV6) << 16) | (u32::from(OUTER_TTL) << 24);
     let hdr: [u32; 10] = [

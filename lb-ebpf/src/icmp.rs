@@ -3,13 +3,16 @@
 //! engine that owns the flow, or path MTU discovery breaks for it. The quoted packet is the
 //! engine's reply (VIP → client), so the flow is the quote with its ends swapped.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
-use lb_common::{FlowV4, FlowV6, PROTO_TCP, PROTO_UDP, Reason, VS_F_PRIMARY, VipKey};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    programs::XdpContext,
+};
+use lb_common::{FlowV4, FlowV6, PROTO_TCP, PROTO_UDP, Reason, VipKey, hash::flow_hash_v6};
 
 use crate::{
     counters::count,
     forward::to_owner,
-    maps::{VIP_ADDRS, VIPS},
+    maps::VIP_ADDRS,
     parse::{Ip, ipv4, ipv6, load},
     select::{Mode, owner_v4, owner_v6},
 };
@@ -75,22 +78,14 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
     if q.proto != PROTO_TCP && q.proto != PROTO_UDP {
         return pass(Reason::PassIcmp);
     }
-    // The quote is VIP:vport → client:cport.
-    let key = VipKey {
+    // The quote is VIP:vport → client:cport; the flow is client → VIP.
+    let vip = VipKey {
         addr_be: q.src_be,
         port_be: ports[0],
         proto: q.proto,
         family: q.family,
     };
-    let Some(vs) = VIPS.get_ptr(&key) else {
-        return pass(Reason::PassNotVip);
-    };
-    // SAFETY: a map value pointer from a successful lookup.
-    let vs = unsafe { *vs };
-    if vs.flags & VS_F_PRIMARY == 0 {
-        return pass(Reason::PassNotPrimary);
-    }
-    let owner = if v4 {
+    let (owner, flow_label) = if v4 {
         let flow = FlowV4 {
             src_be: q.dst_be[0],
             dst_be: q.src_be[0],
@@ -99,7 +94,7 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
             proto: q.proto,
             _pad: [0; 3],
         };
-        owner_v4(&flow, &vs, false, Mode::LookupOnly)
+        (owner_v4(&flow, &vip, false, false, Mode::LookupOnly), 0)
     } else {
         let flow = FlowV6 {
             src_be: q.dst_be,
@@ -109,16 +104,23 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
             proto: q.proto,
             _pad: [0; 3],
         };
-        owner_v6(&flow, &vs, false, Mode::LookupOnly)
+        (
+            owner_v6(&flow, &vip, false, false, Mode::LookupOnly),
+            flow_hash_v6(&flow),
+        )
     };
     match owner {
         Ok(owner) => {
             count(Reason::IcmpSteered);
-            to_owner(ctx, l3_off, ip.family, vs.vs_id, &owner)
+            to_owner(ctx, l3_off, ip.family, &owner, flow_label)
         }
         Err(reason) => {
             count(reason);
-            aya_ebpf::bindings::xdp_action::XDP_DROP
+            if reason == Reason::PassNotVip || reason == Reason::PassNotPrimary {
+                XDP_PASS
+            } else {
+                XDP_DROP
+            }
         }
     }
 }
@@ -127,7 +129,7 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
 fn malformed(ip: &Ip) -> u32 {
     if to_vip_addr(ip) {
         count(Reason::DropIcmpMalformed);
-        return aya_ebpf::bindings::xdp_action::XDP_DROP;
+        return XDP_DROP;
     }
     pass(Reason::PassNotVip)
 }

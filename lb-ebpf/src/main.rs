@@ -6,7 +6,7 @@
 //! Everything else — not IP, not a VIP, a VIP this engine is secondary of — goes up the stack
 //! untouched. No path aborts: every outcome is a verdict plus a reason counter.
 //!
-//! `xdp_pass` and `xdp_floor` are lab and benchmark helpers (see README).
+//! `xdp_pass` is for the lab: see its comment. Benchmark-only programs live in `lb-xdp-testkit`.
 #![no_std]
 #![no_main]
 
@@ -18,18 +18,18 @@ mod parse;
 mod select;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::xdp,
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
-    VS_F_PRIMARY, VipKey,
+    ENGINE_MODE_TUNNEL, FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    Reason, VipKey, hash::flow_hash_v6,
 };
 
 use crate::{
     counters::count,
-    parse::{ETH_P_IP_BE, ETH_P_IPV6_BE, load, ptr_at},
+    parse::{ETH_P_IP_BE, ETH_P_IPV6_BE, load},
     select::{Mode, owner_v4, owner_v6},
 };
 
@@ -96,25 +96,22 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
             Reason::PassTruncated
         });
     };
-    let key = VipKey {
+    if !vip_port(ip.proto, ports[1]) {
+        return Err(Reason::PassNotVip);
+    }
+    let vip = VipKey {
         addr_be: ip.dst_be,
         port_be: ports[1],
         proto: ip.proto,
         family: ip.family,
     };
-    let vs = maps::VIPS.get_ptr(&key).ok_or(Reason::PassNotVip)?;
-    // SAFETY: a map value pointer from a successful lookup.
-    let vs = unsafe { *vs };
-    if vs.flags & VS_F_PRIMARY == 0 {
-        return Err(Reason::PassNotPrimary);
-    }
-    let tcp_non_syn = if ip.proto == PROTO_TCP {
+    let (syn, non_syn) = if ip.proto == PROTO_TCP {
         let flags: u8 = load(ctx, ip.l4_off + 13).ok_or(Reason::DropTruncated)?;
-        flags & TCP_SYN == 0
+        (flags & TCP_SYN != 0, flags & TCP_SYN == 0)
     } else {
-        false
+        (false, false)
     };
-    let owner = if v4 {
+    let (owner, flow_label) = if v4 {
         let flow = FlowV4 {
             src_be: ip.src_be[0],
             dst_be: ip.dst_be[0],
@@ -123,7 +120,7 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
             proto: ip.proto,
             _pad: [0; 3],
         };
-        owner_v4(&flow, &vs, tcp_non_syn, Mode::Record)?
+        (owner_v4(&flow, &vip, syn, non_syn, Mode::Record)?, 0)
     } else {
         let flow = FlowV6 {
             src_be: ip.src_be,
@@ -133,9 +130,27 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
             proto: ip.proto,
             _pad: [0; 3],
         };
-        owner_v6(&flow, &vs, tcp_non_syn, Mode::Record)?
+        let owner = owner_v6(&flow, &vip, syn, non_syn, Mode::Record)?;
+        let label = if owner.engine.mode == ENGINE_MODE_TUNNEL {
+            flow_hash_v6(&flow)
+        } else {
+            0
+        };
+        (owner, label)
     };
-    Ok(forward::to_owner(ctx, l2.len, ip.family, vs.vs_id, &owner))
+    Ok(forward::to_owner(
+        ctx, l2.len, ip.family, &owner, flow_label,
+    ))
+}
+
+/// Whether any VIP uses this (protocol, port): one array read that lets most non-VIP traffic
+/// (including replies to the engine's own connections) pass before any hash lookup.
+#[inline(always)]
+fn vip_port(proto: u8, port_be: u16) -> bool {
+    let Some((word, bit)) = lb_common::vip_port_bit(proto, u16::from_be(port_be)) else {
+        return false;
+    };
+    maps::VIP_PORTS.get(word).is_some_and(|w| w & bit != 0)
 }
 
 /// Passes everything: the lab attaches it to the bridge side of veth pairs, which only accept
@@ -143,20 +158,6 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
-}
-
-/// The benchmark floor: swap the MACs and send the frame back, the least an XDP forwarder does.
-#[xdp]
-pub fn xdp_floor(ctx: XdpContext) -> u32 {
-    let Some(p) = ptr_at::<[u16; 6]>(&ctx, 0) else {
-        return XDP_PASS;
-    };
-    // SAFETY: checked in bounds.
-    unsafe {
-        let m = p.read_unaligned();
-        p.write_unaligned([m[3], m[4], m[5], m[0], m[1], m[2]]);
-    }
-    XDP_TX
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4,
     FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE,
-    TrafficCounters, VipKey, VsMeta,
+    TrafficCounters, VIP_PORT_WORDS, VipKey, VsEntry,
 };
 
 /// LRU lists per CPU, hash table shared: inserts never contend on a global LRU lock (the point of
@@ -17,9 +17,17 @@ use lb_common::{
 /// another CPU still hits and userspace reads one owner per flow.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
-/// (VIP address, port, protocol) → virtual service.
+/// (VIP address, port, protocol) → virtual service id.
 #[map]
-pub static VIPS: HashMap<VipKey, VsMeta> = HashMap::with_max_entries(DEFAULT_MAX_VS, 0);
+pub static VIPS: HashMap<VipKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VS, 0);
+
+/// Virtual service id → its VIP and flags.
+#[map]
+pub static VS: Array<VsEntry> = Array::with_max_entries(DEFAULT_MAX_VS, 0);
+
+/// One bit per (protocol, port) that some VIP uses (see `lb_common::vip_port_bit`).
+#[map]
+pub static VIP_PORTS: Array<u64> = Array::with_max_entries(VIP_PORT_WORDS, 0);
 
 /// VIP addresses alone (key with port 0 and protocol 0) → number of virtual services on them.
 /// Consulted only for packets whose port cannot be read: fragments and truncated L4 headers.

@@ -1,26 +1,30 @@
-//! Choosing the engine for a flow: the connection table first (a recorded flow never moves unless
-//! its engine is down), then source-IP persistence, then the virtual service's Maglev ring.
+//! Choosing the engine for a flow.
+//!
+//! Fast path: the connection table (one hash lookup). A recorded flow keeps its engine while that
+//! engine is active or draining; its virtual service is found by id in the VS array and checked
+//! against the packet's VIP, so an entry of a removed service is never followed.
+//! Slow path (a miss, a stale entry, an owner that is down or removed, a SYN to a draining owner):
+//! the VIP table, then source-IP persistence for persistent services, then the Maglev ring.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    ConnEntry, ENGINE_ACTIVE, ENGINE_DOWN, ENGINE_NONE, Engine, FlowV4, FlowV6, PersistEntry,
-    PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VsMeta,
+    ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_NONE, Engine, FlowV4, FlowV6, PersistEntry,
+    PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsEntry,
     hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
 };
 
 use crate::{
     counters::count,
-    maps::{CONN_V4, CONN_V6, ENGINES, PERSIST, RING},
+    maps::{CONN_V4, CONN_V6, ENGINES, PERSIST, RING, VIPS, VS},
 };
 
 /// The engine a packet goes to.
 pub struct Owner {
+    pub vs_id: u32,
     pub engine_id: u32,
     pub engine: Engine,
     /// The flow was placed now (not found in the connection table).
     pub new_flow: bool,
-    /// Flow hash, for tunnel entropy.
-    pub hash: u32,
 }
 
 /// How a lookup may change the tables.
@@ -37,8 +41,15 @@ fn engine(id: u32) -> Option<Engine> {
     ENGINES.get(id).copied()
 }
 
-/// Ring slot → engine. Userspace keeps only active engines in rings; a slot naming a down engine
-/// (a ring update in flight) is treated as empty.
+/// The virtual service `vs_id`, if it still is the one of `vip` and this engine steers it.
+#[inline(always)]
+fn live_vs(vs_id: u32, vip: &VipKey) -> Option<VsEntry> {
+    let vs = VS.get(vs_id)?;
+    (vs.vip == *vip && vs.flags & VS_F_PRIMARY != 0).then_some(*vs)
+}
+
+/// Ring slot → engine. Userspace writes rings before it deactivates an engine and after it
+/// activates one, so a ring only names active engines.
 #[inline(always)]
 fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
     let id = *RING
@@ -48,7 +59,7 @@ fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
         return Err(Reason::DropNoEngine);
     }
     match engine(id) {
-        Some(e) if e.state != ENGINE_DOWN => Ok((id, e)),
+        Some(e) if e.state == ENGINE_ACTIVE => Ok((id, e)),
         _ => Err(Reason::DropNoEngine),
     }
 }
@@ -56,17 +67,18 @@ fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
 /// A new flow's engine: persistence (for persistent services), else the ring.
 #[inline(always)]
 fn place(
-    vs: &VsMeta,
+    vs_id: u32,
+    vs: &VsEntry,
     flow_hash: u32,
     client_be: &[u32; 4],
     mode: Mode,
 ) -> Result<(u32, Engine), Reason> {
     if vs.flags & VS_F_PERSIST == 0 {
-        return ring_engine(vs.vs_id, flow_hash);
+        return ring_engine(vs_id, flow_hash);
     }
     let key = PersistKey {
         client_be: *client_be,
-        vs_id: vs.vs_id,
+        vs_id,
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -86,7 +98,7 @@ fn place(
             }
         }
     }
-    let (id, e) = ring_engine(vs.vs_id, client_hash(client_be))?;
+    let (id, e) = ring_engine(vs_id, client_hash(client_be))?;
     if mode == Mode::Record {
         let _ = PERSIST.insert(
             &key,
@@ -102,77 +114,89 @@ fn place(
 }
 
 macro_rules! owner_fn {
-    ($name:ident, $flow:ty, $table:ident, $hash:ident) => {
-        /// The owner of `flow`, recording it when new (and `mode` is `Record`).
+    ($name:ident, $flow:ty, $table:ident, $hash:ident, $client:expr) => {
+        /// The owner of `flow` (to `vip`), recording it when new and `mode` is `Record`.
+        /// `syn`/`non_syn` describe a TCP segment (both false for UDP and ICMP lookups).
         #[inline(always)]
         pub fn $name(
             flow: &$flow,
-            vs: &VsMeta,
-            tcp_non_syn: bool,
+            vip: &VipKey,
+            syn: bool,
+            non_syn: bool,
             mode: Mode,
         ) -> Result<Owner, Reason> {
-            let hash = $hash(flow);
+            let client: [u32; 4] = $client(flow);
             if let Some(entry) = $table.get_ptr_mut(flow) {
                 // SAFETY: a map value pointer from a successful lookup.
-                let id = unsafe { (*entry).engine_id };
-                if let Some(e) = engine(id) {
-                    if e.state != ENGINE_DOWN {
+                let ConnEntry { engine_id, vs_id } = unsafe { *entry };
+                if let Some(vs) = live_vs(vs_id, vip) {
+                    let e = engine(engine_id).unwrap_or_default();
+                    let state = e.state;
+                    if state == ENGINE_ACTIVE || (state == ENGINE_DRAINING && !syn) {
                         count(Reason::ConnHit);
                         return Ok(Owner {
-                            engine_id: id,
+                            vs_id,
+                            engine_id,
                             engine: e,
                             new_flow: false,
-                            hash,
                         });
                     }
+                    count(if state == ENGINE_DRAINING {
+                        Reason::SynToDraining
+                    } else {
+                        Reason::ConnOwnerDown
+                    });
+                    let (id, e) = place(vs_id, &vs, $hash(flow), &client, mode)?;
+                    if mode == Mode::Record {
+                        // SAFETY: as above.
+                        unsafe { (*entry).engine_id = id };
+                    }
+                    return Ok(Owner {
+                        vs_id,
+                        engine_id: id,
+                        engine: e,
+                        new_flow: true,
+                    });
                 }
-                count(Reason::ConnOwnerDown);
-                let (id, e) = place(vs, hash, &flow.client(), mode)?;
-                if mode == Mode::Record {
-                    // SAFETY: as above.
-                    unsafe { (*entry).engine_id = id };
-                }
-                return Ok(Owner {
-                    engine_id: id,
-                    engine: e,
-                    new_flow: true,
-                    hash,
-                });
             }
-            if tcp_non_syn {
+            let vs_id = *VIPS
+                .get_ptr(vip)
+                .ok_or(Reason::PassNotVip)
+                .map(|p| unsafe {
+                    // SAFETY: a map value pointer from a successful lookup.
+                    &*p
+                })?;
+            let vs = VS.get(vs_id).copied().ok_or(Reason::PassNotVip)?;
+            if vs.flags & VS_F_PRIMARY == 0 {
+                return Err(Reason::PassNotPrimary);
+            }
+            if non_syn {
                 count(Reason::TcpNonSynMiss);
             }
-            let (id, e) = place(vs, hash, &flow.client(), mode)?;
+            let (id, e) = place(vs_id, &vs, $hash(flow), &client, mode)?;
             if mode == Mode::Record {
-                let _ = $table.insert(flow, &ConnEntry { engine_id: id }, 0);
+                let _ = $table.insert(
+                    flow,
+                    &ConnEntry {
+                        engine_id: id,
+                        vs_id,
+                    },
+                    0,
+                );
                 count(Reason::ConnNew);
             }
             Ok(Owner {
+                vs_id,
                 engine_id: id,
                 engine: e,
                 new_flow: true,
-                hash,
             })
         }
     };
 }
 
-owner_fn!(owner_v4, FlowV4, CONN_V4, flow_hash_v4);
-owner_fn!(owner_v6, FlowV6, CONN_V6, flow_hash_v6);
-
-/// The client side of a flow key.
-trait Client {
-    fn client(&self) -> [u32; 4];
-}
-impl Client for FlowV4 {
-    #[inline(always)]
-    fn client(&self) -> [u32; 4] {
-        [self.src_be, 0, 0, 0]
-    }
-}
-impl Client for FlowV6 {
-    #[inline(always)]
-    fn client(&self) -> [u32; 4] {
-        self.src_be
-    }
-}
+owner_fn!(owner_v4, FlowV4, CONN_V4, flow_hash_v4, |f: &FlowV4| [
+    f.src_be, 0, 0, 0
+]);
+owner_fn!(owner_v6, FlowV6, CONN_V6, flow_hash_v6, |f: &FlowV6| f
+    .src_be);

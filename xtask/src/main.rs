@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use util::{CommandFailed, cargo, cmd, daemon_bin, root, run, xdp_object};
+use util::{CommandFailed, cargo, cmd, daemon_bin, root, run, testkit_object, xdp_object};
 
 #[derive(Parser)]
 #[command(about = "Project tasks for the XDP load balancer")]
@@ -101,8 +101,8 @@ fn restore_separator(mut args: Vec<OsString>) -> Vec<OsString> {
     args
 }
 
-/// Builds `lb-ebpf` with Debian's toolchain (its own target dir) and copies the object to
-/// `target/bpf/lb-xdp.o`.
+/// Builds `lb-ebpf` with Debian's toolchain (its own target dir) and copies the objects to
+/// `target/bpf/lb-xdp.o` (the data plane) and `target/bpf/lb-xdp-testkit.o` (benchmark helpers).
 pub fn build_ebpf() -> anyhow::Result<()> {
     let crate_dir = root().join("lb-ebpf");
     run(cmd("/usr/bin/cargo")
@@ -117,13 +117,19 @@ pub fn build_ebpf() -> anyhow::Result<()> {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
-    let built = crate_dir.join("target/bpfel-unknown-none/release/lb-xdp");
-    let object = xdp_object();
-    let dir = object.parent().expect("object path has a parent");
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    fs::copy(&built, &object)
-        .with_context(|| format!("cannot copy {} to {}", built.display(), object.display()))?;
-    println!("{}", object.display());
+    for (name, object) in [
+        ("lb-xdp", xdp_object()),
+        ("lb-xdp-testkit", testkit_object()),
+    ] {
+        let built = crate_dir
+            .join("target/bpfel-unknown-none/release")
+            .join(name);
+        let dir = object.parent().expect("object path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::copy(&built, &object)
+            .with_context(|| format!("cannot copy {} to {}", built.display(), object.display()))?;
+        println!("{}", object.display());
+    }
     Ok(())
 }
 

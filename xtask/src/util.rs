@@ -26,6 +26,11 @@ pub fn xdp_object() -> PathBuf {
     root().join("target/bpf/lb-xdp.o")
 }
 
+/// Where `build-ebpf` puts the benchmark helper programs.
+pub fn testkit_object() -> PathBuf {
+    root().join("target/bpf/lb-xdp-testkit.o")
+}
+
 /// The debug build of the daemon.
 pub fn daemon_bin() -> PathBuf {
     target_dir().join("debug/lb-daemon")

@@ -117,8 +117,17 @@ fn engines_get_mode_egress_and_macs() {
 #[test]
 fn virtual_service_maps_to_vip_entry_and_full_ring() {
     let t = plan(BASE);
-    let meta = t.vips[&vip_key(80)];
-    assert_eq!((meta.vs_id, meta.flags), (0, VS_F_PRIMARY));
+    assert_eq!(t.vips[&vip_key(80)], 0);
+    assert_eq!(
+        t.vs[&0],
+        VsEntry {
+            vip: vip_key(80),
+            flags: VS_F_PRIMARY,
+            persist_timeout_s: 0
+        }
+    );
+    // Port 80 is bit 16 of TCP word 1.
+    assert_eq!(t.vip_ports, BTreeMap::from([(1, 1 << 16)]));
     assert_eq!(
         t.vip_addrs[&VipKey {
             port_be: 0,
@@ -135,9 +144,9 @@ fn virtual_service_maps_to_vip_entry_and_full_ring() {
 #[test]
 fn secondary_and_persistent_flags() {
     let t = plan(&BASE.replace("primary = 1", "primary = 2\npersistence_timeout_s = 300"));
-    let meta = t.vips[&vip_key(80)];
-    assert_eq!(meta.flags, VS_F_PERSIST);
-    assert_eq!(meta.persist_timeout_s, 300);
+    let vs = t.vs[&0];
+    assert_eq!(vs.flags, VS_F_PERSIST);
+    assert_eq!(vs.persist_timeout_s, 300);
 }
 
 #[test]
@@ -170,8 +179,11 @@ fn first_apply_writes_everything() {
     let t = plan(BASE);
     let c = Changes::between(None, &t);
     assert_eq!(c.ring_set.len(), RING_SIZE as usize);
-    assert_eq!(c.engines_set.len(), 4);
-    assert_eq!(c.vips_set.len(), 1);
+    // Engines 1-4 are active: all enabled before the ring is written.
+    assert_eq!(c.engines_enable.len(), 4);
+    assert!(c.engines_disable.is_empty());
+    assert_eq!((c.vips_set.len(), c.vs_set.len()), (1, 1));
+    assert_eq!(c.vip_ports_grow, vec![(1, 1 << 16)]);
     assert!(c.globals.is_some());
 }
 
@@ -180,7 +192,7 @@ fn adding_an_engine_writes_only_the_slots_that_move() {
     let before = plan(BASE);
     let after = plan(&BASE.replace("{ id = 3 } ]", "{ id = 3 }, { id = 4 } ]"));
     let c = Changes::between(Some(&before), &after);
-    assert!(c.engines_set.is_empty() && c.vips_set.is_empty() && c.globals.is_none());
+    assert!(c.engines_enable.is_empty() && c.vips_set.is_empty() && c.globals.is_none());
     let moved = c.ring_set.len();
     // A fourth engine takes a quarter of the ring; Maglev moves a little more than that.
     assert!((16_000..=18_000).contains(&moved), "moved {moved}");
@@ -202,6 +214,10 @@ fn removing_a_virtual_service_removes_vip_then_clears_ring() {
     let c = Changes::between(Some(&before), &after);
     assert_eq!(c.vips_remove, vec![vip_key(81)]);
     assert_eq!(c.rings_clear, vec![1]);
+    assert_eq!(c.vs_clear, vec![1]);
+    // Port 81 (bit 17 of word 1) goes only after its VIP is removed; port 80 stays.
+    assert!(c.vip_ports_grow.is_empty());
+    assert_eq!(c.vip_ports_shrink, vec![(1, 1 << 16)]);
     // The address still carries one service: updated, not removed.
     assert!(c.vip_addrs_remove.is_empty());
     assert_eq!(
@@ -222,4 +238,28 @@ fn zero_weight_engine_takes_no_slots() {
     let t = plan(&BASE.replace("{ id = 3 } ]", "{ id = 3, weight = 0 } ]"));
     assert!(!t.rings[&0].contains(&3));
     assert!(!t.rings[&0].contains(&ENGINE_NONE));
+}
+
+#[test]
+fn draining_an_engine_writes_the_ring_before_the_engine() {
+    let before = plan(BASE);
+    let after = plan(&BASE.replace(
+        "id = 2\nmac = \"02:00:00:00:00:02\"",
+        "id = 2\nmac = \"02:00:00:00:00:02\"\nstate = \"draining\"",
+    ));
+    let c = Changes::between(Some(&before), &after);
+    assert!(c.engines_enable.is_empty());
+    assert_eq!(
+        c.engines_disable
+            .iter()
+            .map(|(id, e)| (*id, e.state))
+            .collect::<Vec<_>>(),
+        vec![(2, ENGINE_DRAINING)]
+    );
+    // Every slot engine 2 had moves to engine 1 or 3.
+    assert!(!c.ring_set.is_empty() && c.ring_set.iter().all(|(_, _, e)| *e == 1 || *e == 3));
+    // And back: the engine is enabled (before) the ring names it again.
+    let c = Changes::between(Some(&after), &before);
+    assert_eq!(c.engines_enable.len(), 1);
+    assert!(c.engines_disable.is_empty());
 }
