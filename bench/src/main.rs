@@ -2,8 +2,6 @@
 
 mod xdp;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -15,13 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum What {
-    /// ns/packet of the XDP program's paths against a trivial XDP_TX program, via BPF_PROG_TEST_RUN.
+    /// ns/packet of the XDP program's paths against a trivial `XDP_TX` program, via `BPF_PROG_TEST_RUN`.
     Xdp(xdp::Options),
-}
-
-fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map_or(manifest.clone(), PathBuf::from)
 }
 
 fn main() -> anyhow::Result<()> {

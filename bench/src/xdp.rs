@@ -10,25 +10,20 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use aya::{
     Ebpf,
-    maps::ProgramArray,
-    programs::{TestRun, TestRunOptions, Xdp},
+    maps::{Array, MapData, ProgramArray},
+    programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
 };
-use etherparse::PacketBuilder;
-use lb_daemon::{
-    config::Config,
-    dataplane::Dataplane,
-    tables::{Changes, Link, Links, PlanError, Tables},
-};
+use lb_common::Reason;
+use lb_tests::fixtures::{Fixture, OUR_MAC, Packet, Testbed, engine_mac, ipip, rewrite_macs, xdp};
 use serde::Serialize;
 
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const MODE_NEW_FLOW: u32 = 1;
 const MODE_STRIP_IPIP: u32 = 2;
 
@@ -45,21 +40,16 @@ pub struct Options {
     out_dir: Option<PathBuf>,
 }
 
-const OUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc1];
-const VIP: [u8; 4] = [10, 100, 0, 10];
-
-/// The daemon's default table sizes (a connection table of 2^20 flows per family).
-/// Engine 1 is this host, 2 an L2 neighbour, 3 a tunnel engine. Virtual service 0 spreads over
-/// engine 2 only and virtual service 1 over engine 3 only, so every flow's owner is known.
+/// The daemon's default table sizes (a connection table of 2^20 flows per family). Engine 1 is
+/// this host, 2 an L2 neighbour, 4 a tunnel engine; virtual service 0 (port 80) spreads over engine
+/// 2 only and virtual service 1 (port 443) over engine 4 only, so every flow's path is known.
 const CONFIG: &str = r#"
 [daemon]
-interface = "bench0"
+interface = "eth0"
 engine_id = 1
-pin_dir = "PIN_DIR"
-max_virtual_services = 4
+max_virtual_services = 64
 conn_table_size = 1048576
-persist_table_size = 1024
+persist_table_size = 262144
 tunnel_source_v4 = "192.0.2.1"
 
 [[engines]]
@@ -68,10 +58,10 @@ id = 1
 id = 2
 mac = "02:00:00:00:00:02"
 [[engines]]
-id = 3
+id = 4
 mac = "02:00:00:00:00:fe"
 mode = "tunnel"
-address_v4 = "192.0.2.3"
+address_v4 = "192.0.2.4"
 
 [[virtual_services]]
 id = 0
@@ -89,30 +79,8 @@ vip = "10.100.0.10"
 port = 443
 protocol = "tcp"
 primary = 1
-engines = [ { id = 3 } ]
+engines = [ { id = 4 } ]
 "#;
-
-struct BenchLinks;
-impl Links for BenchLinks {
-    fn link(&self, _name: &str) -> Result<Link, PlanError> {
-        Ok(Link {
-            ifindex: 0,
-            mac: OUR_MAC,
-        })
-    }
-}
-
-/// A TCP segment from `client:sport` to `dst:dport`.
-fn tcp(dst: [u8; 4], client: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(CLIENT_MAC, OUR_MAC)
-        .ipv4(client, dst, 64)
-        .tcp(sport, dport, 1000, 64240);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let payload = [0u8; 0];
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, &payload).expect("writing to a Vec");
-    out
-}
 
 fn run_prog(prog: &Xdp, pkt: &[u8], repeat: u32) -> anyhow::Result<(u32, f64)> {
     let mut out = vec![0u8; pkt.len() + 256];
@@ -154,14 +122,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         opts.rounds >= 1 && opts.repeat >= 1,
         "--rounds and --repeat must be at least 1"
     );
-    let root = crate::workspace_root();
-    let object = std::env::var_os("LB_XDP_OBJECT")
-        .map_or_else(|| root.join("target/bpf/lb-xdp.o"), PathBuf::from);
-    let testkit_path = object.with_file_name("lb-xdp-testkit.o");
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
-    let result = measure(opts, &object, &testkit_path, &pin_dir);
-    let _ = fs::remove_dir_all(&pin_dir);
-    let report = result?;
+    let root = lb_tests::workspace_root();
+    // The data plane object comes from `lb_tests::xdp_object()` ($LB_XDP_OBJECT); the testkit
+    // is built beside it.
+    let testkit_path = lb_tests::xdp_object().with_file_name("lb-xdp-testkit.o");
+    let report = measure(opts, &testkit_path)?;
     let out_dir = opts
         .out_dir
         .clone()
@@ -178,96 +143,159 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(
-    opts: &Options,
-    object: &Path,
-    testkit_path: &Path,
-    pin_dir: &Path,
-) -> anyhow::Result<Report> {
-    let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
-    let config = Config::parse(&CONFIG.replace("PIN_DIR", &pin_dir.display().to_string()))?;
-    let mut dp = Dataplane::load(&bytes, &config.daemon)?;
-    dp.apply(&Changes::between(
-        None,
-        &Tables::plan(&config, &BenchLinks)?,
-    ))?;
+/// The measured paths, each a fixture verified (verdict, output bytes, counters) before timing.
+struct Cases {
+    conn_hit: Fixture,
+    new_flow: Fixture,
+    pass: Fixture,
+    pass_vip_port: Fixture,
+    tunnel: Fixture,
+}
 
-    let mut testkit = Ebpf::load_file(testkit_path)
-        .with_context(|| format!("loading {}", testkit_path.display()))?;
-    for name in ["xdp_floor", "bench_wrap"] {
-        let p: &mut Xdp = testkit
-            .program_mut(name)
-            .with_context(|| format!("no {name}"))?
-            .try_into()?;
-        p.load()?;
-    }
-    let mut targets = ProgramArray::try_from(
-        testkit
-            .take_map("BENCH_TARGET")
-            .context("no BENCH_TARGET")?,
-    )?;
-    let mut mode = aya::maps::Array::<_, u32>::try_from(
-        testkit.take_map("BENCH_MODE").context("no BENCH_MODE")?,
-    )?;
-    let floor: &Xdp = testkit
-        .program("xdp_floor")
-        .context("no xdp_floor")?
-        .try_into()?;
-    let wrap: &Xdp = testkit
-        .program("bench_wrap")
-        .context("no bench_wrap")?
-        .try_into()?;
-    let lb = dp.program();
-
-    let client = [10, 9, 0, 1];
-    let hit = tcp(VIP, client, 40_000, 80, false);
-    let new_flow = tcp(VIP, client, 1, 80, true);
-    // Non-VIP traffic: to a port no VIP uses (the common case: the engine's own connections), and
-    // to another address on a VIP's port (must miss the connection and VIP tables).
-    let pass = tcp([10, 99, 0, 1], client, 40_000, 22, false);
-    let pass_vip_port = tcp([10, 99, 0, 1], client, 40_000, 80, false);
-    let tunnel = tcp(VIP, client, 40_001, 443, false);
-
-    // Record the flows the hit cases use, and check every path does what it is measured for.
-    let check = |p: &Xdp, pkt: &[u8], want: u32, what: &str| -> anyhow::Result<()> {
-        let (got, _) = run_prog(p, pkt, 1)?;
-        if got != want {
-            bail!("{what}: verdict {got}, expected {want}");
-        }
-        Ok(())
+fn cases(tb: &Testbed) -> anyhow::Result<Cases> {
+    let vip = |port| SocketAddr::new(Ipv4Addr::new(10, 100, 0, 10).into(), port);
+    let client = |port| SocketAddr::new(Ipv4Addr::new(10, 9, 0, 1).into(), port);
+    let other = |port| SocketAddr::new(Ipv4Addr::new(10, 99, 0, 1).into(), port);
+    let syn = Packet::syn(client(40_000), vip(80)).build();
+    let ack = Packet::ack(client(40_000), vip(80)).build();
+    let tunnel_syn = Packet::syn(client(40_001), vip(443)).build();
+    let tunnel_ack = Packet::ack(client(40_001), vip(443)).build();
+    let new_syn = Packet::syn(client(1), vip(80)).build();
+    let c = Cases {
+        conn_hit: Fixture::new("connection hit → L2 engine", ack.clone(), xdp::TX)
+            .after(vec![syn])
+            .output(rewrite_macs(&ack, engine_mac(2), OUR_MAC))
+            .reasons(&[Reason::ConnHit, Reason::TxL2]),
+        new_flow: Fixture::new("new flow → L2 engine", new_syn.clone(), xdp::TX)
+            .output(rewrite_macs(&new_syn, engine_mac(2), OUR_MAC))
+            .reasons(&[Reason::ConnNew, Reason::TxL2]),
+        // Non-VIP traffic: to a port no VIP uses (the common case: the engine's own connections), and
+        // to another address on a VIP's port (misses the connection and VIP tables).
+        pass: Fixture::new(
+            "non-VIP, other port",
+            Packet::ack(client(40_000), other(22)).build(),
+            xdp::PASS,
+        )
+        .unchanged()
+        .reasons(&[Reason::PassNotVip]),
+        pass_vip_port: Fixture::new(
+            "non-VIP, VIP port",
+            Packet::ack(client(40_000), other(80)).build(),
+            xdp::PASS,
+        )
+        .unchanged()
+        .reasons(&[Reason::PassNotVip]),
+        tunnel: Fixture::new(
+            "connection hit → tunnel engine",
+            tunnel_ack.clone(),
+            xdp::TX,
+        )
+        .after(vec![tunnel_syn])
+        .output(ipip(
+            &tunnel_ack,
+            [2, 0, 0, 0, 0, 0xfe],
+            OUR_MAC,
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(192, 0, 2, 4),
+        ))
+        .reasons(&[Reason::ConnHit, Reason::TxTunnel]),
     };
-    check(lb, &hit, XDP_TX, "connection hit (L2)")?;
-    check(lb, &tunnel, XDP_TX, "connection hit (tunnel)")?;
-    check(lb, &pass, XDP_PASS, "non-VIP pass")?;
-    check(lb, &pass_vip_port, XDP_PASS, "non-VIP pass on a VIP port")?;
-    check(floor, &hit, XDP_TX, "floor")?;
+    for fx in [
+        &c.conn_hit,
+        &c.new_flow,
+        &c.pass,
+        &c.pass_vip_port,
+        &c.tunnel,
+    ] {
+        tb.verify(fx)?;
+    }
+    Ok(c)
+}
+
+/// The floor program and the restoring wrapper, loaded from the testkit object.
+struct Testkit {
+    ebpf: Ebpf,
+    targets: ProgramArray<MapData>,
+    mode: Array<MapData, u32>,
+}
+
+impl Testkit {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        let mut ebpf =
+            Ebpf::load_file(path).with_context(|| format!("loading {}", path.display()))?;
+        for name in ["xdp_floor", "bench_wrap"] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no {name}"))?
+                .try_into()?;
+            p.load()?;
+        }
+        let targets =
+            ProgramArray::try_from(ebpf.take_map("BENCH_TARGET").context("no BENCH_TARGET")?)?;
+        let mode = Array::try_from(ebpf.take_map("BENCH_MODE").context("no BENCH_MODE")?)?;
+        Ok(Testkit {
+            ebpf,
+            targets,
+            mode,
+        })
+    }
+
+    fn program(&self, name: &str) -> anyhow::Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no {name}"))?
+            .try_into()?)
+    }
+
+    /// Points the wrapper at `target` in `mode`.
+    fn wrap(&mut self, mode: u32, target: &ProgramFd) -> anyhow::Result<()> {
+        self.mode.set(0, mode, 0)?;
+        self.targets.set(0, target, 0)?;
+        Ok(())
+    }
+}
+
+fn measure(opts: &Options, testkit_path: &Path) -> anyhow::Result<Report> {
+    let tb = Testbed::with_config(CONFIG)?;
+    let c = cases(&tb)?;
+    let mut kit = Testkit::load(testkit_path)?;
+    let lb = tb.dp.program();
+    let (lb_fd, floor_fd) = (
+        lb.fd()?.try_clone()?,
+        kit.program("xdp_floor")?.fd()?.try_clone()?,
+    );
 
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let floor_fd = floor.fd()?.try_clone()?;
-    let lb_fd = lb.fd()?.try_clone()?;
+    let mut sample = |name: &'static str, p: &Xdp, fx: &Fixture| -> anyhow::Result<()> {
+        let (got, ns) = run_prog(p, &fx.input, opts.repeat)?;
+        ensure!(
+            got == fx.expected_action,
+            "{name}: verdict {got}, expected {}",
+            fx.expected_action
+        );
+        samples.entry(name).or_default().push(ns);
+        Ok(())
+    };
     for _ in 0..opts.rounds {
-        let mut sample =
-            |name: &'static str, p: &Xdp, pkt: &[u8], want: u32| -> anyhow::Result<()> {
-                let (got, ns) = run_prog(p, pkt, opts.repeat)?;
-                ensure!(got == want, "{name}: verdict {got}, expected {want}");
-                samples.entry(name).or_default().push(ns);
-                Ok(())
-            };
-        sample("floor", floor, &hit, XDP_TX)?;
-        sample("conn_hit", lb, &hit, XDP_TX)?;
-        sample("pass", lb, &pass, XDP_PASS)?;
-        sample("pass_vip_port", lb, &pass_vip_port, XDP_PASS)?;
-        mode.set(0, MODE_NEW_FLOW, 0)?;
-        targets.set(0, &lb_fd, 0)?;
-        sample("wrap_new_flow", wrap, &new_flow, XDP_TX)?;
-        targets.set(0, &floor_fd, 0)?;
-        sample("wrap_floor_new_flow", wrap, &new_flow, XDP_TX)?;
-        mode.set(0, MODE_STRIP_IPIP, 0)?;
-        targets.set(0, &lb_fd, 0)?;
-        sample("wrap_tunnel", wrap, &tunnel, XDP_TX)?;
-        targets.set(0, &floor_fd, 0)?;
-        sample("wrap_floor_tunnel", wrap, &tunnel, XDP_TX)?;
+        sample("floor", kit.program("xdp_floor")?, &c.conn_hit)?;
+        sample("conn_hit", lb, &c.conn_hit)?;
+        sample("pass", lb, &c.pass)?;
+        sample("pass_vip_port", lb, &c.pass_vip_port)?;
+        for (mode, target, name, fx) in [
+            (MODE_NEW_FLOW, &lb_fd, "wrap_new_flow", &c.new_flow),
+            (MODE_NEW_FLOW, &floor_fd, "wrap_floor_new_flow", &c.new_flow),
+            (MODE_STRIP_IPIP, &lb_fd, "wrap_tunnel", &c.tunnel),
+            (MODE_STRIP_IPIP, &floor_fd, "wrap_floor_tunnel", &c.tunnel),
+        ] {
+            kit.wrap(mode, target)?;
+            sample(name, kit.program("bench_wrap")?, fx)?;
+        }
     }
+    Ok(report(opts, &samples))
+}
+
+fn report(opts: &Options, samples: &BTreeMap<&str, Vec<f64>>) -> Report {
     let m = |k: &str| median(samples[k].clone());
     let floor_ns = m("floor");
     let new_flow_ns = m("wrap_new_flow") - m("wrap_floor_new_flow") + floor_ns;
@@ -280,11 +308,11 @@ fn measure(
         ("pass_vip_port", pass_vip_port_ns / floor_ns),
         ("tunnel_conn_hit", tunnel_ns / floor_ns),
     ]);
-    Ok(Report {
+    Report {
         date: cmd_output("date", &["-u", "+%Y-%m-%d"]),
         machine: cpu_model(),
         kernel: cmd_output("uname", &["-r"]),
-        method: "BPF_PROG_TEST_RUN, repeat N per measurement (kernel mean per iteration), cases interleaved per round, median over rounds; new flow and tunnel through a restoring tail-call wrapper whose cost (measured with the floor as target) is subtracted",
+        method: "BPF_PROG_TEST_RUN, repeat N per measurement (kernel mean per iteration), cases interleaved per round, median over rounds; new flow and tunnel through a restoring tail-call wrapper whose cost (measured with the floor as target) is subtracted; default table sizes",
         repeat: opts.repeat,
         rounds: opts.rounds,
         floor_ns,
@@ -295,7 +323,7 @@ fn measure(
         tunnel_conn_hit_ns: tunnel_ns,
         wrapper_overhead_ns: m("wrap_floor_new_flow") - floor_ns,
         ratios_to_floor: ratios,
-    })
+    }
 }
 
 fn markdown(r: &Report) -> String {

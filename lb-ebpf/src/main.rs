@@ -106,7 +106,14 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
         family: ip.family,
     };
     let (syn, non_syn) = if ip.proto == PROTO_TCP {
-        let flags: u8 = load(ctx, ip.l4_off + 13).ok_or(Reason::DropTruncated)?;
+        // Cut short: as for the ports above, only a packet to a VIP address is ours to drop.
+        let flags: u8 = load(ctx, ip.l4_off + 13).ok_or_else(|| {
+            if icmp::to_vip_addr(&ip) {
+                Reason::DropTruncated
+            } else {
+                Reason::PassTruncated
+            }
+        })?;
         (flags & TCP_SYN != 0, flags & TCP_SYN == 0)
     } else {
         (false, false)

@@ -124,17 +124,22 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Reason> {
                 l4_off += 8;
                 fragment = true;
             }
-            _ => {
-                return Ok(Ip {
-                    family: FAMILY_V6,
-                    src_be: [hdr[2], hdr[3], hdr[4], hdr[5]],
-                    dst_be: [hdr[6], hdr[7], hdr[8], hdr[9]],
-                    proto: next,
-                    l4_off,
-                    fragment,
-                });
-            }
+            _ => break,
         }
     }
-    Err(Reason::PassIpv6Ext)
+    // Still an extension header after MAX_IPV6_EXT_HEADERS of them: the chain is too long.
+    if matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_DSTOPTS
+    ) {
+        return Err(Reason::PassIpv6Ext);
+    }
+    Ok(Ip {
+        family: FAMILY_V6,
+        src_be: [hdr[2], hdr[3], hdr[4], hdr[5]],
+        dst_be: [hdr[6], hdr[7], hdr[8], hdr[9]],
+        proto: next,
+        l4_off,
+        fragment,
+    })
 }

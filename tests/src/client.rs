@@ -53,7 +53,9 @@ impl LoadResult {
         for (name, want) in expected {
             let got = self.percent(name);
             if (got - want).abs() > tolerance {
-                bad.push(format!("{name}: {got:.1}% (expected {want:.1}% ± {tolerance})"));
+                bad.push(format!(
+                    "{name}: {got:.1}% (expected {want:.1}% ± {tolerance})"
+                ));
             }
         }
         for name in self.per_engine.keys() {
@@ -68,7 +70,13 @@ impl LoadResult {
 
 impl std::fmt::Display for LoadResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ok, {} errors in {:.2?}:", self.ok(), self.errors, self.elapsed)?;
+        write!(
+            f,
+            "{} ok, {} errors in {:.2?}:",
+            self.ok(),
+            self.errors,
+            self.elapsed
+        )?;
         for (name, n) in &self.per_engine {
             write!(f, " {name}={n} ({:.1}%)", self.percent(name))?;
         }
@@ -125,7 +133,9 @@ pub fn http_load(ns: &Ns, load: &Load) -> Result<LoadResult> {
                         }
                     }
                 }
-                let mut t = total.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut t = total
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 for (k, v) in mine.per_engine {
                     *t.per_engine.entry(k).or_default() += v;
                 }
@@ -252,7 +262,12 @@ impl HeldConnection {
 
 /// `GET path` with HTTP/1.0 from inside `ns` (for the daemon's metrics endpoint);
 /// returns (status, body).
-pub fn http_get(ns: &Ns, target: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+pub fn http_get(
+    ns: &Ns,
+    target: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     in_ns(ns.name(), || {
         let mut s = TcpStream::connect_timeout(&target, timeout)
             .with_context(|| format!("connect {target}"))?;

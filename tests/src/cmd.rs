@@ -22,9 +22,9 @@ pub fn run(argv: &[&str]) -> Result<String> {
 /// Runs `argv` and returns whatever it did (for commands whose failure is not an error, such as
 /// cleanup).
 pub fn output(argv: &[&str]) -> Result<Output> {
-    let (prog, args) = argv.split_first().context("empty command")?;
-    Command::new(prog)
-        .args(args)
+    let (program, rest) = argv.split_first().context("empty command")?;
+    Command::new(program)
+        .args(rest)
         .output()
         .with_context(|| format!("cannot run `{}`", argv.join(" ")))
 }

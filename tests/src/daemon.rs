@@ -16,9 +16,13 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tempfile::TempDir;
 
-use crate::cmd::{run, run_quiet};
 use crate::client::http_get;
+use crate::cmd::{run, run_quiet};
 use crate::lab::{Lab, Ns, Output, Proc};
+
+/// The daemon's reload counters (Prometheus series).
+pub const RELOADS_OK: &str = "lb_config_reloads_total{result=\"ok\"}";
+pub const RELOADS_ERROR: &str = "lb_config_reloads_total{result=\"error\"}";
 
 /// Where [`PinDir`] mounts its bpffs instances.
 pub const PIN_ROOT: &str = "/run/lb-tests";
@@ -189,7 +193,7 @@ impl Daemon {
                 object.display()
             );
         }
-        config.daemon.pin_dir = pins.path().to_owned();
+        pins.path().clone_into(&mut config.daemon.pin_dir);
         let dir = tempfile::Builder::new()
             .prefix(&format!("lb-daemon-{}-", config.daemon.engine_id))
             .tempdir()?;
@@ -288,66 +292,50 @@ impl Daemon {
         Ok(body)
     }
 
-    /// Rewrites the config file with `config` (pin dir kept) and sends SIGHUP. Waits until the
-    /// daemon shows it reloaded: a metric named `*reload*` changes or a log line mentioning
-    /// "reload" appears (up to 10 s), then checks the daemon still runs.
+    /// Rewrites the config file with `config` (pin dir kept), sends SIGHUP and waits (up to 10 s)
+    /// until the daemon counts the reload: `lb_config_reloads_total{result="ok"}` grows. A growing
+    /// `result="error"` series, an exit or no reload at all is an error (with the log's tail).
     pub fn reload(&mut self, mut config: Config) -> Result<()> {
-        config.daemon.pin_dir = self.pins.path().to_owned();
+        self.pins.path().clone_into(&mut config.daemon.pin_dir);
         std::fs::write(self.dir.path().join("lb.toml"), config.to_toml()?)?;
         self.config = config;
-        let log_before = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
-        let reload_metrics = |text: &str| -> String {
-            text.lines()
-                .filter(|l| !l.starts_with('#') && l.contains("reload"))
-                .collect::<Vec<_>>()
-                .join("\n")
+        let counts = |text: &str| {
+            (
+                metric_value(text, RELOADS_OK).unwrap_or(0.0),
+                metric_value(text, RELOADS_ERROR).unwrap_or(0.0),
+            )
         };
-        let metrics_before = self.metrics().map(|m| reload_metrics(&m)).unwrap_or_default();
+        let (ok_before, err_before) = counts(&self.metrics()?);
         self.proc.signal(Signal::SIGHUP)?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut confirmed = false;
         while Instant::now() < deadline {
             if let Some(status) = self.proc.try_wait()? {
-                bail!("lb-daemon exited on reload ({status}); log:\n{}", self.log_tail(30));
+                bail!(
+                    "lb-daemon exited on reload ({status}); log:\n{}",
+                    self.log_tail(30)
+                );
             }
-            let log = std::fs::read(self.log_path()).unwrap_or_default();
-            let new_log = String::from_utf8_lossy(
-                log.get(usize::try_from(log_before).unwrap_or(usize::MAX)..)
-                    .unwrap_or_default(),
-            )
-            .to_ascii_lowercase();
-            let metrics_now = self.metrics().map(|m| reload_metrics(&m)).unwrap_or_default();
-            if new_log.contains("reload") || (!metrics_now.is_empty() && metrics_now != metrics_before)
-            {
-                confirmed = true;
-                break;
+            if let Ok(text) = self.metrics() {
+                let (ok, err) = counts(&text);
+                if err > err_before {
+                    bail!("lb-daemon rejected the reload; log:\n{}", self.log_tail(30));
+                }
+                if ok > ok_before {
+                    return Ok(());
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if !confirmed {
-            bail!("no sign of a reload after SIGHUP within 10 s; log:\n{}", self.log_tail(30));
-        }
-        if new_errors(&self.log_path(), log_before) {
-            bail!("lb-daemon logged an error on reload; log:\n{}", self.log_tail(30));
-        }
-        Ok(())
+        bail!(
+            "no reload counted ({RELOADS_OK}) within 10 s of SIGHUP; log:\n{}",
+            self.log_tail(30)
+        )
     }
 
     /// SIGTERM, wait up to `grace`; `Some(status)` if it exited by itself, `None` if killed.
     pub fn stop(&self, grace: Duration) -> Option<std::process::ExitStatus> {
         self.proc.stop(grace)
     }
-}
-
-/// True when the log grew with a line at ERROR level after offset `from`.
-fn new_errors(log: &Path, from: u64) -> bool {
-    let text = std::fs::read(log).unwrap_or_default();
-    let new = String::from_utf8_lossy(
-        text.get(usize::try_from(from).unwrap_or(usize::MAX)..)
-            .unwrap_or_default(),
-    )
-    .into_owned();
-    new.lines().any(|l| l.contains("ERROR"))
 }
 
 impl Drop for Daemon {
@@ -358,9 +346,7 @@ impl Drop for Daemon {
 
 /// Lines of Prometheus text starting with `prefix` (e.g. `lb_`), comments left out.
 pub fn metric_lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .collect()
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
 }
 
 /// The value of the first sample whose name-and-labels part equals `series`
@@ -405,8 +391,14 @@ mod tests {
         let text = cfg.to_toml().unwrap();
         let back: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(back["daemon"]["interface"].as_str(), Some("eth0"));
-        assert_eq!(back["daemon"]["metrics_listen"].as_str(), Some("127.0.0.1:9100"));
-        assert_eq!(back["engines"][1]["mac"].as_str(), Some("02:00:0a:4d:00:0c"));
+        assert_eq!(
+            back["daemon"]["metrics_listen"].as_str(),
+            Some("127.0.0.1:9100")
+        );
+        assert_eq!(
+            back["engines"][1]["mac"].as_str(),
+            Some("02:00:0a:4d:00:0c")
+        );
         assert!(back["engines"][0].get("mac").is_none());
         assert_eq!(
             back["virtual_services"][0]["engines"][1]["weight"].as_integer(),

@@ -77,7 +77,14 @@ impl EngineHost {
     /// local throughout (added on the new device before removal from the old one).
     pub fn set_role(&mut self, lab: &Lab, role: Role) -> Result<()> {
         if role != self.role {
-            place_vip(lab, &self.ns, &self.iface.name, self.vip, role, Some(self.role))?;
+            place_vip(
+                lab,
+                &self.ns,
+                &self.iface.name,
+                self.vip,
+                role,
+                Some(self.role),
+            )?;
             self.role = role;
         }
         Ok(())
@@ -104,6 +111,13 @@ fn place_vip(
 /// The lab's VIP network: clients reach it on-link over the segment (ARP for the VIP itself,
 /// which only the primary answers).
 pub const VIP_NET: &str = "10.78.0.0/24";
+
+/// Sets the ephemeral port range of `ns` (`ip_local_port_range`). Phases of a test that must see
+/// only new flows give each phase its own range: a reused 4-tuple matches the data plane's
+/// connection entry from an earlier phase and goes to that phase's engine.
+pub fn set_port_range(lab: &Lab, ns: &Ns, lo: u16, hi: u16) -> Result<()> {
+    lab.sysctl(ns, "net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
+}
 
 /// A client host.
 #[derive(Debug)]

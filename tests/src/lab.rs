@@ -39,7 +39,7 @@ use crate::netns::in_ns;
 
 /// Name of the bridge in the switch namespace.
 pub const BRIDGE: &str = "br0";
-/// Name of the XDP_PASS program in the data plane object (for the bridge-side veth ends).
+/// Name of the `XDP_PASS` program in the data plane object (for the bridge-side veth ends).
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -231,7 +231,9 @@ pub struct Lab {
 
 impl fmt::Debug for Lab {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lab").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("Lab")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -297,7 +299,10 @@ impl Lab {
             return Ok(sw);
         }
         let sw = self.add_ns("sw")?;
-        self.ip(&sw, &["link", "add", BRIDGE, "type", "bridge", "stp_state", "0"])?;
+        self.ip(
+            &sw,
+            &["link", "add", BRIDGE, "type", "bridge", "stp_state", "0"],
+        )?;
         self.ip(&sw, &["link", "set", BRIDGE, "up"])?;
         lock(&self.state).switch = Some(sw.clone());
         Ok(sw)
@@ -412,9 +417,9 @@ impl Lab {
 
     /// `ip -n <ns> args...`
     pub fn ip(&self, ns: &Ns, args: &[&str]) -> Result<String> {
-        let mut argv = vec!["ip", "-n", ns.name()];
-        argv.extend_from_slice(args);
-        run(&argv)
+        let mut full = vec!["ip", "-n", ns.name()];
+        full.extend_from_slice(args);
+        run(&full)
     }
 
     /// `ip netns exec <ns> argv...`, returns stdout; non-zero exit is an error.
@@ -433,9 +438,9 @@ impl Lab {
     /// Starts `ip netns exec <ns> argv...` (the command replaces `ip`, so the pid is the
     /// command's). The lab kills it on drop if it still runs.
     pub fn spawn(&self, ns: &Ns, argv: &[&str], out: &Output) -> Result<Proc> {
-        let (prog, args) = argv.split_first().context("empty command")?;
+        let (program, rest) = argv.split_first().context("empty command")?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name(), prog]).args(args);
+        cmd.args(["netns", "exec", ns.name(), program]).args(rest);
         cmd.stdin(Stdio::null());
         match out {
             Output::Null => {
@@ -460,15 +465,15 @@ impl Lab {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn `{}` in {ns}", argv.join(" ")))?;
-        let proc = Proc {
+        let handle = Proc {
             inner: Arc::new(ProcInner {
-                label: format!("{ns}: {prog}"),
+                label: format!("{ns}: {program}"),
                 pid: child.id(),
                 child: Mutex::new(child),
             }),
         };
-        lock(&self.state).procs.push(proc.clone());
-        Ok(proc)
+        lock(&self.state).procs.push(handle.clone());
+        Ok(handle)
     }
 
     /// Kills every process still running in the lab's namespaces (tracked or not).
@@ -503,7 +508,10 @@ impl Drop for Lab {
 
 fn kill_ns_pids(ns: &str) {
     if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
@@ -539,8 +547,12 @@ pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
     let (a, p) = cidr
         .split_once('/')
         .ok_or_else(|| anyhow!("expected ADDR/PREFIX, got {cidr:?}"))?;
-    let addr: Ipv4Addr = a.parse().with_context(|| format!("bad address in {cidr:?}"))?;
-    let prefix: u8 = p.parse().with_context(|| format!("bad prefix in {cidr:?}"))?;
+    let addr: Ipv4Addr = a
+        .parse()
+        .with_context(|| format!("bad address in {cidr:?}"))?;
+    let prefix: u8 = p
+        .parse()
+        .with_context(|| format!("bad prefix in {cidr:?}"))?;
     if prefix > 32 {
         bail!("bad prefix in {cidr:?}");
     }

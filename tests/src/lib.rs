@@ -21,6 +21,7 @@ pub mod client;
 pub mod cmd;
 pub mod daemon;
 pub mod engine;
+pub mod fixtures;
 pub mod lab;
 pub mod netns;
 pub mod nginx;

@@ -117,7 +117,10 @@ impl Nginx {
                     bail!("exited early ({status})");
                 }
                 let ok = in_ns(self.ns.name(), || {
-                    Ok(std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok())
+                    Ok(
+                        std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200))
+                            .is_ok(),
+                    )
                 })?;
                 if ok {
                     break;

@@ -104,9 +104,9 @@ pub fn engine_cidr(id: u8) -> String {
 }
 
 impl Steering {
-    /// Builds the lab (XDP_PASS on the bridge ports from `opts.xdp_object`), the clients, the
+    /// Builds the lab (`XDP_PASS` on the bridge ports from `opts.xdp_object`), the clients, the
     /// engines with nginx, and (with `opts.daemons`) starts `lb-daemon` on every engine.
-    pub fn build(opts: Options) -> Result<Self> {
+    pub fn build(opts: &Options) -> Result<Self> {
         ensure!(!opts.engines.is_empty(), "need at least one engine");
         ensure!(
             opts.engines.iter().all(|e| (1..=200).contains(&e.id)),
@@ -133,7 +133,11 @@ impl Steering {
             lab,
         };
         for (i, spec) in opts.engines.iter().enumerate() {
-            let role = if i == 0 { Role::Primary } else { Role::Secondary };
+            let role = if i == 0 {
+                Role::Primary
+            } else {
+                Role::Secondary
+            };
             steering.add_engine_host(spec, role)?;
         }
         if opts.daemons {
@@ -246,7 +250,12 @@ impl Steering {
     pub fn set_members(&mut self, members: Vec<Member>) -> Result<()> {
         self.members = members;
         let primary = self.primary().id;
-        let mut ids: Vec<u8> = self.daemons.keys().copied().filter(|&i| i != primary).collect();
+        let mut ids: Vec<u8> = self
+            .daemons
+            .keys()
+            .copied()
+            .filter(|&i| i != primary)
+            .collect();
         if self.daemons.contains_key(&primary) {
             ids.push(primary);
         }

@@ -1,4 +1,4 @@
-//! The lab itself: namespaces, bridge, cleanup, nginx, XDP_PASS on the bridge ports, bpffs pins.
+//! The lab itself: namespaces, bridge, cleanup, nginx, `XDP_PASS` on the bridge ports, bpffs pins.
 //! No daemon needed. Needs root.
 
 use std::collections::BTreeMap;
@@ -60,9 +60,7 @@ fn namespaces_bridge_ping_and_cleanup() {
                 .trim(),
             "1"
         );
-        let sleeper = lab
-            .spawn(&a, &["sleep", "1000"], &Output::Null)
-            .unwrap();
+        let sleeper = lab.spawn(&a, &["sleep", "1000"], &Output::Null).unwrap();
         pid = sleeper.pid();
         assert!(sleeper.is_running());
         names = lab
@@ -129,7 +127,9 @@ fn nginx_engines_answer_their_name_across_the_bridge() {
     assert_eq!(name, "se2");
 
     // Only se1's MAC is in the client's neighbour table for the VIP.
-    let neigh = lab.ip(&client.ns, &["neigh", "show", &VIP.to_string()]).unwrap();
+    let neigh = lab
+        .ip(&client.ns, &["neigh", "show", &VIP.to_string()])
+        .unwrap();
     assert!(neigh.contains(&se1.iface.mac_string()), "{neigh}");
 
     // A held keep-alive connection answers again later.

@@ -1,0 +1,1272 @@
+//! Katran-style fixtures for the XDP program: a packet in, the verdict and the exact packet out, and
+//! the reason counters that must move — run through `BPF_PROG_TEST_RUN`, no interface needed.
+//!
+//! - [`Packet`]: frames built with etherparse (Ethernet, one VLAN tag, IPv4/IPv6, TCP/UDP/ICMP, with
+//!   correct checksums), and the expected outputs built independently of the program
+//!   ([`rewrite_macs`], [`ipip`], [`ip6ip6`]).
+//! - [`Fixture`]: `{description, setup, input, expected_action, expected_output, expected_reasons}`.
+//! - [`Testbed`]: a freshly loaded data plane with its own pin directory (removed on drop), small
+//!   tables, and [`STANDARD_CONFIG`] applied through `Tables::plan` / `Changes::between` — the
+//!   daemon's own path. [`Testbed::check`] runs a fixture; [`Testbed::reconfigure`] applies a changed
+//!   configuration the way a reload does.
+//! - Ring prediction: [`Testbed::ring_owner`] and [`Testbed::ports_to`] pick client ports whose flows
+//!   the Maglev ring gives to a chosen engine; [`Testbed::expect_new_flow`] is the oracle for a new
+//!   flow's verdict and output.
+//!
+//! The benchmark reuses [`fx_non_vip`], [`fx_new_flow`] and [`fx_conn_hit`].
+//!
+//! Everything here needs root (loading BPF programs, bpffs).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use etherparse::{
+    IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options,
+    Ipv6Extensions, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, PacketBuilder,
+    PacketBuilderStep, TcpHeader, VlanId,
+};
+use lb_common::{
+    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, FlowV4, FlowV6, PROTO_TCP, PROTO_UDP, REASON_COUNT, Reason,
+    VS_F_PERSIST, VS_F_PRIMARY, VipKey,
+    addr::{ip_be, v4_be, v6_be},
+    hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
+};
+use lb_daemon::{
+    config::Config,
+    dataplane::Dataplane,
+    tables::{Changes, Link, Links, PlanError, Tables},
+};
+
+/// XDP verdicts (`enum xdp_action`).
+pub mod xdp {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+
+    /// The verdict's name, for messages.
+    pub fn name(action: u32) -> &'static str {
+        match action {
+            ABORTED => "XDP_ABORTED",
+            DROP => "XDP_DROP",
+            PASS => "XDP_PASS",
+            TX => "XDP_TX",
+            REDIRECT => "XDP_REDIRECT",
+            _ => "XDP_?",
+        }
+    }
+}
+
+/// TCP flag bits (byte 13 of the header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Source MAC of incoming frames (the router in front of the primary).
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+/// MAC of the daemon's interface (`eth0` in [`STANDARD_CONFIG`]; a fake link).
+pub const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// MAC the fake links give `lo` (the egress of engine 5).
+pub const LO_LINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+
+/// Engine ids of [`STANDARD_CONFIG`].
+pub const E_LOCAL: u32 = 1;
+pub const E_L2_A: u32 = 2;
+pub const E_L2_B: u32 = 3;
+pub const E_TUNNEL: u32 = 4;
+pub const E_REDIRECT: u32 = 5;
+
+/// Virtual service ids of [`STANDARD_CONFIG`].
+pub const VS_WEB: u32 = 0;
+pub const VS_WEB6: u32 = 1;
+pub const VS_DNS: u32 = 2;
+pub const VS_STICKY: u32 = 3;
+pub const VS_SECONDARY: u32 = 4;
+pub const VS_REDIRECT: u32 = 5;
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
+pub const VIP4_STICKY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 20);
+pub const VIP4_SECONDARY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 30);
+pub const VIP4_REDIRECT: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 50);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+/// A router that sends ICMP errors.
+pub const ROUTER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+pub const TUNNEL_SRC4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const ENGINE4_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
+pub const ENGINE4_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 4);
+
+/// Destination MAC of an engine of [`STANDARD_CONFIG`] (engine 4: its next hop).
+pub const fn engine_mac(id: u32) -> [u8; 6] {
+    #[allow(clippy::cast_possible_truncation)]
+    [0x02, 0, 0, 0, 0, id as u8]
+}
+
+/// The test data plane's configuration: this host is engine 1 (local); engines 2 and 3 are on the
+/// segment; engine 4 is reached through IP-in-IP / IPv6-in-IPv6; engine 5 is on the segment behind
+/// another interface (`lo`, so `XDP_REDIRECT` through the devmap).
+///
+/// Lines that tests change carry a `# marker` comment; see [`edit`] and [`engine_state`].
+pub const STANDARD_CONFIG: &str = r#"
+[daemon]
+interface = "eth0"
+engine_id = 1
+max_virtual_services = 8
+conn_table_size = 4096
+persist_table_size = 4096
+tunnel_source_v4 = "192.0.2.1" # tunnel_source_v4
+tunnel_source_v6 = "2001:db8::1" # tunnel_source_v6
+
+[[engines]]
+id = 1
+
+[[engines]]
+id = 2
+mac = "02:00:00:00:00:02"
+state = "active" # engine 2
+
+[[engines]]
+id = 3
+mac = "02:00:00:00:00:03"
+state = "active" # engine 3
+
+[[engines]]
+id = 4
+mac = "02:00:00:00:00:04"
+mode = "tunnel"
+state = "active" # engine 4
+address_v4 = "192.0.2.4" # engine 4 address_v4
+address_v6 = "2001:db8::4" # engine 4 address_v6
+
+[[engines]]
+id = 5
+mac = "02:00:00:00:00:05"
+state = "active" # engine 5
+interface = "lo"
+
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "10.100.0.10"
+port = 80
+protocol = "tcp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 }, { id = 3 }, { id = 4 } ] # web engines
+
+[[virtual_services]]
+id = 1
+name = "web6"
+vip = "fd00::10"
+port = 80
+protocol = "tcp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 }, { id = 3 }, { id = 4 } ] # web6 engines
+
+[[virtual_services]]
+id = 2
+name = "dns"
+vip = "10.100.0.10"
+port = 53
+protocol = "udp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 }, { id = 3 }, { id = 4 } ] # dns engines
+
+[[virtual_services]]
+id = 3
+name = "sticky"
+vip = "10.100.0.20"
+port = 443
+protocol = "tcp"
+primary = 1
+persistence_timeout_s = 300 # sticky timeout
+engines = [ { id = 2 }, { id = 3 } ] # sticky engines
+
+[[virtual_services]]
+id = 4
+name = "secondary"
+vip = "10.100.0.30"
+port = 80
+protocol = "tcp"
+primary = 2
+engines = [ { id = 1 }, { id = 2 } ]
+
+[[virtual_services]]
+id = 5
+name = "redirect"
+vip = "10.100.0.50"
+port = 80
+protocol = "tcp"
+primary = 1
+engines = [ { id = 5 } ]
+"#;
+
+/// `text` with the one occurrence of `from` replaced by `to` (panics unless `from` occurs exactly once,
+/// so a configuration edit can never silently do nothing).
+pub fn edit(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "{from:?} must occur exactly once in the configuration"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// `text` with engine `id` (2..=5) put in `state` ("active", "draining", "down").
+pub fn engine_state(text: &str, id: u32, state: &str) -> String {
+    edit(
+        text,
+        &format!("state = \"active\" # engine {id}"),
+        &format!("state = \"{state}\" # engine {id}"),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets
+
+/// The transport part of a [`Packet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// ICMP (in IPv4) or ICMPv6 (in IPv6): type, code, header bytes 5..8; the payload follows.
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+    },
+}
+
+/// A frame to build: Ethernet, optionally one 802.1Q tag, IPv4 or IPv6, TCP/UDP/ICMP, payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IPv4 TOS byte / IPv6 traffic class.
+    pub tos: u8,
+    /// TTL / hop limit.
+    pub ttl: u8,
+    pub dont_fragment: bool,
+    pub more_fragments: bool,
+    /// In 8-byte units. IPv6 gets a fragment header when this or `more_fragments` is set.
+    pub fragment_offset: u16,
+    /// IPv4 options (a multiple of 4 bytes, at most 40).
+    pub ip_options: Vec<u8>,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Packet {
+    fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Packet {
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "{src} and {dst} are of different families"
+        );
+        Packet {
+            src_mac: ROUTER_MAC,
+            dst_mac: OUR_MAC,
+            vlan: None,
+            src,
+            dst,
+            tos: 0,
+            ttl: 64,
+            dont_fragment: false,
+            more_fragments: false,
+            fragment_offset: 0,
+            ip_options: Vec::new(),
+            l4,
+            payload: Vec::new(),
+        }
+    }
+
+    /// A TCP segment from `src` to `dst` with `flags` ([`tcp_flags`]).
+    pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Packet {
+        Packet::new(
+            src.ip(),
+            dst.ip(),
+            L4::Tcp {
+                sport: src.port(),
+                dport: dst.port(),
+                flags,
+            },
+        )
+    }
+
+    /// A TCP SYN from `src` to `dst`.
+    pub fn syn(src: SocketAddr, dst: SocketAddr) -> Packet {
+        Packet::tcp(src, dst, tcp_flags::SYN)
+    }
+
+    /// A TCP ACK (mid-connection segment) from `src` to `dst`.
+    pub fn ack(src: SocketAddr, dst: SocketAddr) -> Packet {
+        Packet::tcp(src, dst, tcp_flags::ACK).with_payload(b"GET / HTTP/1.1\r\n\r\n")
+    }
+
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Packet {
+        Packet::new(
+            src.ip(),
+            dst.ip(),
+            L4::Udp {
+                sport: src.port(),
+                dport: dst.port(),
+            },
+        )
+    }
+
+    /// An ICMP (IPv4) or ICMPv6 (IPv6) message.
+    pub fn icmp(
+        src: IpAddr,
+        dst: IpAddr,
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+        payload: &[u8],
+    ) -> Packet {
+        Packet::new(src, dst, L4::Icmp { kind, code, rest }).with_payload(payload)
+    }
+
+    #[must_use]
+    pub fn with_payload(mut self, payload: &[u8]) -> Packet {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    #[must_use]
+    pub fn with_vlan(mut self, id: u16) -> Packet {
+        self.vlan = Some(id);
+        self
+    }
+
+    #[must_use]
+    pub fn with_tos(mut self, tos: u8) -> Packet {
+        self.tos = tos;
+        self
+    }
+
+    #[must_use]
+    pub fn with_df(mut self) -> Packet {
+        self.dont_fragment = true;
+        self
+    }
+
+    #[must_use]
+    pub fn with_fragment(mut self, more_fragments: bool, offset: u16) -> Packet {
+        self.more_fragments = more_fragments;
+        self.fragment_offset = offset;
+        self
+    }
+
+    #[must_use]
+    pub fn with_ip_options(mut self, options: &[u8]) -> Packet {
+        self.ip_options = options.to_vec();
+        self
+    }
+
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: u8) -> Packet {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The client side (source address and port).
+    pub fn client(&self) -> SocketAddr {
+        let sport = match self.l4 {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => sport,
+            L4::Icmp { .. } => 0,
+        };
+        SocketAddr::new(self.src, sport)
+    }
+
+    /// The connection-table key of this packet's flow (TCP and UDP only).
+    pub fn flow(&self) -> Flow {
+        let (sport, dport, proto) = match self.l4 {
+            L4::Tcp { sport, dport, .. } => (sport, dport, PROTO_TCP),
+            L4::Udp { sport, dport } => (sport, dport, PROTO_UDP),
+            L4::Icmp { .. } => panic!("an ICMP packet has no flow key"),
+        };
+        Flow::new(
+            SocketAddr::new(self.src, sport),
+            SocketAddr::new(self.dst, dport),
+            proto,
+        )
+    }
+
+    fn ip_headers(&self) -> IpHeaders {
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut h = Ipv4Header::new(0, self.ttl, IpNumber::TCP, s.octets(), d.octets())
+                    .expect("empty payload fits");
+                h.dscp = IpDscp::try_new(self.tos >> 2).expect("6 bits");
+                h.ecn = IpEcn::try_new(self.tos & 3).expect("2 bits");
+                h.identification = 0x1234;
+                h.dont_fragment = self.dont_fragment;
+                h.more_fragments = self.more_fragments;
+                h.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("13 bits");
+                h.options = Ipv4Options::try_from(self.ip_options.as_slice())
+                    .expect("IPv4 options: a multiple of 4 bytes, at most 40");
+                IpHeaders::Ipv4(h, Ipv4Extensions::default())
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let h = Ipv6Header {
+                    traffic_class: self.tos,
+                    flow_label: Ipv6FlowLabel::ZERO,
+                    payload_length: 0,
+                    next_header: IpNumber::TCP,
+                    hop_limit: self.ttl,
+                    source: s.octets(),
+                    destination: d.octets(),
+                };
+                let mut exts = Ipv6Extensions::default();
+                if self.more_fragments || self.fragment_offset != 0 {
+                    let offset = IpFragOffset::try_new(self.fragment_offset).expect("13 bits");
+                    exts.fragment = Some(Ipv6FragmentHeader::new(
+                        IpNumber::TCP,
+                        offset,
+                        self.more_fragments,
+                        0x1234,
+                    ));
+                }
+                IpHeaders::Ipv6(h, exts)
+            }
+            _ => unreachable!("checked in Packet::new"),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let step = match self.vlan {
+            Some(id) => eth
+                .single_vlan(VlanId::try_new(id).expect("12-bit VLAN id"))
+                .ip(self.ip_headers()),
+            None => eth.ip(self.ip_headers()),
+        };
+        self.finish(step)
+    }
+
+    /// The IP packet alone (no Ethernet header), e.g. to quote in an ICMP error.
+    pub fn build_ip(&self) -> Vec<u8> {
+        self.finish(PacketBuilder::ip(self.ip_headers()))
+    }
+
+    fn finish(&self, step: PacketBuilderStep<IpHeaders>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let written = match self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
+                let mut t = TcpHeader::new(sport, dport, 0x0102_0304, 64240);
+                t.fin = flags & tcp_flags::FIN != 0;
+                t.syn = flags & tcp_flags::SYN != 0;
+                t.rst = flags & tcp_flags::RST != 0;
+                t.psh = flags & tcp_flags::PSH != 0;
+                t.ack = flags & tcp_flags::ACK != 0;
+                if t.ack {
+                    t.acknowledgment_number = 0x0a0b_0c0d;
+                }
+                step.tcp_header(t).write(&mut out, &self.payload)
+            }
+            L4::Udp { sport, dport } => step.udp(sport, dport).write(&mut out, &self.payload),
+            L4::Icmp { kind, code, rest } if self.src.is_ipv4() => step
+                .icmpv4_raw(kind, code, rest)
+                .write(&mut out, &self.payload),
+            L4::Icmp { kind, code, rest } => step
+                .icmpv6_raw(kind, code, rest)
+                .write(&mut out, &self.payload),
+        };
+        written.expect("etherparse writes into a Vec");
+        out
+    }
+}
+
+/// A connection-table key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    V4(FlowV4),
+    V6(FlowV6),
+}
+
+impl Flow {
+    /// The key of the flow `client` → `vip` (both of one family).
+    pub fn new(client: SocketAddr, vip: SocketAddr, proto: u8) -> Flow {
+        match (client.ip(), vip.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(v)) => Flow::V4(FlowV4 {
+                src_be: v4_be(c),
+                dst_be: v4_be(v),
+                sport_be: client.port().to_be(),
+                dport_be: vip.port().to_be(),
+                proto,
+                _pad: [0; 3],
+            }),
+            (IpAddr::V6(c), IpAddr::V6(v)) => Flow::V6(FlowV6 {
+                src_be: v6_be(c),
+                dst_be: v6_be(v),
+                sport_be: client.port().to_be(),
+                dport_be: vip.port().to_be(),
+                proto,
+                _pad: [0; 3],
+            }),
+            _ => panic!("{client} and {vip} are of different families"),
+        }
+    }
+
+    /// The flow hash the data plane computes (`lb_common::hash`).
+    pub fn hash(&self) -> u32 {
+        match self {
+            Flow::V4(f) => flow_hash_v4(f),
+            Flow::V6(f) => flow_hash_v6(f),
+        }
+    }
+}
+
+/// Offset of the IP header: 14, or 18 behind one 802.1Q / 802.1ad tag.
+pub fn l3_offset(frame: &[u8]) -> usize {
+    match frame.get(12..14) {
+        Some([0x81, 0x00] | [0x88, 0xa8]) => 18,
+        _ => 14,
+    }
+}
+
+/// `frame` with its destination and source MAC replaced: what an `XDP_TX` to an L2 engine sends.
+pub fn rewrite_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}
+
+/// The Ethernet header (with `frame`'s VLAN tag, if any) of an encapsulated copy of `frame`.
+fn outer_l2(frame: &[u8], dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(18);
+    out.extend_from_slice(&dst);
+    out.extend_from_slice(&src);
+    if l3_offset(frame) == 18 {
+        out.extend_from_slice(&frame[12..16]);
+    }
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out
+}
+
+/// `frame` (IPv4) inside IP-in-IP as the tunnel path must send it: a new Ethernet header to `dst_mac`
+/// from `src_mac` (VLAN tag kept), an outer IPv4 header from `outer_src` to `outer_dst` (TOS and DF
+/// copied from the inner header, id 0, TTL 64, protocol 4), then the original IP packet.
+/// Built with etherparse, independently of the data plane's code.
+pub fn ipip(
+    frame: &[u8],
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+) -> Vec<u8> {
+    let inner_ip = &frame[l3_offset(frame)..];
+    let (inner, _) = Ipv4Header::from_slice(inner_ip).expect("an IPv4 frame");
+    let mut outer = Ipv4Header::new(
+        0,
+        64,
+        IpNumber::IPV4,
+        outer_src.octets(),
+        outer_dst.octets(),
+    )
+    .expect("valid");
+    outer.total_len = inner.total_len + 20;
+    outer.dscp = inner.dscp;
+    outer.ecn = inner.ecn;
+    outer.identification = 0;
+    outer.dont_fragment = inner.dont_fragment;
+    outer.header_checksum = outer.calc_header_checksum();
+    let mut out = outer_l2(frame, dst_mac, src_mac, 0x0800);
+    out.extend_from_slice(&outer.to_bytes());
+    out.extend_from_slice(inner_ip);
+    out
+}
+
+/// `frame` (IPv6) inside IPv6-in-IPv6: a new Ethernet header (VLAN tag kept), an outer IPv6 header
+/// (traffic class 0, `flow_label`, payload length = the inner packet, next header 41, hop limit 64),
+/// then the original IP packet.
+pub fn ip6ip6(
+    frame: &[u8],
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    outer_src: Ipv6Addr,
+    outer_dst: Ipv6Addr,
+    flow_label: u32,
+) -> Vec<u8> {
+    let inner_ip = &frame[l3_offset(frame)..];
+    let (inner, _) = Ipv6Header::from_slice(inner_ip).expect("an IPv6 frame");
+    let outer = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::try_new(flow_label).expect("20 bits"),
+        payload_length: inner.payload_length + 40,
+        next_header: IpNumber::IPV6,
+        hop_limit: 64,
+        source: outer_src.octets(),
+        destination: outer_dst.octets(),
+    };
+    let mut out = outer_l2(frame, dst_mac, src_mac, 0x86dd);
+    out.extend_from_slice(&outer.to_bytes());
+    out.extend_from_slice(inner_ip);
+    out
+}
+
+/// An ARP request (who has `target`?) from the router.
+pub fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&ROUTER_MAC);
+    f.extend_from_slice(&[0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&ROUTER_MAC);
+    f.extend_from_slice(&ROUTER4.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// `frame` (IPv6) with extension headers inserted between the IPv6 header and its payload: one 8-byte
+/// header per entry of `kinds` (hop-by-hop 0, routing 43, destination options 60), chained in order.
+pub fn with_ipv6_ext(frame: &[u8], kinds: &[u8]) -> Vec<u8> {
+    let l3 = l3_offset(frame);
+    let upper = frame[l3 + 6];
+    let mut out = frame[..l3 + 40].to_vec();
+    let added = u16::try_from(8 * kinds.len()).expect("a few headers");
+    let payload_len = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]) + added;
+    out[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    if let Some(first) = kinds.first() {
+        out[l3 + 6] = *first;
+    }
+    for (i, _) in kinds.iter().enumerate() {
+        let next = kinds.get(i + 1).copied().unwrap_or(upper);
+        // Length 0 (8 bytes); a PadN option fills the rest (for routing headers: type 0, no segments left).
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[l3 + 40..]);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// One test case: frames to run first (`setup`, results ignored), then `input`, whose verdict, output
+/// and reason-counter movement must match exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fixture {
+    pub description: String,
+    pub setup: Vec<Vec<u8>>,
+    pub input: Vec<u8>,
+    pub expected_action: u32,
+    /// The exact frame the program leaves behind (`None`: not checked).
+    pub expected_output: Option<Vec<u8>>,
+    /// Every reason counter that must move for `input`, with its increase; all others must stay.
+    pub expected_reasons: Vec<(Reason, u64)>,
+    /// Interface the frames arrive on (`None`: the kernel's default for test runs, `lo`).
+    pub ingress_ifindex: Option<u32>,
+}
+
+impl Fixture {
+    pub fn new(description: impl Into<String>, input: Vec<u8>, expected_action: u32) -> Fixture {
+        Fixture {
+            description: description.into(),
+            setup: Vec::new(),
+            input,
+            expected_action,
+            expected_output: None,
+            expected_reasons: Vec::new(),
+            ingress_ifindex: None,
+        }
+    }
+
+    /// The program must leave the frame exactly as it came.
+    #[must_use]
+    pub fn unchanged(mut self) -> Fixture {
+        self.expected_output = Some(self.input.clone());
+        self
+    }
+
+    #[must_use]
+    pub fn output(mut self, frame: Vec<u8>) -> Fixture {
+        self.expected_output = Some(frame);
+        self
+    }
+
+    /// Each of `reasons` must move by one (a reason listed twice: by two), nothing else.
+    #[must_use]
+    pub fn reasons(mut self, reasons: &[Reason]) -> Fixture {
+        self.expected_reasons = Vec::new();
+        for r in reasons {
+            match self.expected_reasons.iter_mut().find(|(x, _)| x == r) {
+                Some((_, n)) => *n += 1,
+                None => self.expected_reasons.push((*r, 1)),
+            }
+        }
+        self
+    }
+
+    #[must_use]
+    pub fn after(mut self, setup: Vec<Vec<u8>>) -> Fixture {
+        self.setup = setup;
+        self
+    }
+
+    #[must_use]
+    pub fn on_ingress(mut self, ifindex: u32) -> Fixture {
+        self.ingress_ifindex = Some(ifindex);
+        self
+    }
+}
+
+/// What one program run returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub action: u32,
+    /// The frame after the program (what `XDP_TX` would send, or what the stack would get).
+    pub output: Vec<u8>,
+}
+
+/// A hex dump of `bytes`, with a marker at the first byte that differs from `other` (if given).
+fn hex_dump(label: &str, bytes: &[u8], other: Option<&[u8]>) -> String {
+    let first = other.map(|o| {
+        bytes
+            .iter()
+            .zip(o)
+            .position(|(x, y)| x != y)
+            .unwrap_or(bytes.len().min(o.len()))
+    });
+    let mut s = format!("{label} ({} bytes", bytes.len());
+    if let Some(f) = first {
+        let _ = write!(s, ", first difference at {f}");
+    }
+    s.push_str("):\n");
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let _ = write!(s, "  {:04x}:", i * 16);
+        for (j, b) in chunk.iter().enumerate() {
+            let mark = if Some(i * 16 + j) == first { '>' } else { ' ' };
+            let _ = write!(s, "{mark}{b:02x}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test data plane
+
+/// Interfaces for `Tables::plan` without touching the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct FakeLinks(pub BTreeMap<String, Link>);
+
+impl Links for FakeLinks {
+    fn link(&self, name: &str) -> Result<Link, PlanError> {
+        self.0
+            .get(name)
+            .copied()
+            .ok_or_else(|| PlanError::Interface {
+                name: name.into(),
+                reason: "no such interface (fake links)".into(),
+            })
+    }
+}
+
+/// The links of [`STANDARD_CONFIG`]: `eth0` (fake ifindex, [`OUR_MAC`]) and `lo` (its real ifindex, so
+/// the devmap accepts it, with [`LO_LINK_MAC`]).
+pub fn standard_links() -> Result<FakeLinks> {
+    let lo = nix::net::if_::if_nametoindex("lo").context("ifindex of lo")?;
+    Ok(FakeLinks(BTreeMap::from([
+        (
+            "eth0".to_owned(),
+            Link {
+                ifindex: 0x7fff_0001,
+                mac: OUR_MAC,
+            },
+        ),
+        (
+            "lo".to_owned(),
+            Link {
+                ifindex: lo,
+                mac: LO_LINK_MAC,
+            },
+        ),
+    ])))
+}
+
+/// The ifindex of a real interface other than `lo` (an ingress that is not engine 5's egress), if any.
+pub fn other_ifindex() -> Option<u32> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .find_map(|n| nix::net::if_::if_nametoindex(n.as_str()).ok())
+}
+
+const PIN_PREFIX: &str = "lbfix-";
+
+/// Removes pin directories of fixture runs whose process is gone (a killed run cannot clean up).
+fn remove_stale_pin_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PIN_PREFIX)
+            .and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn object() -> Result<&'static [u8]> {
+    static OBJECT: OnceLock<Vec<u8>> = OnceLock::new();
+    if let Some(o) = OBJECT.get() {
+        return Ok(o);
+    }
+    let path = crate::xdp_object();
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (build it with `cargo xtask build-ebpf`, or set LB_XDP_OBJECT)",
+            path.display()
+        )
+    })?;
+    Ok(OBJECT.get_or_init(|| bytes))
+}
+
+/// A loaded (not attached) data plane with its own pin directory, configured through the daemon's
+/// planning code. Dropping it removes the pin directory.
+pub struct Testbed {
+    pub dp: Dataplane,
+    pub config: Config,
+    pub tables: Tables,
+    pub links: FakeLinks,
+    pin_dir: PathBuf,
+}
+
+impl Testbed {
+    /// A data plane with [`STANDARD_CONFIG`].
+    pub fn new() -> Result<Testbed> {
+        Testbed::with_config(STANDARD_CONFIG)
+    }
+
+    /// A data plane with `config` (a variant of [`STANDARD_CONFIG`]; same interfaces).
+    pub fn with_config(config: &str) -> Result<Testbed> {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        static N: AtomicU32 = AtomicU32::new(0);
+        ONCE.get_or_init(remove_stale_pin_dirs);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{PIN_PREFIX}{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        // A pid reused after a killed run: never load its tables.
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let links = standard_links()?;
+        let config = Config::parse(config).context("parsing the test configuration")?;
+        let tables = Tables::plan(&config, &links)?;
+        let d = &config.daemon;
+        let dp = Dataplane::load_with(
+            object()?,
+            &pin_dir,
+            d.max_virtual_services,
+            d.conn_table_size,
+            d.persist_table_size,
+        )
+        .context("loading the XDP object")?;
+        let mut tb = Testbed {
+            dp,
+            config,
+            tables: Tables::default(),
+            links,
+            pin_dir,
+        };
+        tb.dp
+            .apply(&Changes::between(None, &tables))
+            .context("applying the configuration")?;
+        tb.tables = tables;
+        Ok(tb)
+    }
+
+    /// Plans `config` without applying it (to predict the ring after a reload).
+    pub fn plan(&self, config: &str) -> Result<Tables> {
+        Ok(Tables::plan(&Config::parse(config)?, &self.links)?)
+    }
+
+    /// Applies `config` the way a daemon reload does: only what changed since the current tables.
+    pub fn reconfigure(&mut self, config: &str) -> Result<()> {
+        let parsed = Config::parse(config)?;
+        let tables = Tables::plan(&parsed, &self.links)?;
+        self.apply_tables(tables)?;
+        self.config = parsed;
+        Ok(())
+    }
+
+    /// Applies hand-made tables (states no valid configuration produces), as a diff.
+    pub fn apply_tables(&mut self, tables: Tables) -> Result<()> {
+        self.dp
+            .apply(&Changes::between(Some(&self.tables), &tables))?;
+        self.tables = tables;
+        Ok(())
+    }
+
+    /// Runs the program once on `frame` (ingress: the kernel's default, `lo`).
+    pub fn run(&self, frame: &[u8]) -> Result<Outcome, ProgramError> {
+        self.run_ctx(frame, None)
+    }
+
+    /// Runs the program once on `frame` as if it arrived on interface `ingress_ifindex` (which must exist).
+    pub fn run_on(&self, frame: &[u8], ingress_ifindex: u32) -> Result<Outcome, ProgramError> {
+        self.run_ctx(frame, Some(ingress_ifindex))
+    }
+
+    fn run_ctx(&self, frame: &[u8], ingress: Option<u32>) -> Result<Outcome, ProgramError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let len = u32::try_from(frame.len()).expect("a frame fits u32");
+        let ctx: Vec<u8> = [0, len, 0, ingress.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|w: &u32| w.to_ne_bytes())
+            .collect();
+        let r = self.dp.program().test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ingress.map(|_| ctx.as_slice()),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Outcome {
+            action: r.return_value,
+            output: out,
+        })
+    }
+
+    /// Every reason counter (summed over CPUs), indexed by reason number.
+    pub fn reason_counts(&self) -> Result<Vec<u64>> {
+        let mut v = vec![0; REASON_COUNT as usize];
+        for (r, n) in self.dp.counters.reasons()? {
+            v[r as usize] = n;
+        }
+        Ok(v)
+    }
+
+    /// Runs `fx` and compares; an error describes every mismatch.
+    pub fn verify(&self, fx: &Fixture) -> Result<Outcome> {
+        for f in &fx.setup {
+            self.run_ctx(f, fx.ingress_ifindex)
+                .with_context(|| format!("{}: setup frame", fx.description))?;
+        }
+        let before = self.reason_counts()?;
+        let got = self
+            .run_ctx(&fx.input, fx.ingress_ifindex)
+            .with_context(|| format!("{}: test_run", fx.description))?;
+        let after = self.reason_counts()?;
+        let moved: Vec<(Reason, u64)> = Reason::ALL
+            .iter()
+            .filter_map(|r| {
+                let d = after[*r as usize] - before[*r as usize];
+                (d != 0).then_some((*r, d))
+            })
+            .collect();
+        let mut expected = fx.expected_reasons.clone();
+        expected.sort_by_key(|(r, _)| *r as u32);
+        let mut problems = Vec::new();
+        if got.action != fx.expected_action {
+            problems.push(format!(
+                "verdict {} ({}), expected {} ({})",
+                xdp::name(got.action),
+                got.action,
+                xdp::name(fx.expected_action),
+                fx.expected_action
+            ));
+        }
+        if let Some(want) = &fx.expected_output
+            && *want != got.output
+        {
+            problems.push(format!(
+                "output differs\n{}{}",
+                hex_dump("got", &got.output, Some(want)),
+                hex_dump("expected", want, Some(&got.output))
+            ));
+        }
+        if moved != expected {
+            let show = |v: &[(Reason, u64)]| {
+                v.iter()
+                    .map(|(r, n)| format!("{}+{n}", r.label()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            problems.push(format!(
+                "reason counters moved [{}], expected [{}]",
+                show(&moved),
+                show(&expected)
+            ));
+        }
+        if !problems.is_empty() {
+            bail!(
+                "fixture {:?}:\n  {}\n{}",
+                fx.description,
+                problems.join("\n  "),
+                hex_dump("input", &fx.input, None)
+            );
+        }
+        Ok(got)
+    }
+
+    /// [`Testbed::verify`], panicking (at the caller) on a mismatch.
+    #[track_caller]
+    pub fn check(&self, fx: &Fixture) -> Outcome {
+        match self.verify(fx) {
+            Ok(o) => o,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// The engine the connection table records for `flow`, if any.
+    pub fn conn_owner(&self, flow: &Flow) -> Option<u32> {
+        match flow {
+            Flow::V4(f) => self.dp.conn_v4.get(f, 0).ok().map(|e| e.engine_id),
+            Flow::V6(f) => self.dp.conn_v6.get(f, 0).ok().map(|e| e.engine_id),
+        }
+    }
+
+    /// The engine the persistence table holds for `client` on `vs_id`, if any.
+    pub fn persisted(&self, vs_id: u32, client: IpAddr) -> Option<u32> {
+        let key = lb_common::PersistKey {
+            client_be: ip_be(client).1,
+            vs_id,
+        };
+        self.dp.persist.get(&key, 0).ok().map(|e| e.engine_id)
+    }
+
+    /// The engine the applied ring of `vs_id` names for `hash`.
+    pub fn ring_owner(&self, vs_id: u32, hash: u32) -> u32 {
+        ring_owner(&self.tables, vs_id, hash)
+    }
+
+    /// Client ports (from 1024 up) of `client` → `vip` whose flows the current ring of `vs_id` gives
+    /// to `engine`.
+    pub fn ports_to(
+        &self,
+        vs_id: u32,
+        client: IpAddr,
+        vip: SocketAddr,
+        proto: u8,
+        engine: u32,
+    ) -> impl Iterator<Item = u16> + '_ {
+        ports_to(&self.tables, vs_id, client, vip, proto, engine)
+    }
+
+    /// The virtual service `pkt` is addressed to (TCP/UDP), from the configuration.
+    pub fn vs_of(&self, pkt: &Packet) -> Option<u32> {
+        let (port, proto) = match pkt.l4 {
+            L4::Tcp { dport, .. } => (dport, PROTO_TCP),
+            L4::Udp { dport, .. } => (dport, PROTO_UDP),
+            L4::Icmp { .. } => return None,
+        };
+        let (family, addr_be) = ip_be(pkt.dst);
+        let key = VipKey {
+            addr_be,
+            port_be: port.to_be(),
+            proto,
+            family,
+        };
+        self.tables.vips.get(&key).copied()
+    }
+
+    /// The oracle for a new (unrecorded) TCP/UDP flow to a primary, non-persistent virtual service:
+    /// the ring owner of its flow hash, and what reaching that engine looks like (default ingress).
+    pub fn expect_new_flow(&self, pkt: &Packet) -> Fixture {
+        let vs = self.vs_of(pkt).expect("a packet to a virtual service");
+        let meta = self.tables.vs[&vs];
+        assert!(
+            meta.flags & VS_F_PRIMARY != 0 && meta.flags & VS_F_PERSIST == 0,
+            "oracle covers primary, non-persistent services"
+        );
+        let owner = self.ring_owner(vs, pkt.flow().hash());
+        let mut reasons = Vec::new();
+        if matches!(pkt.l4, L4::Tcp { flags, .. } if flags & tcp_flags::SYN == 0) {
+            reasons.push(Reason::TcpNonSynMiss);
+        }
+        reasons.push(Reason::ConnNew);
+        let (action, output, last) = self.reach(owner, &pkt.build(), pkt.flow().hash());
+        reasons.push(last);
+        Fixture::new(
+            format!("new flow {} -> {} (engine {owner})", pkt.client(), pkt.dst),
+            pkt.build(),
+            action,
+        )
+        .output(output)
+        .reasons(&reasons)
+    }
+
+    /// Verdict, output and final reason of sending `frame` (flow hash `hash`) to `engine`, for the
+    /// default test ingress (`lo`).
+    pub fn reach(&self, engine: u32, frame: &[u8], hash: u32) -> (u32, Vec<u8>, Reason) {
+        let e = self.tables.engines[&engine];
+        let lo = self.links.0["lo"].ifindex;
+        let tx_or_redirect = |tx| {
+            if e.ifindex == 0 || e.ifindex == lo {
+                (xdp::TX, tx)
+            } else {
+                (xdp::REDIRECT, Reason::RedirectL2)
+            }
+        };
+        match e.mode {
+            ENGINE_MODE_LOCAL => (xdp::PASS, frame.to_vec(), Reason::Local),
+            ENGINE_MODE_L2 => {
+                let (a, r) = tx_or_redirect(Reason::TxL2);
+                (a, rewrite_macs(frame, e.dst_mac, e.src_mac), r)
+            }
+            _ => {
+                let (a, _) = tx_or_redirect(Reason::TxTunnel);
+                let out = if frame[l3_offset(frame)] >> 4 == 4 {
+                    ipip(frame, e.dst_mac, e.src_mac, TUNNEL_SRC4, ENGINE4_V4)
+                } else {
+                    ip6ip6(
+                        frame,
+                        e.dst_mac,
+                        e.src_mac,
+                        TUNNEL_SRC6,
+                        ENGINE4_V6,
+                        hash & 0xf_ffff,
+                    )
+                };
+                (a, out, Reason::TxTunnel)
+            }
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// The engine ring `vs_id` of `tables` names for `hash`: `ring[hash % RING_SIZE]`, the ring being
+/// `lb_common::maglev::build` over the service's active members (as `Tables::plan` builds it).
+pub fn ring_owner(tables: &Tables, vs_id: u32, hash: u32) -> u32 {
+    tables.rings[&vs_id][ring_slot(hash) as usize]
+}
+
+/// The engine the ring gives a flow `client` → `vip` of `proto` (non-persistent services).
+pub fn flow_owner(
+    tables: &Tables,
+    vs_id: u32,
+    client: SocketAddr,
+    vip: SocketAddr,
+    proto: u8,
+) -> u32 {
+    ring_owner(tables, vs_id, Flow::new(client, vip, proto).hash())
+}
+
+/// The engine the ring gives a client of a persistent service without a persistence entry.
+pub fn client_owner(tables: &Tables, vs_id: u32, client: IpAddr) -> u32 {
+    ring_owner(tables, vs_id, client_hash(&ip_be(client).1))
+}
+
+/// Client ports (1024 and up) whose flow `client:port` → `vip` the ring of `vs_id` gives to `engine`.
+pub fn ports_to(
+    tables: &Tables,
+    vs_id: u32,
+    client: IpAddr,
+    vip: SocketAddr,
+    proto: u8,
+    engine: u32,
+) -> impl Iterator<Item = u16> + '_ {
+    (1024..=u16::MAX).filter(move |p| {
+        flow_owner(tables, vs_id, SocketAddr::new(client, *p), vip, proto) == engine
+    })
+}
+
+/// The `nth` client port of [`CLIENT4`] whose TCP flow to `VIP4:80` lands on `engine` in `tb`'s ring.
+pub fn web_port(tb: &Testbed, engine: u32, nth: usize) -> u16 {
+    tb.ports_to(
+        VS_WEB,
+        CLIENT4.into(),
+        SocketAddr::new(VIP4.into(), 80),
+        PROTO_TCP,
+        engine,
+    )
+    .nth(nth)
+    .expect("enough ports land on every engine")
+}
+
+/// Sockets of the standard services.
+pub fn web4() -> SocketAddr {
+    SocketAddr::new(VIP4.into(), 80)
+}
+pub fn web6() -> SocketAddr {
+    SocketAddr::new(VIP6.into(), 80)
+}
+pub fn client4(port: u16) -> SocketAddr {
+    SocketAddr::new(CLIENT4.into(), port)
+}
+pub fn client6(port: u16) -> SocketAddr {
+    SocketAddr::new(CLIENT6.into(), port)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures shared with the benchmark (all against a `Testbed::new()`).
+
+/// IPv4 TCP to an address that is no VIP: `XDP_PASS`, unchanged.
+pub fn fx_non_vip() -> Fixture {
+    let pkt = Packet::ack(
+        client4(40000),
+        SocketAddr::new(Ipv4Addr::new(10, 100, 0, 99).into(), 80),
+    );
+    Fixture::new("non-VIP IPv4 TCP passes", pkt.build(), xdp::PASS)
+        .unchanged()
+        .reasons(&[Reason::PassNotVip])
+}
+
+/// The SYN of a new flow to `VIP4:80` that the ring gives to L2 engine 2 (the `nth` such port):
+/// `XDP_TX` with the MACs rewritten. Running it again is a connection hit.
+pub fn fx_new_flow(tb: &Testbed, nth: usize) -> Fixture {
+    let pkt = Packet::syn(client4(web_port(tb, E_L2_A, nth)), web4());
+    let fx = tb.expect_new_flow(&pkt);
+    assert_eq!(fx.expected_action, xdp::TX);
+    fx
+}
+
+/// A mid-connection segment of a flow recorded for engine 2 (its SYN is the setup): `XDP_TX`.
+pub fn fx_conn_hit(tb: &Testbed) -> Fixture {
+    let port = web_port(tb, E_L2_A, 0);
+    let syn = Packet::syn(client4(port), web4()).build();
+    let ack = Packet::ack(client4(port), web4()).build();
+    Fixture::new("connection hit to L2 engine 2", ack.clone(), xdp::TX)
+        .after(vec![syn])
+        .output(rewrite_macs(&ack, engine_mac(E_L2_A), OUR_MAC))
+        .reasons(&[Reason::ConnHit, Reason::TxL2])
+}
