@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
@@ -268,6 +269,30 @@ impl Steering {
                 .reload(config)
                 .with_context(|| format!("reload daemon of engine {id}"))?;
         }
+        Ok(())
+    }
+
+    /// Stops engine `id`'s daemon with SIGTERM, checks that it exited cleanly and detached its XDP
+    /// program, then starts it again on the same pin directory with the virtual service's members
+    /// set to `members` (a restart, not a reload).
+    pub fn restart_daemon(&mut self, id: u8, members: Vec<Member>) -> Result<()> {
+        let old = self.daemons.remove(&id).context("no daemon on that engine")?;
+        let pins = old.pins().clone();
+        let status = old.stop(Duration::from_secs(10));
+        ensure!(
+            status.is_some_and(|s| s.success()),
+            "daemon of engine {id} did not exit cleanly on SIGTERM ({status:?}); log:\n{}",
+            old.log_tail(20)
+        );
+        drop(old);
+        let host = self.engine(id).context("no such engine")?;
+        let link = self.lab.ip(&host.ns, &["link", "show", "eth0"])?;
+        ensure!(!link.contains("xdp"), "XDP still attached after SIGTERM:\n{link}");
+        self.members = members;
+        let config = self.config_for(id, pins.path());
+        let host = self.engine(id).context("no such engine")?;
+        let daemon = Daemon::start(&self.lab, &host.ns, config, pins, &self.opts.daemon_bin, &self.opts.xdp_object)?;
+        self.daemons.insert(id, daemon);
         Ok(())
     }
 
