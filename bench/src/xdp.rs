@@ -30,10 +30,10 @@ const MODE_STRIP_IPIP: u32 = 2;
 #[derive(clap::Args)]
 pub struct Options {
     /// Iterations per measurement (kernel side).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 50_000)]
     repeat: u32,
     /// Rounds; every figure is the median over them.
-    #[arg(long, default_value_t = 9)]
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Where to write xdp.json and xdp.md.
     #[arg(long)]
