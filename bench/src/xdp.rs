@@ -123,9 +123,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "--rounds and --repeat must be at least 1"
     );
     let root = lb_tests::workspace_root();
-    // The data plane object comes from `lb_tests::xdp_object()` ($LB_XDP_OBJECT); the testkit
-    // is built beside it.
-    let testkit_path = lb_tests::xdp_object().with_file_name("lb-xdp-testkit.o");
+    let testkit_path = lb_tests::testkit_object();
     let report = measure(opts, &testkit_path)?;
     let out_dir = opts
         .out_dir

@@ -85,6 +85,20 @@ pub struct FlowV4 {
 }
 const _: () = assert!(size_of::<FlowV4>() == 16);
 
+impl FlowV4 {
+    #[inline(always)]
+    pub const fn new(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> Self {
+        FlowV4 {
+            src_be,
+            dst_be,
+            sport_be,
+            dport_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Connection-table key for IPv6 flows (client → VIP direction).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -97,6 +111,26 @@ pub struct FlowV6 {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<FlowV6>() == 40);
+
+impl FlowV6 {
+    #[inline(always)]
+    pub const fn new(
+        src_be: [u32; 4],
+        dst_be: [u32; 4],
+        sport_be: u16,
+        dport_be: u16,
+        proto: u8,
+    ) -> Self {
+        FlowV6 {
+            src_be,
+            dst_be,
+            sport_be,
+            dport_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// Connection-table value: the engine that owns the flow, and the virtual service it belongs to.
 #[repr(C)]

@@ -86,24 +86,10 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
         family: q.family,
     };
     let (owner, flow_label) = if v4 {
-        let flow = FlowV4 {
-            src_be: q.dst_be[0],
-            dst_be: q.src_be[0],
-            sport_be: ports[1],
-            dport_be: ports[0],
-            proto: q.proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowV4::new(q.dst_be[0], q.src_be[0], ports[1], ports[0], q.proto);
         (owner_v4(&flow, &vip, false, false, Mode::LookupOnly), 0)
     } else {
-        let flow = FlowV6 {
-            src_be: q.dst_be,
-            dst_be: q.src_be,
-            sport_be: ports[1],
-            dport_be: ports[0],
-            proto: q.proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowV6::new(q.dst_be, q.src_be, ports[1], ports[0], q.proto);
         (
             owner_v6(&flow, &vip, false, false, Mode::LookupOnly),
             flow_hash_v6(&flow),

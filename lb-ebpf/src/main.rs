@@ -6,7 +6,7 @@
 //! Everything else — not IP, not a VIP, a VIP this engine is secondary of — goes up the stack
 //! untouched. No path aborts: every outcome is a verdict plus a reason counter.
 //!
-//! `xdp_pass` is for the lab: see its comment. Benchmark-only programs live in `lb-xdp-testkit`.
+//! Lab and benchmark helper programs live in `lb-xdp-testkit` (`testkit.rs`).
 #![no_std]
 #![no_main]
 
@@ -119,24 +119,10 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
         (false, false)
     };
     let (owner, flow_label) = if v4 {
-        let flow = FlowV4 {
-            src_be: ip.src_be[0],
-            dst_be: ip.dst_be[0],
-            sport_be: ports[0],
-            dport_be: ports[1],
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowV4::new(ip.src_be[0], ip.dst_be[0], ports[0], ports[1], ip.proto);
         (owner_v4(&flow, &vip, syn, non_syn, Mode::Record)?, 0)
     } else {
-        let flow = FlowV6 {
-            src_be: ip.src_be,
-            dst_be: ip.dst_be,
-            sport_be: ports[0],
-            dport_be: ports[1],
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowV6::new(ip.src_be, ip.dst_be, ports[0], ports[1], ip.proto);
         let owner = owner_v6(&flow, &vip, syn, non_syn, Mode::Record)?;
         let label = if owner.engine.mode == ENGINE_MODE_TUNNEL {
             flow_hash_v6(&flow)
@@ -158,13 +144,6 @@ fn vip_port(proto: u8, port_be: u16) -> bool {
         return false;
     };
     maps::VIP_PORTS.get(word).is_some_and(|w| w & bit != 0)
-}
-
-/// Passes everything: the lab attaches it to the bridge side of veth pairs, which only accept
-/// `XDP_TX`/redirected frames when their peer has an XDP program.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
 }
 
 #[cfg(not(test))]

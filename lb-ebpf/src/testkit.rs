@@ -1,5 +1,9 @@
-//! Programs for measuring the data plane with `BPF_PROG_TEST_RUN`; never loaded by the daemon.
+//! Programs for the lab and for measuring the data plane; never loaded by the daemon.
 //!
+//! `xdp_pass`: the lab attaches it to the bridge side of veth pairs, which only accept `XDP_TX` /
+//! redirected frames when their peer runs an XDP program.
+//!
+//! Benchmarks (`BPF_PROG_TEST_RUN`):
 //! With `repeat N` the kernel runs every iteration on the same buffer, so a path that changes what
 //! it later reads sees its own output from the second iteration on. `bench_wrap` restores the input
 //! before each iteration and tail-calls the program under test (slot 0 of `BENCH_TARGET`):
@@ -38,6 +42,12 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((ctx.data() + off) as *mut T)
+}
+
+/// Passes everything (see the module comment).
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// The floor: swap the MACs and send the frame back, the least an XDP forwarder does.

@@ -4,7 +4,7 @@
 //! # fn main() -> anyhow::Result<()> {
 //! use lb_tests::Lab;
 //! let lab = Lab::new("lbt")?;
-//! lab.enable_xdp_pass(&lb_tests::xdp_object())?; // trap 1: XDP_PASS on every bridge port
+//! lab.enable_xdp_pass(&lb_tests::testkit_object())?; // trap 1: XDP_PASS on every bridge port
 //! let client = lab.add_ns("client")?;
 //! let se1 = lab.add_ns("se1")?;
 //! lab.attach(&client, "eth0", "10.77.0.2/24")?; // trap 2: tx checksum offload off

@@ -53,6 +53,12 @@ pub fn xdp_object() -> PathBuf {
     )
 }
 
+/// The lab and benchmark helper object (`xdp_pass`, `xdp_floor`, `bench_wrap`), built beside the
+/// data plane object: `lb-xdp-testkit.o` in the directory of [`xdp_object`].
+pub fn testkit_object() -> PathBuf {
+    xdp_object().with_file_name("lb-xdp-testkit.o")
+}
+
 /// True when running as root. Tests that need namespaces and XDP print a skip note and return
 /// when this is false.
 pub fn is_root() -> bool {

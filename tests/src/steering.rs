@@ -105,7 +105,7 @@ pub fn engine_cidr(id: u8) -> String {
 }
 
 impl Steering {
-    /// Builds the lab (`XDP_PASS` on the bridge ports from `opts.xdp_object`), the clients, the
+    /// Builds the lab (`XDP_PASS` on the bridge ports from the testkit object), the clients, the
     /// engines with nginx, and (with `opts.daemons`) starts `lb-daemon` on every engine.
     pub fn build(opts: &Options) -> Result<Self> {
         ensure!(!opts.engines.is_empty(), "need at least one engine");
@@ -114,7 +114,7 @@ impl Steering {
             "engine ids must be 1..=200"
         );
         let lab = Lab::new(&opts.lab_prefix)?;
-        lab.enable_xdp_pass(&opts.xdp_object)?;
+        lab.enable_xdp_pass(&crate::testkit_object())?;
         let mut clients = Vec::new();
         for i in 0..opts.clients {
             let n = u8::try_from(i).context("too many clients")?;
@@ -276,7 +276,10 @@ impl Steering {
     /// program, then starts it again on the same pin directory with the virtual service's members
     /// set to `members` (a restart, not a reload).
     pub fn restart_daemon(&mut self, id: u8, members: Vec<Member>) -> Result<()> {
-        let old = self.daemons.remove(&id).context("no daemon on that engine")?;
+        let old = self
+            .daemons
+            .remove(&id)
+            .context("no daemon on that engine")?;
         let pins = old.pins().clone();
         let status = old.stop(Duration::from_secs(10));
         ensure!(
@@ -287,11 +290,21 @@ impl Steering {
         drop(old);
         let host = self.engine(id).context("no such engine")?;
         let link = self.lab.ip(&host.ns, &["link", "show", "eth0"])?;
-        ensure!(!link.contains("xdp"), "XDP still attached after SIGTERM:\n{link}");
+        ensure!(
+            !link.contains("xdp"),
+            "XDP still attached after SIGTERM:\n{link}"
+        );
         self.members = members;
         let config = self.config_for(id, pins.path());
         let host = self.engine(id).context("no such engine")?;
-        let daemon = Daemon::start(&self.lab, &host.ns, config, pins, &self.opts.daemon_bin, &self.opts.xdp_object)?;
+        let daemon = Daemon::start(
+            &self.lab,
+            &host.ns,
+            config,
+            pins,
+            &self.opts.daemon_bin,
+            &self.opts.xdp_object,
+        )?;
         self.daemons.insert(id, daemon);
         Ok(())
     }

@@ -48,9 +48,9 @@ fn restart_keeps_established_flows_on_their_engines() {
     .expect("restart the primary's daemon");
 
     for (i, (c, before)) in held.iter_mut().enumerate() {
-        let after = c
-            .get()
-            .unwrap_or_else(|e| panic!("held connection {i} (on {before}) broke after restart: {e:#}"));
+        let after = c.get().unwrap_or_else(|e| {
+            panic!("held connection {i} (on {before}) broke after restart: {e:#}")
+        });
         assert_eq!(&after, before, "held connection {i} moved after restart");
     }
 

@@ -144,14 +144,12 @@ fn xdp_pass_on_bridge_ports() {
     if !require_root() {
         return;
     }
-    let object = lb_tests::xdp_object();
-    if !object.exists() {
-        eprintln!(
-            "skipping: XDP object {} not built (set LB_XDP_OBJECT)",
-            object.display()
-        );
-        return;
-    }
+    let object = lb_tests::testkit_object();
+    assert!(
+        object.exists(),
+        "{} not built: cargo xtask build-ebpf",
+        object.display()
+    );
     let lab = Lab::new("lbtx").unwrap();
     let a = lab.add_ns("a").unwrap();
     let ia = lab.attach(&a, "eth0", "10.77.0.2/24").unwrap();
