@@ -1,7 +1,12 @@
 //! The load balancer daemon: configuration, data-plane control and the control plane around it.
 
+pub mod backend;
 pub mod config;
+pub mod conntable;
 pub mod dataplane;
+pub mod health;
 pub mod links;
 pub mod metrics;
+pub mod pool;
+pub mod proxy;
 pub mod tables;

@@ -1,9 +1,12 @@
 //! `lb-daemon`: runs the XDP steering data plane of one service engine.
 //!
 //! ```text
-//!   main ── load config ── load + pin maps ── apply tables ── attach XDP
-//!     ├── task: metrics HTTP server (/metrics, counters read from BPF maps at scrape time)
-//!     └── signal loop: SIGHUP → reload (validate, plan, apply only the diff, roll back on error)
+//!   main ── load config ── raise fd limit ── load + pin maps ── apply tables
+//!        ── proxy: listeners of the virtual services placed here ── attach XDP
+//!     ├── task: HTTP (/metrics read at scrape time, /connections from the proxy's table)
+//!     ├── tasks: proxy accept loops, connections, UDP sessions, health checks
+//!     └── signal loop: SIGHUP → reload (validate, plan, check routes and sockets, apply only the
+//!                      diff, roll back on error)
 //!                      SIGTERM/SIGINT → detach, exit (connection tables stay pinned)
 //! ```
 
@@ -18,9 +21,11 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use lb_daemon::{
     config::Config,
+    conntable::ConnTable,
     dataplane::Dataplane,
     links::SystemLinks,
     metrics::{self, Inventory, Metrics},
+    proxy::Proxy,
     tables::{Changes, Tables},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -96,21 +101,42 @@ fn object(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// Raises the open-files soft limit towards `want` (capped by the hard limit): every proxied
+/// connection holds two descriptors.
+fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
+    let target = want.min(hard);
+    if target > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard).context("setrlimit")?;
+    }
+    if target < want {
+        warn!(want, hard, "open-files limit capped by the hard limit");
+    }
+    info!(limit = target.max(soft), "open-files limit");
+    Ok(())
+}
+
 async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
+    raise_fd_limit(config.proxy.max_open_files)?;
     let object = object(args.bpf_object.as_deref())?;
     let mut dp = Dataplane::load(&object, &config.daemon)?;
     let mut tables = Tables::plan(&config, &SystemLinks)?;
     dp.apply(&Changes::between(None, &tables))
         .context("filling the maps")?;
+    // Listeners first: flows the data plane passes up must find them.
+    let conns = Arc::new(ConnTable::default());
+    let mut proxy = Proxy::new(conns.clone());
+    proxy.apply(&config)?;
     dp.attach(&config.daemon.interface, config.daemon.xdp_mode)?;
 
-    let inventory = Arc::new(RwLock::new(Inventory::of(&config)));
+    let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
     let metrics = Arc::new(Metrics::new(dp.counters.clone(), inventory.clone()));
     let listen = config.daemon.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("metrics_listen {listen}"))?;
-    let mut server = tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let mut server = tokio::spawn(metrics::serve(listener, metrics.clone(), conns));
     info!(
         interface = %config.daemon.interface,
         engine_id = config.daemon.engine_id,
@@ -126,9 +152,9 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                match reload(&args.config, &current, &tables, &mut dp) {
+                match reload(&args.config, &current, &tables, &mut dp, &mut proxy) {
                     Ok((config, new_tables)) => {
-                        *inventory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Inventory::of(&config);
+                        *inventory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Inventory::of(&config, &proxy);
                         current = config;
                         tables = new_tables;
                         metrics.reload(true);
@@ -161,13 +187,14 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
 }
 
 /// Loads and applies the configuration again. Nothing is applied unless the whole new
-/// configuration is valid and plannable; if writing the maps fails midway, the previous tables
-/// are written back.
+/// configuration is valid, plannable, its backends routable and its new sockets open; if writing
+/// the maps fails midway, the previous tables and proxy configuration are put back.
 fn reload(
     path: &Path,
     current: &Config,
     tables: &Tables,
     dp: &mut Dataplane,
+    proxy: &mut Proxy,
 ) -> anyhow::Result<(Config, Tables)> {
     let config = Config::load(path)?;
     let (old, new) = (&current.daemon, &config.daemon);
@@ -193,11 +220,15 @@ fn reload(
         bail!("daemon.{field} changed: it takes effect only at a restart");
     }
     let new_tables = Tables::plan(&config, &SystemLinks)?;
+    proxy.apply(&config)?;
     let changes = Changes::between(Some(tables), &new_tables);
     if let Err(e) = dp.apply(&changes) {
         warn!("applying the new tables failed ({e}); restoring the previous ones");
         dp.apply(&Changes::between(Some(&new_tables), tables))
             .context("restoring the previous tables")?;
+        proxy
+            .apply(current)
+            .context("restoring the previous proxy configuration")?;
         return Err(e).context("applying the new tables");
     }
     info!(

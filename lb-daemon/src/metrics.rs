@@ -3,30 +3,48 @@
 
 use std::{
     fmt,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::Ordering::Relaxed},
 };
 
-use axum::{Router, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::Query,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
-    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+    },
     registry::Registry,
 };
 use tracing::warn;
 
-use crate::{config::Config, dataplane::Counters};
+use crate::{
+    backend::Backend,
+    config::Config,
+    conntable::{ConnTable, FlowKey},
+    dataplane::Counters,
+    pool::Pool,
+    proxy::{Proxy, Service},
+};
 
-/// Names the collector labels series with, refreshed on every (re)load.
+/// What the collectors report on, refreshed on every (re)load.
 #[derive(Default)]
 pub struct Inventory {
     /// (virtual service id, name).
     pub virtual_services: Vec<(u32, String)>,
     pub engines: Vec<u32>,
+    /// The proxy's services and pools on this engine.
+    pub services: Vec<Arc<Service>>,
+    pub pools: Vec<Arc<Pool>>,
 }
 
 impl Inventory {
-    pub fn of(config: &Config) -> Self {
+    pub fn of(config: &Config, proxy: &Proxy) -> Self {
         Inventory {
             virtual_services: config
                 .virtual_services
@@ -34,6 +52,8 @@ impl Inventory {
                 .map(|v| (v.id, v.name.clone()))
                 .collect(),
             engines: config.engines.iter().map(|e| e.id).collect(),
+            services: proxy.services(),
+            pools: proxy.pools(),
         }
     }
 }
@@ -108,6 +128,183 @@ impl Collector for DataplaneCollector {
     }
 }
 
+/// Reads the proxy's and the backends' atomics on each scrape.
+struct ProxyCollector {
+    inventory: Arc<RwLock<Inventory>>,
+}
+
+impl fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+type ServicePick = fn(&Service) -> u64;
+const SERVICE_COUNTERS: [(&str, &str, ServicePick); 7] = [
+    (
+        "lb_proxy_connections",
+        "Connections (TCP) and sessions (UDP) accepted",
+        |s| s.stats.total.load(Relaxed),
+    ),
+    (
+        "lb_proxy_connect_failures",
+        "Backend connections that failed (the client was reset)",
+        |s| s.stats.connect_failures.load(Relaxed),
+    ),
+    (
+        "lb_proxy_drain_resets",
+        "Connections reset at the drain deadline",
+        |s| s.stats.drain_resets.load(Relaxed),
+    ),
+    (
+        "lb_proxy_idle_timeouts",
+        "Connections closed for idleness",
+        |s| s.stats.idle_timeouts.load(Relaxed),
+    ),
+    (
+        "lb_proxy_refused_no_backend",
+        "Clients refused at once: no usable backend",
+        |s| s.stats.refused_no_backend.load(Relaxed),
+    ),
+    (
+        "lb_proxy_refused_limit",
+        "Clients refused at once: max_connections reached",
+        |s| s.stats.refused_limit.load(Relaxed),
+    ),
+    (
+        "lb_proxy_refused_draining",
+        "UDP datagrams of new clients dropped while draining",
+        |s| s.stats.refused_draining.load(Relaxed),
+    ),
+];
+
+type BackendPick = fn(&Backend) -> u64;
+/// A backend's labels (pool, address) and the backend.
+type BackendSeries<'a> = ([(&'static str, String); 2], &'a Arc<Backend>);
+const BACKEND_COUNTERS: [(&str, &str, BackendPick); 5] = [
+    (
+        "lb_backend_connections",
+        "Connections opened to the backend",
+        |b| b.total.load(Relaxed),
+    ),
+    (
+        "lb_backend_connect_failures",
+        "Connection attempts to the backend that failed",
+        |b| b.connect_failures.load(Relaxed),
+    ),
+    (
+        "lb_backend_health_changes",
+        "Health state changes of the backend",
+        |b| b.health_changes.load(Relaxed),
+    ),
+    (
+        "lb_backend_bytes_to_backend",
+        "Bytes relayed to the backend (finished connections)",
+        |b| b.bytes_to_backend.load(Relaxed),
+    ),
+    (
+        "lb_backend_bytes_to_client",
+        "Bytes relayed from the backend (finished connections)",
+        |b| b.bytes_to_client.load(Relaxed),
+    ),
+];
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let inv = self
+            .inventory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let vs_labels: Vec<[(&str, String); 2]> = inv
+            .services
+            .iter()
+            .map(|s| {
+                [
+                    ("vs", s.name.to_string()),
+                    ("protocol", s.protocol.to_string()),
+                ]
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "lb_proxy_connections_active",
+            "Connections (TCP) and sessions (UDP) open now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, l) in inv.services.iter().zip(&vs_labels) {
+            ConstGauge::new(s.stats.active.load(Relaxed)).encode(m.encode_family(l)?)?;
+        }
+        for (name, help, pick) in SERVICE_COUNTERS {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (s, l) in inv.services.iter().zip(&vs_labels) {
+                ConstCounter::new(pick(s)).encode(m.encode_family(l)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "lb_proxy_bytes",
+            "Bytes relayed by finished connections, by direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for (s, l) in inv.services.iter().zip(&vs_labels) {
+            for (dir, v) in [
+                ("to_backend", &s.stats.bytes_to_backend),
+                ("to_client", &s.stats.bytes_to_client),
+            ] {
+                let labels = [l[0].clone(), l[1].clone(), ("direction", dir.to_string())];
+                ConstCounter::new(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "lb_proxy_connect_latency_seconds",
+            "Time from accepting a client to an established backend connection",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (s, l) in inv.services.iter().zip(&vs_labels) {
+            s.stats.connect_latency.encode(m.encode_family(l)?)?;
+        }
+
+        let backends: Vec<BackendSeries> = inv
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.backends.iter().map(move |b| {
+                    (
+                        [("pool", p.name.clone()), ("backend", b.addr.to_string())],
+                        b,
+                    )
+                })
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "lb_backend_up",
+            "1 when the backend takes new connections (enabled, weight > 0, healthy)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, b) in &backends {
+            ConstGauge::new(i64::from(b.is_usable())).encode(m.encode_family(l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "lb_backend_connections_active",
+            "Connections open to the backend now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, b) in &backends {
+            ConstGauge::new(b.active.load(Relaxed)).encode(m.encode_family(l)?)?;
+        }
+        for (name, help, pick) in BACKEND_COUNTERS {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (l, b) in &backends {
+                ConstCounter::new(pick(b)).encode(m.encode_family(l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 type Pick = fn(&lb_common::TrafficCounters) -> u64;
 const TRAFFIC: [(&str, &str, Pick); 3] = [
     ("packets", "Packets", |t| t.packets),
@@ -127,8 +324,9 @@ impl Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(DataplaneCollector {
             counters,
-            inventory,
+            inventory: inventory.clone(),
         }));
+        registry.register_collector(Box::new(ProxyCollector { inventory }));
         let reloads = Family::default();
         registry.register(
             "lb_config_reloads",
@@ -153,26 +351,62 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// A `GET /connections` query: all connections, one virtual service's (`vs`), or the one of a
+/// client flow (`client`, `vip`, `protocol` together).
+#[derive(Debug, serde::Deserialize)]
+struct ConnQuery {
+    vs: Option<String>,
+    client: Option<std::net::SocketAddr>,
+    vip: Option<std::net::SocketAddr>,
+    protocol: Option<crate::config::Protocol>,
+}
+
+/// Serves `GET /metrics` and `GET /connections` (JSON) on `listener` until the task is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    conns: Arc<ConnTable>,
 ) -> std::io::Result<()> {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-                    .into_response()
-            }
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .route(
+            "/connections",
+            get(move |Query(q): Query<ConnQuery>| {
+                let conns = conns.clone();
+                async move {
+                    match (q.client, q.vip, q.protocol) {
+                        (Some(client), Some(vip), Some(protocol)) => match conns.get(&FlowKey {
+                            client,
+                            vip,
+                            protocol,
+                        }) {
+                            Some(c) => Json(c).into_response(),
+                            None => (StatusCode::NOT_FOUND, "no such connection\n").into_response(),
+                        },
+                        (None, None, None) => Json(conns.list(q.vs.as_deref())).into_response(),
+                        _ => (
+                            StatusCode::BAD_REQUEST,
+                            "a flow lookup needs client, vip and protocol\n",
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }

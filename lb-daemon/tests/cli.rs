@@ -35,7 +35,7 @@ fn example_config_passes_check() {
 
 #[test]
 fn bad_field_exits_2_naming_field_and_reason() {
-    let (code, stderr) = check(&EXAMPLE.replace("port = 80", "port = 0"));
+    let (code, stderr) = check(&EXAMPLE.replacen("port = 80\n", "port = 0\n", 1));
     assert_eq!(code, 2);
     assert!(
         stderr.contains("virtual_services[0].port") && stderr.contains("must not be 0"),

@@ -1,0 +1,463 @@
+//! The engine's L4 proxy: terminates the virtual services placed on this engine and connects to
+//! their pools' backends from the engine's own address (source NAT), so replies come back here.
+//!
+//! ```text
+//!   Proxy::apply(config) ── pools (Pool + health checker; kept when unchanged)
+//!        └── one Service per virtual service placed here
+//!              ├── TCP: accept loop (tcp.rs) → per connection: pick, connect, relay (relay.rs)
+//!              └── UDP: socket loop (udp.rs) → per client session: its own backend socket
+//!   Draining (engine or service): the listener closes; connections go on until the deadline,
+//!   then are reset (counted). Every connection is in the ConnTable while it lives.
+//! ```
+
+pub mod relay;
+pub mod tcp;
+pub mod udp;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+pub use crate::backend::SourceAddrs;
+use crate::{
+    config::{Config, EngineState, PoolConfig, Protocol, VirtualServiceConfig},
+    conntable::ConnTable,
+    health::{self, HealthHandle},
+    pool::Pool,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("virtual_services[{index}] ({name}): cannot listen on {addr}: {source}")]
+    Listen {
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error(
+        "pools[{index}].backends[{backend}].address: {addr} is unreachable from this engine: {source}"
+    )]
+    Unreachable {
+        index: usize,
+        backend: usize,
+        addr: IpAddr,
+        source: io::Error,
+    },
+}
+
+/// Whether a virtual service accepts new connections, and if not, when its connections are reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Serving,
+    Draining { deadline: Instant },
+}
+
+/// Settings of the proxy that every service reads at connection time.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub idle: Duration,
+    pub udp_idle: Duration,
+}
+
+/// Counters of one virtual service's proxy on this engine.
+#[derive(Debug)]
+pub struct ServiceStats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    /// Refused at once (reset) because no backend was usable.
+    pub refused_no_backend: AtomicU64,
+    /// Refused at once (reset) because `max_connections` were open.
+    pub refused_limit: AtomicU64,
+    /// UDP datagrams of new clients dropped while the service drains (TCP clients are refused by
+    /// the closed listener instead).
+    pub refused_draining: AtomicU64,
+    /// Backend connections that failed (the client was reset).
+    pub connect_failures: AtomicU64,
+    /// Connections reset at the drain deadline.
+    pub drain_resets: AtomicU64,
+    /// Connections closed for idleness.
+    pub idle_timeouts: AtomicU64,
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    /// Time from accepting a client to the backend connection being established (the latency the
+    /// proxy adds before relaying), in seconds.
+    pub connect_latency: Histogram,
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        ServiceStats {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            refused_no_backend: AtomicU64::new(0),
+            refused_limit: AtomicU64::new(0),
+            refused_draining: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            drain_resets: AtomicU64::new(0),
+            idle_timeouts: AtomicU64::new(0),
+            bytes_to_backend: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            // 50 µs … ~1.6 s.
+            connect_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
+            ),
+        }
+    }
+}
+
+/// One virtual service served by this engine's proxy.
+#[derive(Debug)]
+pub struct Service {
+    pub id: u32,
+    pub name: Arc<str>,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pool: RwLock<Arc<Pool>>,
+    max_connections: AtomicU32,
+    drain: watch::Sender<Drain>,
+    pub stats: ServiceStats,
+}
+
+impl Service {
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn max_connections(&self) -> u64 {
+        u64::from(self.max_connections.load(Ordering::Relaxed))
+    }
+
+    pub fn drain_state(&self) -> Drain {
+        *self.drain.borrow()
+    }
+
+    /// A receiver that sees drain changes (connection tasks wait on it for the deadline).
+    pub fn watch_drain(&self) -> watch::Receiver<Drain> {
+        self.drain.subscribe()
+    }
+
+    /// Counts a connection until the returned guard drops.
+    pub fn open(self: &Arc<Self>) -> ServiceGuard {
+        self.stats.total.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        ServiceGuard(self.clone())
+    }
+}
+
+/// Decrements the service's active count when dropped.
+#[derive(Debug)]
+pub struct ServiceGuard(Arc<Service>);
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when `rx` reports a drain deadline that has passed.
+pub async fn drain_deadline(mut rx: watch::Receiver<Drain>) {
+    loop {
+        let state = *rx.borrow_and_update();
+        match state {
+            Drain::Draining { deadline } => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline.into()) => return,
+                    changed = rx.changed() => if changed.is_err() { std::future::pending::<()>().await },
+                }
+            }
+            Drain::Serving => {
+                if rx.changed().await.is_err() {
+                    // The service is gone without draining: nothing will ever reset us.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+struct PoolEntry {
+    config: PoolConfig,
+    pool: Arc<Pool>,
+    health: Option<HealthHandle>,
+}
+
+struct ServiceEntry {
+    service: Arc<Service>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The proxy of this engine: reconciles services and pools with the configuration.
+pub struct Proxy {
+    conns: Arc<ConnTable>,
+    pools: HashMap<String, PoolEntry>,
+    services: HashMap<(SocketAddr, Protocol), ServiceEntry>,
+    /// Services removed from the configuration, draining until their deadline.
+    retiring: Vec<ServiceEntry>,
+    drain_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(conns: Arc<ConnTable>) -> Self {
+        Proxy {
+            conns,
+            pools: HashMap::new(),
+            services: HashMap::new(),
+            retiring: Vec::new(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn conns(&self) -> &Arc<ConnTable> {
+        &self.conns
+    }
+
+    /// The services this engine serves now (for metrics).
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services
+            .values()
+            .chain(&self.retiring)
+            .map(|e| e.service.clone())
+            .collect()
+    }
+
+    /// The pools (for metrics).
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.values().map(|p| p.pool.clone()).collect()
+    }
+
+    /// Checks what only the kernel can tell before anything is applied: every backend has a route
+    /// from this engine.
+    pub fn check(config: &Config) -> Result<(), ProxyError> {
+        let sources = SourceAddrs::of(&config.proxy);
+        for (index, pool) in config.pools.iter().enumerate() {
+            for (backend, b) in pool.backends.iter().enumerate() {
+                route_check(b.address, sources.for_peer(b.address)).map_err(|source| {
+                    ProxyError::Unreachable {
+                        index,
+                        backend,
+                        addr: b.address,
+                        source,
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the proxy to `config`. New listening sockets are all opened first: if one fails,
+    /// nothing changes and the error names the virtual service.
+    pub fn apply(&mut self, config: &Config) -> Result<(), ProxyError> {
+        Self::check(config)?;
+        let self_id = config.daemon.engine_id;
+        let engine_draining = config
+            .engine(self_id)
+            .is_some_and(|e| e.state != EngineState::Active);
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(u64::from(config.proxy.connect_timeout_ms)),
+            idle: Duration::from_secs(u64::from(config.proxy.idle_timeout_s)),
+            udp_idle: Duration::from_secs(u64::from(config.proxy.udp_idle_timeout_s)),
+        };
+        let sources = SourceAddrs::of(&config.proxy);
+        self.drain_timeout = Duration::from_secs(u64::from(config.proxy.drain_timeout_s));
+
+        let placed: Vec<(usize, &VirtualServiceConfig)> = config
+            .virtual_services
+            .iter()
+            .enumerate()
+            .filter(|(_, vs)| vs.pool.is_some() && vs.engines.iter().any(|m| m.id == self_id))
+            .collect();
+
+        let mut opened = self.open_sockets(&placed, engine_draining)?;
+        self.reconcile_pools(config, sources);
+        let mut services = HashMap::new();
+        for (_, vs) in &placed {
+            let (key, entry) =
+                self.reconcile_service(vs, engine_draining, &mut opened, timeouts, sources);
+            services.insert(key, entry);
+        }
+        for (_, entry) in std::mem::replace(&mut self.services, services) {
+            info!(vs = %entry.service.name, "removed from this engine: draining");
+            self.start_draining(&entry.service);
+            self.retiring.push(entry);
+        }
+        self.retiring.retain(|e| {
+            e.service.stats.active.load(Ordering::Relaxed) > 0
+                || e.task.as_ref().is_some_and(|t| !t.is_finished())
+        });
+        Ok(())
+    }
+
+    /// Opens every socket a serving service needs and does not have yet; nothing else changes.
+    fn open_sockets(
+        &self,
+        placed: &[(usize, &VirtualServiceConfig)],
+        engine_draining: bool,
+    ) -> Result<HashMap<(SocketAddr, Protocol), Socket>, ProxyError> {
+        let mut opened = HashMap::new();
+        for (index, vs) in placed {
+            let key = (SocketAddr::new(vs.vip, vs.port), vs.protocol);
+            let serving = !(engine_draining || vs.draining);
+            let has_task = self
+                .services
+                .get(&key)
+                .is_some_and(|e| e.task.as_ref().is_some_and(|t| !t.is_finished()));
+            if serving && !has_task {
+                let socket =
+                    Socket::open(key.0, vs.protocol).map_err(|source| ProxyError::Listen {
+                        index: *index,
+                        name: vs.name.clone(),
+                        addr: key.0,
+                        source,
+                    })?;
+                opened.insert(key, socket);
+            }
+        }
+        Ok(opened)
+    }
+
+    /// Pools: unchanged ones keep their backends' state and health checker.
+    fn reconcile_pools(&mut self, config: &Config, sources: SourceAddrs) {
+        let mut pools = HashMap::new();
+        for p in &config.pools {
+            let mut entry = match self.pools.remove(&p.name) {
+                Some(old) if old.config == *p => old,
+                _ => PoolEntry {
+                    config: p.clone(),
+                    pool: Arc::new(Pool::new(p)),
+                    health: None,
+                },
+            };
+            if entry.health.is_none() {
+                entry.health = p.health_check.clone().map(|h| {
+                    health::spawn(p.name.clone(), entry.pool.backends.clone(), h, sources)
+                });
+            }
+            pools.insert(p.name.clone(), entry);
+        }
+        self.pools = pools;
+    }
+
+    /// Updates (or creates) the service of `vs`: pool, limit, drain state; starts serving on a
+    /// socket opened for it.
+    fn reconcile_service(
+        &mut self,
+        vs: &VirtualServiceConfig,
+        engine_draining: bool,
+        opened: &mut HashMap<(SocketAddr, Protocol), Socket>,
+        timeouts: Timeouts,
+        sources: SourceAddrs,
+    ) -> ((SocketAddr, Protocol), ServiceEntry) {
+        let key = (SocketAddr::new(vs.vip, vs.port), vs.protocol);
+        let pool = self.pools[vs.pool.as_deref().expect("filtered on pool")]
+            .pool
+            .clone();
+        let mut entry = self.services.remove(&key).unwrap_or_else(|| ServiceEntry {
+            service: Arc::new(Service {
+                id: vs.id,
+                name: vs.name.as_str().into(),
+                vip: key.0,
+                protocol: vs.protocol,
+                pool: RwLock::new(pool.clone()),
+                max_connections: AtomicU32::new(vs.max_connections),
+                drain: watch::Sender::new(Drain::Serving),
+                stats: ServiceStats::default(),
+            }),
+            task: None,
+        });
+        let s = &entry.service;
+        *s.pool
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pool;
+        s.max_connections
+            .store(vs.max_connections, Ordering::Relaxed);
+        if engine_draining || vs.draining {
+            self.start_draining(s);
+        } else {
+            s.drain.send_replace(Drain::Serving);
+            if let Some(socket) = opened.remove(&key) {
+                entry.task = Some(socket.spawn(s.clone(), self.conns.clone(), timeouts, sources));
+                info!(vs = %s.name, addr = %s.vip, protocol = %s.protocol, "serving");
+            }
+        }
+        (key, entry)
+    }
+
+    fn start_draining(&self, s: &Service) {
+        if s.drain_state() == Drain::Serving {
+            let deadline = Instant::now() + self.drain_timeout;
+            s.drain.send_replace(Drain::Draining { deadline });
+            info!(vs = %s.name, timeout_s = self.drain_timeout.as_secs(), active = s.stats.active.load(Ordering::Relaxed), "draining");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for e in self.services.values().chain(&self.retiring) {
+            if let Some(t) = &e.task {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// A listening socket opened ahead of the service that will use it.
+enum Socket {
+    Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+impl Socket {
+    fn open(addr: SocketAddr, protocol: Protocol) -> io::Result<Socket> {
+        Ok(match protocol {
+            Protocol::Tcp => Socket::Tcp(tcp::listen(addr)?),
+            Protocol::Udp => Socket::Udp(udp::bind(addr)?),
+        })
+    }
+
+    fn spawn(
+        self,
+        s: Arc<Service>,
+        conns: Arc<ConnTable>,
+        timeouts: Timeouts,
+        sources: SourceAddrs,
+    ) -> JoinHandle<()> {
+        match self {
+            Socket::Tcp(l) => tokio::spawn(tcp::serve(l, s, conns, timeouts, sources)),
+            Socket::Udp(u) => tokio::spawn(udp::serve(u, s, conns, timeouts, sources)),
+        }
+    }
+}
+
+/// Whether the kernel has a route to `dst` (from `source` when given): a UDP socket connects
+/// without sending anything.
+fn route_check(dst: IpAddr, source: Option<IpAddr>) -> io::Result<()> {
+    let bind = source.unwrap_or(match dst {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    });
+    let s = std::net::UdpSocket::bind(SocketAddr::new(bind, 0))?;
+    s.connect(SocketAddr::new(dst, 9))
+        .inspect_err(|e| warn!(%dst, "route check: {e}"))
+}
+
+/// Sets `SO_LINGER` 0 so that closing the socket sends a reset.
+pub fn reset_on_close(s: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}

@@ -1,0 +1,195 @@
+//! TCP: accept on VIP:port, pick a backend, connect to it from the engine's address, relay.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use nix::sys::socket::{setsockopt, sockopt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use super::{
+    Drain, Service, SourceAddrs, Timeouts, drain_deadline,
+    relay::{self, Progress, RelayEnd, RelayKind},
+    reset_on_close,
+};
+use crate::{
+    backend::Backend,
+    config::Protocol,
+    conntable::{ConnState, ConnTable, FlowKey},
+};
+
+/// Accept queue length (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr`. `IP_FREEBIND` lets it bind before the VIP is configured on this host.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if addr.is_ipv4() {
+        setsockopt(&socket, sockopt::IpFreebind, &true)?;
+    } else {
+        socket2::SockRef::from(&socket).set_freebind_v6(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts until the service drains (the listener then closes: new clients are refused by the
+/// kernel), spawning one task per connection.
+pub async fn serve(
+    listener: TcpListener,
+    s: Arc<Service>,
+    conns: Arc<ConnTable>,
+    t: Timeouts,
+    sources: SourceAddrs,
+) {
+    let mut drain = s.watch_drain();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|d| matches!(d, Drain::Draining { .. })) => break,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                tokio::spawn(connection(
+                    client,
+                    peer,
+                    s.clone(),
+                    conns.clone(),
+                    t,
+                    sources,
+                ));
+            }
+            // Out of file descriptors or memory: back off instead of spinning.
+            Err(e) => {
+                warn!(vs = %s.name, "accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!(vs = %s.name, "listener closed (draining)");
+}
+
+/// Refuses a client at once: a reset, not a connection left hanging.
+fn refuse(client: TcpStream) {
+    reset_on_close(&client);
+    drop(client);
+}
+
+async fn connection(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    s: Arc<Service>,
+    conns: Arc<ConnTable>,
+    t: Timeouts,
+    sources: SourceAddrs,
+) {
+    let accepted = Instant::now();
+    if s.stats.active.load(Ordering::Relaxed) >= s.max_connections() {
+        s.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+        return refuse(client);
+    }
+    let _service = s.open();
+    let pool = s.pool();
+    let Some(backend) = pool.pick(peer.ip()) else {
+        s.stats.refused_no_backend.fetch_add(1, Ordering::Relaxed);
+        return refuse(client);
+    };
+    let progress = Arc::new(Progress::default());
+    let key = FlowKey {
+        client: peer,
+        vip: s.vip,
+        protocol: Protocol::Tcp,
+    };
+    let registration = conns.register(key, s.name.clone(), backend.addr, progress.clone());
+    let mut upstream = match connect(&backend, sources, t).await {
+        Ok(u) => u,
+        Err(e) => {
+            backend.connect_failures.fetch_add(1, Ordering::Relaxed);
+            s.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            debug!(vs = %s.name, backend = %backend.addr, "connect: {e}");
+            return refuse(client);
+        }
+    };
+    s.stats
+        .connect_latency
+        .observe(accepted.elapsed().as_secs_f64());
+    if let Ok(local) = upstream.local_addr() {
+        registration.conn.set_engine_side(local);
+    }
+    registration.conn.set_state(ConnState::Established);
+    let _backend = backend.open();
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+
+    let mut drain = s.watch_drain();
+    let end = tokio::select! {
+        end = relay::relay(RelayKind::default(), &mut client, &mut upstream, t.idle, &progress) => Some(end),
+        () = drain_deadline(s.watch_drain()) => None,
+        // Mark the connection as draining in the table while it waits for the deadline.
+        () = async {
+            let _ = drain.wait_for(|d| matches!(d, Drain::Draining { .. })).await;
+            registration.conn.set_state(ConnState::Draining);
+            std::future::pending::<()>().await;
+        } => None,
+    };
+    let moved = (
+        progress.to_backend.load(Ordering::Relaxed),
+        progress.to_client.load(Ordering::Relaxed),
+    );
+    s.stats
+        .bytes_to_backend
+        .fetch_add(moved.0, Ordering::Relaxed);
+    s.stats
+        .bytes_to_client
+        .fetch_add(moved.1, Ordering::Relaxed);
+    backend
+        .bytes_to_backend
+        .fetch_add(moved.0, Ordering::Relaxed);
+    backend
+        .bytes_to_client
+        .fetch_add(moved.1, Ordering::Relaxed);
+    match end {
+        None => {
+            s.stats.drain_resets.fetch_add(1, Ordering::Relaxed);
+            reset_on_close(&client);
+            reset_on_close(&upstream);
+        }
+        Some(RelayEnd::IdleTimeout) => {
+            s.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(_) => {}
+    }
+}
+
+/// Connects to the backend from the engine's source address for its family (or the kernel's
+/// choice), within the connect timeout. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to
+/// `connect`, so a fixed source address can still use the whole port range per backend.
+async fn connect(backend: &Backend, sources: SourceAddrs, t: Timeouts) -> io::Result<TcpStream> {
+    let dst = backend.addr;
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(src) = sources.for_peer(dst.ip()) {
+        setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
+        socket.bind(SocketAddr::new(src, 0))?;
+    }
+    tokio::time::timeout(t.connect, socket.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", t.connect),
+            )
+        })?
+}
