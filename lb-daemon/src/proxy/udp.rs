@@ -79,11 +79,11 @@ pub async fn serve(
             r = sock.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { continue };
                 if let Some(session) = sessions.get(&client) {
-                    forward(session, &buf[..n]);
+                    forward(session, &buf[..n]).await;
                     continue;
                 }
                 if let Some(session) = open_session(&s, &conns, client, t, sources, &sock, &ended_tx).await {
-                    forward(&session, &buf[..n]);
+                    forward(&session, &buf[..n]).await;
                     sessions.insert(client, session);
                 }
             }
@@ -102,9 +102,10 @@ pub async fn serve(
     debug!(vs = %s.name, "UDP socket closed (drained)");
 }
 
-fn forward(session: &Session, datagram: &[u8]) {
-    // A full socket buffer towards the backend drops the datagram, as the network would.
-    if session.upstream.try_send(datagram).is_ok() {
+/// Sends a client's datagram to its backend. Awaited rather than `try_send`: a socket tokio has
+/// not yet seen writable would drop a new session's first datagrams.
+async fn forward(session: &Session, datagram: &[u8]) {
+    if session.upstream.send(datagram).await.is_ok() {
         session
             .progress
             .to_backend
