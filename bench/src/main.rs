@@ -1,5 +1,7 @@
 //! `lb-bench`: benchmarks, run by `cargo xtask bench <what>`. Results go to `bench/results/`.
 
+mod e2e;
+mod relay;
 mod xdp;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +17,11 @@ struct Cli {
 enum What {
     /// ns/packet of the XDP program's paths against a trivial `XDP_TX` program, via `BPF_PROG_TEST_RUN`.
     Xdp(xdp::Options),
+    /// End to end in the namespace lab: ours (XDP primary → engine proxies) vs `HAProxy` and nginx
+    /// stream vs direct, with wrk (keep-alive, short connections) and iperf3.
+    E2e(e2e::Options),
+    /// The TCP proxy's relay (copy, splice, tokio-uring) on loopback against a direct connection.
+    Relay(relay::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -23,5 +30,7 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().what {
         What::Xdp(opts) => xdp::run(&opts),
+        What::E2e(opts) => e2e::run(&opts),
+        What::Relay(opts) => relay::run(&opts),
     }
 }

@@ -37,13 +37,13 @@ pub enum DataplaneError {
     Missing(&'static str),
     #[error("program {PROGRAM}: {0}")]
     Program(#[from] ProgramError),
-    #[error("attaching to {interface} in {mode:?} mode: {source}")]
+    #[error("attaching to {interface} in {mode:?} mode")]
     Attach {
         interface: String,
         mode: XdpMode,
         source: ProgramError,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map { map: &'static str, source: MapError },
     #[error("map DEVMAP: {0}")]
     DevMap(#[from] XdpMapError),

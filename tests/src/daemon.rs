@@ -31,8 +31,14 @@ pub const PIN_ROOT: &str = "/run/lb-tests";
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub daemon: DaemonSection,
+    /// `[proxy]` (left out when `None`: the daemon's defaults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxySection>,
     pub engines: Vec<EngineEntry>,
     pub virtual_services: Vec<VirtualService>,
+    /// `[[pools]]` (left out when empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +103,78 @@ pub struct VirtualService {
     pub primary: u8,
     pub persistence_timeout_s: u32,
     pub engines: Vec<Member>,
+    /// The pool the engines' proxies connect to (`None`: steering only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<bool>,
+}
+
+/// `[proxy]`: every field optional (`None` leaves the daemon's default).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProxySection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_v4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_idle_timeout_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_files: Option<u64>,
+}
+
+/// `[[pools]]`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pool {
+    pub name: String,
+    /// `round_robin`, `weighted_round_robin`, `least_connections`, `consistent_hash`.
+    pub algorithm: String,
+    pub backends: Vec<Backend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// One backend of a pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct Backend {
+    pub address: String,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+impl Backend {
+    pub fn new(address: &str, port: u16) -> Self {
+        Self {
+            address: address.to_owned(),
+            port,
+            weight: None,
+            enabled: None,
+        }
+    }
+}
+
+/// `[pools.health_check]`.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthCheck {
+    /// `tcp` or `http`.
+    pub kind: String,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_status: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -297,8 +375,43 @@ impl Daemon {
     /// `result="error"` series, an exit or no reload at all is an error (with the log's tail).
     pub fn reload(&mut self, mut config: Config) -> Result<()> {
         self.pins.path().clone_into(&mut config.daemon.pin_dir);
+        match self.send_reload(&config)? {
+            ReloadOutcome::Applied => {
+                self.config = config;
+                Ok(())
+            }
+            ReloadOutcome::Refused => {
+                bail!("lb-daemon rejected the reload; log:\n{}", self.log_tail(30))
+            }
+        }
+    }
+
+    /// Like [`Daemon::reload`], but expects the daemon to refuse `config`: succeeds when
+    /// `lb_config_reloads_total{result="error"}` grows (and `result="ok"` does not) and returns the
+    /// log lines the reload added. [`Daemon::config`] stays the configuration that runs.
+    pub fn reload_refused(&mut self, mut config: Config) -> Result<String> {
+        self.pins.path().clone_into(&mut config.daemon.pin_dir);
+        let before = std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .len();
+        match self.send_reload(&config)? {
+            ReloadOutcome::Refused => {
+                // The error line may follow the counter by a moment.
+                std::thread::sleep(Duration::from_millis(100));
+                let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                Ok(text.get(before..).unwrap_or_default().to_owned())
+            }
+            ReloadOutcome::Applied => bail!(
+                "lb-daemon applied a configuration it should have refused; log:\n{}",
+                self.log_tail(30)
+            ),
+        }
+    }
+
+    /// Writes `config` to the daemon's file, sends SIGHUP and waits (up to 10 s) until one of the
+    /// reload counters grows.
+    fn send_reload(&self, config: &Config) -> Result<ReloadOutcome> {
         std::fs::write(self.dir.path().join("lb.toml"), config.to_toml()?)?;
-        self.config = config;
         let counts = |text: &str| {
             (
                 metric_value(text, RELOADS_OK).unwrap_or(0.0),
@@ -318,17 +431,32 @@ impl Daemon {
             if let Ok(text) = self.metrics() {
                 let (ok, err) = counts(&text);
                 if err > err_before {
-                    bail!("lb-daemon rejected the reload; log:\n{}", self.log_tail(30));
+                    return Ok(ReloadOutcome::Refused);
                 }
                 if ok > ok_before {
-                    return Ok(());
+                    return Ok(ReloadOutcome::Applied);
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "no reload counted ({RELOADS_OK}) within 10 s of SIGHUP; log:\n{}",
+            "no reload counted ({RELOADS_OK} or {RELOADS_ERROR}) within 10 s of SIGHUP; log:\n{}",
             self.log_tail(30)
+        )
+    }
+
+    /// `GET /connections[?query]` on the metrics listener: (status, body).
+    pub fn connections(&self, query: &str) -> Result<(u16, String)> {
+        let path = if query.is_empty() {
+            "/connections".to_owned()
+        } else {
+            format!("/connections?{query}")
+        };
+        http_get(
+            &self.ns,
+            self.config.daemon.metrics_listen,
+            &path,
+            Duration::from_secs(2),
         )
     }
 
@@ -336,6 +464,60 @@ impl Daemon {
     pub fn stop(&self, grace: Duration) -> Option<std::process::ExitStatus> {
         self.proc.stop(grace)
     }
+}
+
+/// What the daemon did with a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReloadOutcome {
+    Applied,
+    Refused,
+}
+
+/// How a daemon run that was expected to fail ended.
+#[derive(Debug)]
+pub struct FailedStart {
+    pub status: std::process::ExitStatus,
+    /// Everything it wrote to stdout and stderr.
+    pub log: String,
+}
+
+/// Starts `lb-daemon` in `ns` with `config` (its `pin_dir` replaced by `pins`) and waits up to
+/// `timeout` for it to exit, which it is expected to do (a configuration it must refuse). An error
+/// if it is still running then (it is killed) or exits successfully.
+pub fn start_expecting_failure(
+    lab: &Lab,
+    ns: &Ns,
+    mut config: Config,
+    pins: &PinDir,
+    bin: &Path,
+    object: &Path,
+    timeout: Duration,
+) -> Result<FailedStart> {
+    pins.path().clone_into(&mut config.daemon.pin_dir);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("lb-daemon-bad-{}-", config.daemon.engine_id))
+        .tempdir()?;
+    let conf_path = dir.path().join("lb.toml");
+    std::fs::write(&conf_path, config.to_toml()?)?;
+    let log_path = dir.path().join("daemon.log");
+    let conf_s = conf_path.to_str().context("non-UTF-8 path")?;
+    let bin_s = bin.to_str().context("non-UTF-8 path")?;
+    let obj_s = object.to_str().context("non-UTF-8 path")?;
+    let proc = lab.spawn(
+        ns,
+        &[bin_s, "--config", conf_s, "--bpf-object", obj_s],
+        &Output::File(log_path.clone()),
+    )?;
+    let status = proc.wait_timeout(timeout)?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let Some(status) = status else {
+        proc.stop(Duration::from_secs(5));
+        bail!("lb-daemon still runs {timeout:?} after start with a bad configuration; log:\n{log}");
+    };
+    if status.success() {
+        bail!("lb-daemon exited successfully with a bad configuration; log:\n{log}");
+    }
+    Ok(FailedStart { status, log })
 }
 
 impl Drop for Daemon {
@@ -356,6 +538,28 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         let (k, v) = l.rsplit_once(' ')?;
         (k == series).then(|| v.parse().ok())?
     })
+}
+
+/// The sum of every sample of metric `name` (any labels) whose labels include all of `labels`
+/// (`[("pool", "web")]`); 0 when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -386,6 +590,27 @@ mod tests {
                 primary: 1,
                 persistence_timeout_s: 0,
                 engines: vec![Member { id: 1, weight: 1 }, Member { id: 2, weight: 2 }],
+                pool: Some("web".into()),
+                max_connections: None,
+                draining: None,
+            }],
+            proxy: Some(ProxySection {
+                idle_timeout_s: Some(2),
+                ..ProxySection::default()
+            }),
+            pools: vec![Pool {
+                name: "web".into(),
+                algorithm: "round_robin".into(),
+                backends: vec![Backend::new("10.77.0.21", 80)],
+                health_check: Some(HealthCheck {
+                    kind: "tcp".into(),
+                    interval_ms: 200,
+                    timeout_ms: 150,
+                    rise: 2,
+                    fall: 2,
+                    http_path: None,
+                    expected_status: None,
+                }),
             }],
         };
         let text = cfg.to_toml().unwrap();
@@ -404,6 +629,18 @@ mod tests {
             back["virtual_services"][0]["engines"][1]["weight"].as_integer(),
             Some(2)
         );
+        assert_eq!(back["virtual_services"][0]["pool"].as_str(), Some("web"));
+        assert!(back["virtual_services"][0].get("draining").is_none());
+        assert_eq!(back["proxy"]["idle_timeout_s"].as_integer(), Some(2));
+        assert!(back["proxy"].get("drain_timeout_s").is_none());
+        assert_eq!(
+            back["pools"][0]["backends"][0]["port"].as_integer(),
+            Some(80)
+        );
+        assert_eq!(
+            back["pools"][0]["health_check"]["kind"].as_str(),
+            Some("tcp")
+        );
     }
 
     #[test]
@@ -414,5 +651,13 @@ mod tests {
             metric_value(text, "lb_packets_total{reason=\"tx_l2\"}"),
             Some(12.0)
         );
+        let text = "lb_up{pool=\"web\",backend=\"10.0.0.1:80\"} 1\n\
+                    lb_up{pool=\"web\",backend=\"10.0.0.2:80\"} 0\n\
+                    lb_up{pool=\"db\",backend=\"10.0.0.3:80\"} 1\n\
+                    lb_up_total 7\nlb_n 3\n";
+        assert!((metric_sum(text, "lb_up", &[]) - 2.0).abs() < f64::EPSILON);
+        assert!((metric_sum(text, "lb_up", &[("pool", "web")]) - 1.0).abs() < f64::EPSILON);
+        assert!(metric_sum(text, "lb_up", &[("backend", "10.0.0.2:80")]).abs() < f64::EPSILON);
+        assert!((metric_sum(text, "lb_n", &[]) - 3.0).abs() < f64::EPSILON);
     }
 }

@@ -56,10 +56,7 @@ pub fn setup_engine(
     port: u16,
     role: Role,
 ) -> Result<EngineHost> {
-    let ns = lab.add_ns(name)?;
-    let iface = lab.attach(&ns, "eth0", cidr)?;
-    arp_sysctls(lab, &ns, &iface.name)?;
-    place_vip(lab, &ns, &iface.name, vip, role, None)?;
+    let (ns, iface) = setup_engine_ns(lab, name, cidr, vip, role)?;
     let nginx = Nginx::start(lab, &ns, name, &[SocketAddr::from((vip, port))])?;
     Ok(EngineHost {
         name: name.to_owned(),
@@ -70,6 +67,23 @@ pub fn setup_engine(
         role,
         nginx,
     })
+}
+
+/// The namespace part of [`setup_engine`]: creates namespace `name`, attaches it to the segment at
+/// `cidr`, sets the ARP sysctls and places the VIP for `role`, but starts nothing on the VIP (for
+/// engines whose `lb-daemon` proxy listens there).
+pub fn setup_engine_ns(
+    lab: &Lab,
+    name: &str,
+    cidr: &str,
+    vip: Ipv4Addr,
+    role: Role,
+) -> Result<(Ns, Iface)> {
+    let ns = lab.add_ns(name)?;
+    let iface = lab.attach(&ns, "eth0", cidr)?;
+    arp_sysctls(lab, &ns, &iface.name)?;
+    place_vip(lab, &ns, &iface.name, vip, role, None)?;
+    Ok((ns, iface))
 }
 
 impl EngineHost {

@@ -12,11 +12,15 @@
 //! - [`daemon`]: `lb-daemon` config writer and process (reload, metrics, graceful stop).
 //! - [`client`]: HTTP connection load from the client namespace, held keep-alive connections.
 //! - [`steering`]: the standard topology used by the end-to-end tests and `lb-lab`.
+//! - [`proxy_lab`]: engines whose daemon proxies the VIP to backend hosts (nginx, iperf3).
+//! - [`baselines`]: `HAProxy` and nginx `stream` in a namespace (benchmark comparisons).
+//! - [`tools`]: `wrk` and `iperf3` runs with parsed results.
 //!
 //! Needs root. The two veth traps of `/work/shared/notes/netns-lab.md` are handled here: every bridge
 //! port can get an `XDP_PASS` program ([`Lab::enable_xdp_pass`]) and every host interface has tx
 //! checksum offload turned off ([`Lab::attach`]).
 
+pub mod baselines;
 pub mod client;
 pub mod cmd;
 pub mod daemon;
@@ -25,7 +29,9 @@ pub mod fixtures;
 pub mod lab;
 pub mod netns;
 pub mod nginx;
+pub mod proxy_lab;
 pub mod steering;
+pub mod tools;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! (`master_process off`), killed on drop.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,40 @@ impl std::fmt::Debug for Nginx {
     }
 }
 
+/// What nginx writes to its access log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// nginx's `combined` format (the client's address first).
+    #[default]
+    Combined,
+    /// `$remote_addr $remote_port "$request" $status`: the peer's address and port, so a test can
+    /// tell exactly which connection of a proxy a request came over ([`Nginx::peers`]).
+    Peer,
+    /// No access log (benchmarks).
+    Off,
+}
+
+/// Settings of [`Nginx::start_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NginxOptions {
+    pub access_log: AccessLog,
+}
+
 /// The nginx configuration [`Nginx::start`] writes.
 pub fn config(dir: &Path, name: &str, listen: &[SocketAddr]) -> String {
+    config_with(dir, name, listen, &NginxOptions::default())
+}
+
+/// The nginx configuration [`Nginx::start_with`] writes.
+pub fn config_with(dir: &Path, name: &str, listen: &[SocketAddr], opts: &NginxOptions) -> String {
     let d = dir.display();
+    let access_log = match opts.access_log {
+        AccessLog::Combined => format!("access_log {d}/access.log;"),
+        AccessLog::Peer => format!(
+            "log_format peer '$remote_addr $remote_port \"$request\" $status';\n    access_log {d}/access.log peer;"
+        ),
+        AccessLog::Off => "access_log off;".to_owned(),
+    };
     let mut listens = String::new();
     for addr in listen {
         let _ = writeln!(listens, "        listen {addr} backlog=4096;");
@@ -50,7 +81,7 @@ events {{
     worker_connections 4096;
 }}
 http {{
-    access_log {d}/access.log;
+    {access_log}
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
     fastcgi_temp_path {d}/tmp/fastcgi;
@@ -73,6 +104,17 @@ impl Nginx {
     /// Starts nginx in `ns` listening on `listen` (the addresses must already be local to `ns`)
     /// and waits until each address accepts connections (inside `ns`).
     pub fn start(lab: &Lab, ns: &Ns, name: &str, listen: &[SocketAddr]) -> Result<Self> {
+        Self::start_with(lab, ns, name, listen, &NginxOptions::default())
+    }
+
+    /// [`Nginx::start`] with settings.
+    pub fn start_with(
+        lab: &Lab,
+        ns: &Ns,
+        name: &str,
+        listen: &[SocketAddr],
+        opts: &NginxOptions,
+    ) -> Result<Self> {
         if listen.is_empty() {
             bail!("nginx needs at least one listen address");
         }
@@ -87,7 +129,7 @@ impl Nginx {
             .tempdir()?;
         std::fs::create_dir_all(dir.path().join("tmp"))?;
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config(dir.path(), name, listen))?;
+        std::fs::write(&conf, config_with(dir.path(), name, listen, opts))?;
         let prefix = format!("{}/", dir.path().display());
         let conf_s = conf.display().to_string();
         let err_log = dir.path().join("error.log").display().to_string();
@@ -153,6 +195,21 @@ impl Nginx {
     /// Requests logged so far (lines of the access log).
     pub fn requests_logged(&self) -> usize {
         std::fs::read_to_string(self.access_log()).map_or(0, |s| s.lines().count())
+    }
+
+    /// The peers of the logged requests, in log order: the first field of each line (the client's
+    /// address, in every [`AccessLog`] format) and, with [`AccessLog::Peer`], the second (its port;
+    /// 0 otherwise).
+    pub fn peers(&self) -> Vec<(IpAddr, u16)> {
+        let text = std::fs::read_to_string(self.access_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace();
+                let addr = fields.next()?.parse().ok()?;
+                let port = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                Some((addr, port))
+            })
+            .collect()
     }
 
     fn error_log_tail(&self) -> String {

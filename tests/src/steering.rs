@@ -226,7 +226,12 @@ impl Steering {
                 primary: self.primary().id,
                 persistence_timeout_s: 0,
                 engines: self.members.clone(),
+                pool: None,
+                max_connections: None,
+                draining: None,
             }],
+            proxy: None,
+            pools: Vec::new(),
         }
     }
 

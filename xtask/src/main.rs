@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use util::{CommandFailed, cargo, cmd, daemon_bin, root, run, testkit_object, xdp_object};
+use util::{
+    CommandFailed, cargo, cmd, daemon_bin, root, run, target_dir, testkit_object, xdp_object,
+};
 
 #[derive(Parser)]
 #[command(about = "Project tasks for the XDP load balancer")]
@@ -54,12 +56,18 @@ enum Task {
 enum Bench {
     /// The XDP program alone, through `BPF_PROG_TEST_RUN`.
     Xdp,
+    /// End to end in the namespace lab: ours vs `HAProxy` vs nginx stream vs direct (release daemon).
+    E2e,
+    /// The TCP proxy's relay kinds on loopback (`bench/results/relay.md`).
+    Relay,
 }
 
 impl Bench {
     fn name(self) -> &'static str {
         match self {
             Bench::Xdp => "xdp",
+            Bench::E2e => "e2e",
+            Bench::Relay => "relay",
         }
     }
 }
@@ -161,8 +169,15 @@ fn lab(args: &[OsString]) -> anyhow::Result<()> {
 
 fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
     setup::setup()?;
-    run(cargo()
+    let mut bench = cargo();
+    bench
         .args(["run", "--release", "-p", "lb-bench", "--", what.name()])
         .args(args)
-        .env("LB_XDP_OBJECT", xdp_object()))
+        .env("LB_XDP_OBJECT", xdp_object());
+    if matches!(what, Bench::E2e) {
+        // The daemon under test is the release build.
+        run(cargo().args(["build", "--release", "-p", "lb-daemon"]))?;
+        bench.env("LB_DAEMON_BIN", target_dir().join("release/lb-daemon"));
+    }
+    run(&mut bench)
 }

@@ -33,11 +33,10 @@ pub const MAX_IFNAME_LEN: usize = 15;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// TOML syntax error, wrong type, unknown or missing field: toml's message, which names the
     /// line, column and key.
@@ -339,9 +338,9 @@ impl<'de> Deserialize<'de> for MacAddr {
 impl Config {
     /// Reads, parses and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Config::parse(&text)
     }

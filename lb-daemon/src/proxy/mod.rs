@@ -39,16 +39,14 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("virtual_services[{index}] ({name}): cannot listen on {addr}: {source}")]
+    #[error("virtual_services[{index}] ({name}): cannot listen on {addr}")]
     Listen {
         index: usize,
         name: String,
         addr: SocketAddr,
         source: io::Error,
     },
-    #[error(
-        "pools[{index}].backends[{backend}].address: {addr} is unreachable from this engine: {source}"
-    )]
+    #[error("pools[{index}].backends[{backend}].address: {addr} is unreachable from this engine")]
     Unreachable {
         index: usize,
         backend: usize,
