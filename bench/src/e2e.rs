@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::machine::{cmd_output, cpu_model, loadavg};
 use anyhow::{Context, ensure};
 use lb_tests::baselines::{BaselineProxy, Frontend};
 use lb_tests::client::one_request;
@@ -480,8 +481,8 @@ fn spread(runs: &[Sample], f: fn(&Sample) -> f64) -> String {
 
 fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "End to end through the namespace lab, median of {} rounds ({}, {}, {} cores, kernel {})\n\n",
-        r.rounds, r.date, r.machine, r.cpus, r.kernel
+        "End to end through the namespace lab, median of {} rounds ({}, {}, kernel {})\n\n",
+        r.rounds, r.date, r.machine, r.kernel
     );
     s.push_str("| path | keep-alive req/s | keep-alive p99 | short conns req/s | short p99 | iperf3 Gbit/s | wrk errors |\n");
     s.push_str("|---|---|---|---|---|---|---|\n");
@@ -582,27 +583,4 @@ fn offload_settings(lab: &Lab, hosts: &[(&str, &Ns)]) -> BTreeMap<String, String
             ((*name).to_owned(), parts.join(", "))
         })
         .collect()
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-fn cmd_output(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    let text = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(|| "unknown CPU".to_owned(), |(_, m)| m.trim().to_owned())
 }

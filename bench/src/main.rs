@@ -1,6 +1,7 @@
 //! `lb-bench`: benchmarks, run by `cargo xtask bench <what>`. Results go to `bench/results/`.
 
 mod e2e;
+mod machine;
 mod relay;
 mod xdp;
 

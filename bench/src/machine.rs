@@ -1,0 +1,31 @@
+//! Facts about the machine a benchmark ran on, for its report.
+
+use std::fs;
+
+/// A command's standard output, trimmed ("" if it cannot run).
+pub fn cmd_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// "MODEL, N cores", from `/proc/cpuinfo` (which, unlike the scheduler, ignores CPU pinning).
+pub fn cpu_model() -> String {
+    let text = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = text
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown CPU".to_owned(), |(_, m)| m.trim().to_owned());
+    let cores = text.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{model}, {cores} cores")
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
