@@ -329,6 +329,21 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon of the engine host `host` (namespace `ns`) on a fresh pin directory named
+    /// after the lab and the host, with the configuration `config_for` gives for that directory.
+    pub fn start_fresh(
+        lab: &Lab,
+        ns: &Ns,
+        host: &str,
+        config_for: impl FnOnce(&Path) -> Config,
+        bin: &Path,
+        object: &Path,
+    ) -> Result<Self> {
+        let pins = Arc::new(PinDir::new(&format!("{}-{host}", lab.base()))?);
+        let config = config_for(pins.path());
+        Daemon::start(lab, ns, config, pins, bin, object)
+    }
+
     pub fn ns(&self) -> &Ns {
         &self.ns
     }

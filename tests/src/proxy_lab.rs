@@ -19,15 +19,14 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::client::{self, Load, LoadResult};
 use crate::daemon::{
-    Backend, Config, Daemon, DaemonSection, EngineEntry, HealthCheck, Member, PinDir, Pool,
-    ProxySection, VirtualService, metric_sum,
+    Backend, Config, Daemon, DaemonSection, EngineEntry, HealthCheck, Member, Pool, ProxySection,
+    VirtualService, metric_sum,
 };
 use crate::engine::{ClientHost, Role, setup_client, setup_engine_ns};
 use crate::lab::{Iface, Lab, Ns, Output, Proc};
@@ -410,13 +409,11 @@ impl ProxyLab {
 
     fn start_daemon(&mut self, id: u8) -> Result<()> {
         let host = self.engine(id).context("no such engine")?;
-        let pins = Arc::new(PinDir::new(&format!("{}-{}", self.lab.base(), host.name))?);
-        let config = self.config_for(id, pins.path());
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_fresh(
             &self.lab,
             &host.ns,
-            config,
-            pins,
+            &host.name,
+            |pins| self.config_for(id, pins),
             &self.opts.daemon_bin,
             &self.opts.xdp_object,
         )?;

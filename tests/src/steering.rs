@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
 use crate::client::{self, Load, LoadResult};
-use crate::daemon::{Config, Daemon, DaemonSection, EngineEntry, Member, PinDir, VirtualService};
+use crate::daemon::{Config, Daemon, DaemonSection, EngineEntry, Member, VirtualService};
 use crate::engine::{ClientHost, EngineHost, Role, setup_client, setup_engine};
 use crate::lab::Lab;
 
@@ -237,13 +236,11 @@ impl Steering {
 
     fn start_daemon(&mut self, id: u8) -> Result<()> {
         let host = self.engine(id).context("no such engine")?;
-        let pins = Arc::new(PinDir::new(&format!("{}-{}", self.lab.base(), host.name))?);
-        let config = self.config_for(id, pins.path());
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_fresh(
             &self.lab,
             &host.ns,
-            config,
-            pins,
+            &host.name,
+            |pins| self.config_for(id, pins),
             &self.opts.daemon_bin,
             &self.opts.xdp_object,
         )?;
