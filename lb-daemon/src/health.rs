@@ -697,12 +697,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn http_503_goes_down() {
-        let (addr, _seen) = http_server(Answer::Status(503)).await;
-        let checker = HealthChecker::new(cfg(HealthCheckKind::Http), SourceAddrs::default());
-        let err = checker.check(addr).await.unwrap_err();
-        assert_eq!(err.to_string(), "status 503, expected 200");
+    /// Runs the default HTTP checker on one backend at `addr` until it goes down (3 s at most).
+    async fn http_checked_goes_down(addr: SocketAddr) -> Arc<Backend> {
         let b = backend(addr);
         let _h = spawn(
             "p".into(),
@@ -711,6 +707,16 @@ mod tests {
             SourceAddrs::default(),
         );
         wait_for("down", Duration::from_secs(3), || !b.is_healthy()).await;
+        b
+    }
+
+    #[tokio::test]
+    async fn http_503_goes_down() {
+        let (addr, _seen) = http_server(Answer::Status(503)).await;
+        let checker = HealthChecker::new(cfg(HealthCheckKind::Http), SourceAddrs::default());
+        let err = checker.check(addr).await.unwrap_err();
+        assert_eq!(err.to_string(), "status 503, expected 200");
+        let b = http_checked_goes_down(addr).await;
         assert_eq!(b.health_changes.load(Ordering::Relaxed), 1);
     }
 
@@ -753,14 +759,7 @@ mod tests {
         let checker = HealthChecker::new(cfg(HealthCheckKind::Http), SourceAddrs::default());
         let err = checker.check(addr).await.unwrap_err();
         assert!(matches!(err, CheckFailure::Malformed(_)), "{err}");
-        let b = backend(addr);
-        let _h = spawn(
-            "p".into(),
-            vec![b.clone()],
-            cfg(HealthCheckKind::Http),
-            SourceAddrs::default(),
-        );
-        wait_for("down", Duration::from_secs(3), || !b.is_healthy()).await;
+        http_checked_goes_down(addr).await;
     }
 
     #[tokio::test]
@@ -774,14 +773,7 @@ mod tests {
             "timeout after 100 ms waiting for the status line"
         );
         assert!(started.elapsed() < Duration::from_secs(1));
-        let b = backend(addr);
-        let _h = spawn(
-            "p".into(),
-            vec![b.clone()],
-            cfg(HealthCheckKind::Http),
-            SourceAddrs::default(),
-        );
-        wait_for("down", Duration::from_secs(3), || !b.is_healthy()).await;
+        http_checked_goes_down(addr).await;
     }
 
     #[tokio::test]

@@ -1052,6 +1052,21 @@ impl Testbed {
         }
     }
 
+    /// Checks that `frame` is passed up unchanged and that exactly `reason` counts it.
+    #[track_caller]
+    pub fn check_pass(
+        &self,
+        description: impl Into<String>,
+        frame: Vec<u8>,
+        reason: Reason,
+    ) -> Outcome {
+        self.check(
+            &Fixture::new(description, frame, xdp::PASS)
+                .unchanged()
+                .reasons(&[reason]),
+        )
+    }
+
     /// The engine the connection table records for `flow`, if any.
     pub fn conn_owner(&self, flow: &Flow) -> Option<u32> {
         match flow {

@@ -78,11 +78,7 @@ fn non_vip_traffic_passes_unchanged() {
     let Some(tb) = testbed() else { return };
     tb.check(&fx_non_vip());
     let wrong_port = Packet::syn(client4(40001), sock(VIP4, 81)).build();
-    tb.check(
-        &Fixture::new("VIP address, wrong port", wrong_port, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("VIP address, wrong port", wrong_port, Reason::PassNotVip);
     let wrong_proto = Packet::udp(client4(40002), web4())
         .with_payload(b"x")
         .build();
@@ -100,11 +96,7 @@ fn non_vip_traffic_passes_unchanged() {
         sock(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x99), 80),
     )
     .build();
-    tb.check(
-        &Fixture::new("non-VIP IPv6", v6, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("non-VIP IPv6", v6, Reason::PassNotVip);
     let ping = Packet::icmp(
         CLIENT4.into(),
         Ipv4Addr::new(10, 100, 0, 99).into(),
@@ -114,17 +106,9 @@ fn non_vip_traffic_passes_unchanged() {
         b"ping",
     )
     .build();
-    tb.check(
-        &Fixture::new("ICMP echo to a non-VIP", ping, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("ICMP echo to a non-VIP", ping, Reason::PassNotVip);
     let arp = lb_tests::fixtures::arp_request(VIP4);
-    tb.check(
-        &Fixture::new("ARP request for the VIP", arp, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotIp]),
-    );
+    tb.check_pass("ARP request for the VIP", arp, Reason::PassNotIp);
     // Nothing was recorded.
     assert_eq!(
         tb.conn_owner(&Packet::syn(client4(40001), sock(VIP4, 81)).flow()),
@@ -314,10 +298,10 @@ fn recorded_flows_of_a_service_that_changed_are_not_followed() {
         &web_block.replace("primary = 1", "primary = 2"),
     );
     tb.reconfigure(&moved).unwrap();
-    tb.check(
-        &Fixture::new("recorded flow, primary moved away", ack.clone(), xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotPrimary]),
+    tb.check_pass(
+        "recorded flow, primary moved away",
+        ack.clone(),
+        Reason::PassNotPrimary,
     );
 
     // The service id is re-used for another VIP: the old flow is no VIP traffic any more.
@@ -327,10 +311,10 @@ fn recorded_flows_of_a_service_that_changed_are_not_followed() {
         &web_block.replace("10.100.0.10", "10.100.0.60"),
     );
     tb.reconfigure(&reused).unwrap();
-    tb.check(
-        &Fixture::new("recorded flow, service id re-used", ack.clone(), xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
+    tb.check_pass(
+        "recorded flow, service id re-used",
+        ack.clone(),
+        Reason::PassNotVip,
     );
     let new_vip = sock(Ipv4Addr::new(10, 100, 0, 60), 80);
     let syn = Packet::syn(client4(port), new_vip);
@@ -342,11 +326,7 @@ fn recorded_flows_of_a_service_that_changed_are_not_followed() {
         "[[virtual_services]]\nid = 0\n{web_block}engines = [ {{ id = 1 }}, {{ id = 2 }}, {{ id = 3 }}, {{ id = 4 }} ] # web engines\n"
     );
     tb.reconfigure(&edit(STANDARD_CONFIG, &block, "")).unwrap();
-    tb.check(
-        &Fixture::new("recorded flow, service removed", ack, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("recorded flow, service removed", ack, Reason::PassNotVip);
 }
 
 #[test]
@@ -617,11 +597,7 @@ fn vlan_tag_is_kept() {
     let mut double = single[..16].to_vec();
     double.extend_from_slice(&[0x81, 0x00, 0x00, 6]);
     double.extend_from_slice(&single[16..]);
-    tb.check(
-        &Fixture::new("two VLAN tags", double, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotIp]),
-    );
+    tb.check_pass("two VLAN tags", double, Reason::PassNotIp);
 }
 
 #[test]
@@ -672,11 +648,7 @@ fn ipv4_options_and_ethernet_padding() {
 fn vip_of_another_primary_passes() {
     let Some(tb) = testbed() else { return };
     let pkt = Packet::syn(client4(40000), sock(VIP4_SECONDARY, 80)).build();
-    tb.check(
-        &Fixture::new("not primary", pkt, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotPrimary]),
-    );
+    tb.check_pass("not primary", pkt, Reason::PassNotPrimary);
     assert_eq!(
         tb.conn_owner(&Packet::syn(client4(40000), sock(VIP4_SECONDARY, 80)).flow()),
         None
@@ -926,11 +898,7 @@ fn icmp_fragmentation_needed_goes_to_the_flow_owner() {
         &other[..28],
     )
     .build();
-    tb.check(
-        &Fixture::new("frag needed quoting a non-VIP", icmp, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("frag needed quoting a non-VIP", icmp, Reason::PassNotVip);
     let secondary = Packet::tcp(sock(VIP4_SECONDARY, 80), client4(port), tcp_flags::ACK).build_ip();
     let icmp = Packet::icmp(
         ROUTER4.into(),
@@ -941,10 +909,10 @@ fn icmp_fragmentation_needed_goes_to_the_flow_owner() {
         &secondary[..28],
     )
     .build();
-    tb.check(
-        &Fixture::new("frag needed quoting a secondary VIP", icmp, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotPrimary]),
+    tb.check_pass(
+        "frag needed quoting a secondary VIP",
+        icmp,
+        Reason::PassNotPrimary,
     );
 }
 
@@ -1006,11 +974,7 @@ fn other_icmp_to_a_vip_passes() {
         b"ping",
     )
     .build();
-    tb.check(
-        &Fixture::new("ICMP echo to the VIP", echo, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIcmp]),
-    );
+    tb.check_pass("ICMP echo to the VIP", echo, Reason::PassIcmp);
     let echo6 = Packet::icmp(
         CLIENT6.into(),
         VIP6.into(),
@@ -1020,11 +984,7 @@ fn other_icmp_to_a_vip_passes() {
         b"ping",
     )
     .build();
-    tb.check(
-        &Fixture::new("ICMPv6 echo to the VIP", echo6, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIcmp]),
-    );
+    tb.check_pass("ICMPv6 echo to the VIP", echo6, Reason::PassIcmp);
     let router_ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xfe);
     let ns = Packet::icmp(
         router_ll.into(),
@@ -1036,31 +996,19 @@ fn other_icmp_to_a_vip_passes() {
     )
     .with_ttl(255)
     .build();
-    tb.check(
-        &Fixture::new("neighbour solicitation to the VIP", ns, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIcmp]),
-    );
+    tb.check_pass("neighbour solicitation to the VIP", ns, Reason::PassIcmp);
     // Port unreachable (type 3 code 3) is not about path MTU.
     let reply = Packet::udp(sock(VIP4, 53), client4(5353)).build_ip();
     let unreach = Packet::icmp(ROUTER4.into(), VIP4.into(), 3, 3, [0; 4], &reply[..28]).build();
-    tb.check(
-        &Fixture::new("port unreachable to the VIP", unreach, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIcmp]),
-    );
+    tb.check_pass("port unreachable to the VIP", unreach, Reason::PassIcmp);
     // The ICMP header itself cut off.
     let cut = echo_cut(VIP4);
-    tb.check(
-        &Fixture::new("ICMP without its header, to the VIP", cut, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIcmp]),
-    );
+    tb.check_pass("ICMP without its header, to the VIP", cut, Reason::PassIcmp);
     let cut = echo_cut(Ipv4Addr::new(10, 100, 0, 99));
-    tb.check(
-        &Fixture::new("ICMP without its header, not to a VIP", cut, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassTruncated]),
+    tb.check_pass(
+        "ICMP without its header, not to a VIP",
+        cut,
+        Reason::PassTruncated,
     );
 }
 
@@ -1123,11 +1071,7 @@ fn icmp_error_with_a_short_quote_is_dropped() {
     // Not to a VIP: none of our business.
     let mut icmp = frag_needed(client4(port), 10);
     icmp[30..34].copy_from_slice(&[10, 100, 0, 99]);
-    tb.check(
-        &Fixture::new("short quote, not to a VIP", icmp, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("short quote, not to a VIP", icmp, Reason::PassNotVip);
 }
 
 #[test]
@@ -1161,11 +1105,7 @@ fn fragments_to_a_vip_are_dropped() {
     let other = Packet::syn(client4(40000), sock(Ipv4Addr::new(10, 100, 0, 99), 80))
         .with_fragment(true, 0)
         .build();
-    tb.check(
-        &Fixture::new("fragment to a non-VIP", other, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassNotVip]),
-    );
+    tb.check_pass("fragment to a non-VIP", other, Reason::PassNotVip);
     assert_eq!(
         tb.conn_owner(&Packet::syn(client4(40000), web4()).flow()),
         None
@@ -1190,11 +1130,7 @@ fn ipv6_extension_headers_are_walked() {
     }
     let pkt = Packet::syn(client6(web6_port(&tb, E_L2_A, 9)), web6()).build();
     let frame = with_ipv6_ext(&pkt, &[0, 60, 43, 43, 60]);
-    tb.check(
-        &Fixture::new("5 extension headers", frame, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassIpv6Ext]),
-    );
+    tb.check_pass("5 extension headers", frame, Reason::PassIpv6Ext);
 }
 
 #[test]
@@ -1246,24 +1182,16 @@ fn truncated_frames_never_abort() {
     }
     let mut ihl3 = base.clone();
     ihl3[14] = 0x43;
-    tb.check(
-        &Fixture::new("IPv4 IHL 3", ihl3, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassMalformed]),
-    );
+    tb.check_pass("IPv4 IHL 3", ihl3, Reason::PassMalformed);
     let mut v5 = base.clone();
     v5[14] = 0x55;
-    tb.check(
-        &Fixture::new("IP version 5 in an IPv4 frame", v5, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassMalformed]),
-    );
+    tb.check_pass("IP version 5 in an IPv4 frame", v5, Reason::PassMalformed);
     let mut v6_wrong = Packet::syn(client6(1000), web6()).build();
     v6_wrong[14] = 0x45;
-    tb.check(
-        &Fixture::new("version 4 in an IPv6 frame", v6_wrong, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassMalformed]),
+    tb.check_pass(
+        "version 4 in an IPv6 frame",
+        v6_wrong,
+        Reason::PassMalformed,
     );
     let tcp2 = base[..36].to_vec();
     tb.check(
@@ -1298,11 +1226,7 @@ fn truncated_frames_never_abort() {
         );
     }
     let v6_cut = Packet::syn(client6(1000), web6()).build()[..40].to_vec();
-    tb.check(
-        &Fixture::new("IPv6 header cut", v6_cut, xdp::PASS)
-            .unchanged()
-            .reasons(&[Reason::PassTruncated]),
-    );
+    tb.check_pass("IPv6 header cut", v6_cut, Reason::PassTruncated);
 }
 
 /// xorshift64: deterministic, no dependencies.

@@ -29,6 +29,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
+use crate::backend::Backend;
 pub use crate::backend::SourceAddrs;
 use crate::{
     config::{Config, EngineState, PoolConfig, Protocol, VirtualServiceConfig},
@@ -36,6 +37,7 @@ use crate::{
     health::{self, HealthHandle},
     pool::Pool,
 };
+use relay::Progress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -148,6 +150,26 @@ impl Service {
     /// A receiver that sees drain changes (connection tasks wait on it for the deadline).
     pub fn watch_drain(&self) -> watch::Receiver<Drain> {
         self.drain.subscribe()
+    }
+
+    /// Adds a finished connection's bytes to the service's and the backend's counters.
+    pub fn account_finished(&self, backend: &Backend, progress: &Progress) {
+        let (to_backend, to_client) = (
+            progress.to_backend.load(Ordering::Relaxed),
+            progress.to_client.load(Ordering::Relaxed),
+        );
+        self.stats
+            .bytes_to_backend
+            .fetch_add(to_backend, Ordering::Relaxed);
+        self.stats
+            .bytes_to_client
+            .fetch_add(to_client, Ordering::Relaxed);
+        backend
+            .bytes_to_backend
+            .fetch_add(to_backend, Ordering::Relaxed);
+        backend
+            .bytes_to_client
+            .fetch_add(to_client, Ordering::Relaxed);
     }
 
     /// Counts a connection until the returned guard drops.

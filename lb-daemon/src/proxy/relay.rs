@@ -181,10 +181,7 @@ pub async fn relay(
 ) -> RelayEnd {
     progress.touch();
     let moving = async {
-        let done = match kind {
-            RelayKind::Copy => copy(client, backend, progress).await,
-            RelayKind::Splice => splice_relay(client, backend, progress).await,
-        };
+        let done = both_ways(kind, client, backend, progress).await;
         match done {
             Ok(()) => RelayEnd::Closed,
             Err(Failed::Client(kind)) => RelayEnd::ClientError(kind),
@@ -265,7 +262,9 @@ fn ways(progress: &Progress) -> (Way<'_>, Way<'_>) {
     (up, down)
 }
 
-async fn copy(
+/// Relays both directions at once with `kind`, each ending (and half-closing) on its own.
+async fn both_ways(
+    kind: RelayKind,
     client: &mut TcpStream,
     backend: &mut TcpStream,
     progress: &Progress,
@@ -273,10 +272,16 @@ async fn copy(
     let (mut client_r, mut client_w) = client.split();
     let (mut backend_r, mut backend_w) = backend.split();
     let (up, down) = ways(progress);
-    tokio::try_join!(
-        copy_one_way(&mut client_r, &mut backend_w, &up),
-        copy_one_way(&mut backend_r, &mut client_w, &down),
-    )?;
+    match kind {
+        RelayKind::Copy => tokio::try_join!(
+            copy_one_way(&mut client_r, &mut backend_w, &up),
+            copy_one_way(&mut backend_r, &mut client_w, &down),
+        )?,
+        RelayKind::Splice => tokio::try_join!(
+            splice_one_way(&mut client_r, &mut backend_w, &up),
+            splice_one_way(&mut backend_r, &mut client_w, &down),
+        )?,
+    };
     Ok(())
 }
 
@@ -333,21 +338,6 @@ impl Pipe {
 
 const SPLICE_FLAGS: SpliceFFlags =
     SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
-
-async fn splice_relay(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    progress: &Progress,
-) -> Result<(), Failed> {
-    let (mut client_r, mut client_w) = client.split();
-    let (mut backend_r, mut backend_w) = backend.split();
-    let (up, down) = ways(progress);
-    tokio::try_join!(
-        splice_one_way(&mut client_r, &mut backend_w, &up),
-        splice_one_way(&mut backend_r, &mut client_w, &down),
-    )?;
-    Ok(())
-}
 
 /// Copies through a [`SPLICE_AFTER`]-byte buffer until a read fills it, then splices: short
 /// exchanges never pay for a pipe, transfers switch after their first buffer.

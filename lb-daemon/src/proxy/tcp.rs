@@ -141,22 +141,7 @@ async fn connection(
             std::future::pending::<()>().await;
         } => None,
     };
-    let moved = (
-        progress.to_backend.load(Ordering::Relaxed),
-        progress.to_client.load(Ordering::Relaxed),
-    );
-    s.stats
-        .bytes_to_backend
-        .fetch_add(moved.0, Ordering::Relaxed);
-    s.stats
-        .bytes_to_client
-        .fetch_add(moved.1, Ordering::Relaxed);
-    backend
-        .bytes_to_backend
-        .fetch_add(moved.0, Ordering::Relaxed);
-    backend
-        .bytes_to_client
-        .fetch_add(moved.1, Ordering::Relaxed);
+    s.account_finished(&backend, &progress);
     match end {
         None => {
             s.stats.drain_resets.fetch_add(1, Ordering::Relaxed);
