@@ -87,8 +87,15 @@ reasons! {
     /// A SYN matched a flow owned by a draining engine: a new connection reusing the ports, placed
     /// again (draining engines take no new connections).
     SynToDraining = 24 => "syn_to_draining",
+    /// A new flow the ring gave to this host while nothing here listens on the VIP (the daemon is
+    /// restarting, its proxy is gone): placed on another engine of the ring instead.
+    PlacedAwayNoListener = 25 => "placed_away_no_listener",
+    /// Dropped: a SYN or new UDP flow for this host while nothing here listens on the VIP, and no
+    /// other engine could take it; the client retransmits (the daemon may be back by then) instead
+    /// of being reset by the stack.
+    DropNoListener = 26 => "drop_no_listener",
 }
 
 /// Size of the `REASONS` map.
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 27;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);

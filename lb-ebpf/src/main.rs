@@ -16,6 +16,7 @@ mod icmp;
 mod maps;
 mod parse;
 mod select;
+mod socket;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -23,14 +24,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    ENGINE_MODE_TUNNEL, FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    Reason, VipKey, hash::flow_hash_v6,
+    ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, Reason, VipKey, hash::flow_hash_v6,
 };
 
 use crate::{
     counters::count,
     parse::{ETH_P_IP_BE, ETH_P_IPV6_BE, load},
-    select::{Mode, owner_v4, owner_v6},
+    select::{Mode, Owner, owner_v4, owner_v6, place_away_v4, place_away_v6},
+    socket::Tuple,
 };
 
 /// TCP SYN flag in the flags byte (offset 13 of the TCP header).
@@ -59,6 +61,7 @@ fn is_drop(reason: Reason) -> bool {
             | Reason::DropAdjustHead
             | Reason::DropIcmpMalformed
             | Reason::DropRedirect
+            | Reason::DropNoListener
     )
 }
 
@@ -118,12 +121,25 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
     } else {
         (false, false)
     };
+    let tuple = Tuple {
+        family: ip.family,
+        proto: ip.proto,
+        src_be: &ip.src_be,
+        dst_be: &ip.dst_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
+    };
     let (owner, flow_label) = if v4 {
         let flow = FlowV4::new(ip.src_be[0], ip.dst_be[0], ports[0], ports[1], ip.proto);
-        (owner_v4(&flow, &vip, syn, non_syn, Mode::Record)?, 0)
+        let found = owner_v4(&flow, &vip, syn, non_syn, Mode::Record);
+        (
+            settle(ctx, &tuple, syn, found, |vs| place_away_v4(&flow, vs))?,
+            0,
+        )
     } else {
         let flow = FlowV6::new(ip.src_be, ip.dst_be, ports[0], ports[1], ip.proto);
-        let owner = owner_v6(&flow, &vip, syn, non_syn, Mode::Record)?;
+        let found = owner_v6(&flow, &vip, syn, non_syn, Mode::Record);
+        let owner = settle(ctx, &tuple, syn, found, |vs| place_away_v6(&flow, vs))?;
         let label = if owner.engine.mode == ENGINE_MODE_TUNNEL {
             flow_hash_v6(&flow)
         } else {
@@ -134,6 +150,36 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
     Ok(forward::to_owner(
         ctx, l2.len, ip.family, &owner, flow_label,
     ))
+}
+
+/// The first packet of a flow for this host (a SYN, a new UDP flow) needs a socket here to take it:
+/// the data plane keeps steering while the daemon restarts, and the stack would reset a flow it has
+/// no socket for. Without one, a flow this host steers is placed on another engine (`away`); a SYN
+/// steered here by the primary is dropped, so that the client retransmits instead of being reset.
+#[inline(always)]
+fn settle(
+    ctx: &XdpContext,
+    t: &Tuple,
+    syn: bool,
+    found: Result<Owner, Reason>,
+    away: impl FnOnce(u32) -> Result<Owner, Reason>,
+) -> Result<Owner, Reason> {
+    match found {
+        Ok(owner)
+            if owner.engine.mode == ENGINE_MODE_LOCAL
+                && (syn || (t.proto == PROTO_UDP && owner.new_flow)) =>
+        {
+            if socket::exists(ctx, t) {
+                Ok(owner)
+            } else {
+                away(owner.vs_id)
+            }
+        }
+        Err(Reason::PassNotPrimary) if syn && !socket::exists(ctx, t) => {
+            Err(Reason::DropNoListener)
+        }
+        other => other,
+    }
 }
 
 /// Whether any VIP uses this (protocol, port): one array read that lets most non-VIP traffic

@@ -5,12 +5,14 @@
 //! against the packet's VIP, so an entry of a removed service is never followed.
 //! Slow path (a miss, a stale entry, an owner that is down or removed, a SYN to a draining owner):
 //! the VIP table, then source-IP persistence for persistent services, then the Maglev ring.
+//! A new flow the ring gives to this host while nothing here listens is placed away (`place_away_*`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_NONE, Engine, FlowV4, FlowV6, PersistEntry,
-    PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsEntry,
-    hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
+    ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_MODE_LOCAL, ENGINE_NONE, Engine, FlowV4,
+    FlowV6, PersistEntry, PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VS_F_PRIMARY, VipKey,
+    VsEntry,
+    hash::{client_hash, flow_hash_v4, flow_hash_v6, rehash, ring_slot},
 };
 
 use crate::{
@@ -200,3 +202,48 @@ owner_fn!(owner_v4, FlowV4, CONN_V4, flow_hash_v4, |f: &FlowV4| [
 ]);
 owner_fn!(owner_v6, FlowV6, CONN_V6, flow_hash_v6, |f: &FlowV6| f
     .src_be);
+
+/// Other ring slots tried for a flow that this host cannot take.
+const PLACE_AWAY_TRIES: u32 = 4;
+
+macro_rules! place_away_fn {
+    ($name:ident, $flow:ty, $table:ident, $hash:ident) => {
+        /// Another active engine than this host for `flow` of `vs_id`, whose first choice was this
+        /// host while nothing here listens: up to [`PLACE_AWAY_TRIES`] other ring slots
+        /// ([`rehash`]), recorded in the connection table. If every slot tried names this host (or
+        /// none is active), the entry is removed so that the client's retransmission is placed
+        /// afresh, and the packet is dropped.
+        #[inline(always)]
+        pub fn $name(flow: &$flow, vs_id: u32) -> Result<Owner, Reason> {
+            let hash = $hash(flow);
+            let mut attempt = 1;
+            while attempt <= PLACE_AWAY_TRIES {
+                if let Ok((id, e)) = ring_engine(vs_id, rehash(hash, attempt)) {
+                    if e.mode != ENGINE_MODE_LOCAL {
+                        let _ = $table.insert(
+                            flow,
+                            &ConnEntry {
+                                engine_id: id,
+                                vs_id,
+                            },
+                            0,
+                        );
+                        count(Reason::PlacedAwayNoListener);
+                        return Ok(Owner {
+                            vs_id,
+                            engine_id: id,
+                            engine: e,
+                            new_flow: true,
+                        });
+                    }
+                }
+                attempt += 1;
+            }
+            let _ = $table.remove(flow);
+            Err(Reason::DropNoListener)
+        }
+    };
+}
+
+place_away_fn!(place_away_v4, FlowV4, CONN_V4, flow_hash_v4);
+place_away_fn!(place_away_v6, FlowV6, CONN_V6, flow_hash_v6);

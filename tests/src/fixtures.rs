@@ -814,17 +814,14 @@ pub fn standard_links() -> Result<FakeLinks> {
     ])))
 }
 
-/// The ifindex of a real interface other than `lo` (an ingress that is not engine 5's egress), if any.
-pub fn other_ifindex() -> Option<u32> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n != "lo")
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .find_map(|n| nix::net::if_::if_nametoindex(n.as_str()).ok())
+/// The interface each testbed creates in its namespace besides `lo`.
+const OTHER_IFACE: &str = "fx0";
+
+/// The ifindex of an interface other than `lo` (an ingress that is not engine 5's egress), in the
+/// namespace of the calling thread's testbed.
+pub fn other_ifindex() -> Result<u32> {
+    nix::net::if_::if_nametoindex(OTHER_IFACE)
+        .with_context(|| format!("ifindex of {OTHER_IFACE} (made by Testbed::with_config)"))
 }
 
 const PIN_PREFIX: &str = "lbfix-";
@@ -871,6 +868,9 @@ pub struct Testbed {
     pub tables: Tables,
     pub links: FakeLinks,
     pin_dir: PathBuf,
+    /// A listener (TCP) or bound socket (UDP) on every virtual service's VIP:port, in the testbed's
+    /// network namespace: the program passes a new flow up only where a socket would take it.
+    sockets: Vec<socket2::Socket>,
 }
 
 impl Testbed {
@@ -891,6 +891,22 @@ impl Testbed {
         ));
         // A pid reused after a killed run: never load its tables.
         let _ = std::fs::remove_dir_all(&pin_dir);
+        // The program looks up sockets in the namespace of the test run's thread: give this thread a
+        // namespace of its own (nothing of the host's, no clash between parallel testbeds), with a
+        // second interface to arrive on (`other_ifindex`).
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare a network namespace for the testbed")?;
+        crate::cmd::run(&[
+            "ip",
+            "link",
+            "add",
+            OTHER_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "fxpeer",
+        ])?;
         let links = standard_links()?;
         let config = Config::parse(config).context("parsing the test configuration")?;
         let tables = Tables::plan(&config, &links)?;
@@ -909,14 +925,46 @@ impl Testbed {
             tables: Tables::default(),
             links,
             pin_dir,
+            sockets: Vec::new(),
         };
         tb.dp
             .apply(&Changes::between(None, &tables))
             .context("applying the configuration")?;
         tb.tables = tables;
+        tb.open_sockets()?;
         Ok(tb)
     }
 
+    /// Opens a socket on every virtual service's VIP:port (`IP_FREEBIND`: the VIPs are not local).
+    pub fn open_sockets(&mut self) -> Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        self.sockets.clear();
+        for vs in &self.config.virtual_services {
+            let addr = SocketAddr::new(vs.vip, vs.port);
+            let (ty, proto) = match vs.protocol {
+                lb_daemon::config::Protocol::Tcp => (Type::STREAM, Protocol::TCP),
+                lb_daemon::config::Protocol::Udp => (Type::DGRAM, Protocol::UDP),
+            };
+            let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+            if addr.is_ipv4() {
+                s.set_freebind_v4(true)?;
+            } else {
+                s.set_freebind_v6(true)?;
+            }
+            s.bind(&addr.into())
+                .with_context(|| format!("bind {addr} ({:?})", vs.protocol))?;
+            if ty == Type::STREAM {
+                s.listen(16)?;
+            }
+            self.sockets.push(s);
+        }
+        Ok(())
+    }
+
+    /// Closes every socket [`Testbed::open_sockets`] opened: as if the daemon were away.
+    pub fn close_sockets(&mut self) {
+        self.sockets.clear();
+    }
     /// Plans `config` without applying it (to predict the ring after a reload).
     pub fn plan(&self, config: &str) -> Result<Tables> {
         Ok(Tables::plan(&Config::parse(config)?, &self.links)?)

@@ -166,6 +166,167 @@ fn new_flow_owned_by_this_host_passes_unchanged() {
     );
 }
 
+/// Where the data plane places a flow whose ring slot names this host while nothing here listens:
+/// the first of the `rehash` attempts that names another active engine.
+fn placed_away(tb: &Testbed, vs: u32, hash: u32) -> Option<u32> {
+    (1..=4)
+        .map(|k| tb.ring_owner(vs, lb_common::hash::rehash(hash, k)))
+        .find(|&e| e != E_LOCAL)
+}
+
+#[test]
+fn new_flow_for_this_host_without_a_listener_is_placed_on_another_engine() {
+    let Some(mut tb) = testbed() else { return };
+    tb.close_sockets();
+    // A port the ring gives to this host and whose fallback is an engine on the segment.
+    let (port, away) = tb
+        .ports_to(VS_WEB, CLIENT4.into(), web4(), PROTO_TCP, E_LOCAL)
+        .find_map(|p| {
+            let hash = Packet::syn(client4(p), web4()).flow().hash();
+            placed_away(&tb, VS_WEB, hash)
+                .filter(|e| [E_L2_A, E_L2_B].contains(e))
+                .map(|e| (p, e))
+        })
+        .expect("a local port placed away on the segment");
+    let syn = Packet::syn(client4(port), web4());
+    tb.check(&tx_to(
+        "SYN for this host, nothing listening: placed away",
+        syn.build(),
+        away,
+        &[Reason::ConnNew, Reason::PlacedAwayNoListener, Reason::TxL2],
+    ));
+    assert_eq!(tb.conn_owner(&syn.flow()), Some(away));
+    // The listener is back: the flow stays where it was placed (its packets are already there)...
+    tb.open_sockets().unwrap();
+    let ack = Packet::ack(client4(port), web4()).build();
+    tb.check(&tx_to(
+        "the placed-away flow, listener back",
+        ack,
+        away,
+        &[Reason::ConnHit, Reason::TxL2],
+    ));
+    // ...and new flows for this host pass up again.
+    let local = Packet::syn(client4(web_port(&tb, E_LOCAL, 3)), web4()).build();
+    tb.check(
+        &Fixture::new("SYN for this host, listening", local, xdp::PASS)
+            .unchanged()
+            .reasons(&[Reason::ConnNew, Reason::Local]),
+    );
+
+    // A retransmitted SYN of a flow recorded for this host before the listener went away.
+    let port = web_port(&tb, E_LOCAL, 5);
+    let first = Packet::syn(client4(port), web4());
+    tb.check(
+        &Fixture::new("SYN recorded locally", first.build(), xdp::PASS)
+            .unchanged()
+            .reasons(&[Reason::ConnNew, Reason::Local]),
+    );
+    tb.close_sockets();
+    let away = placed_away(&tb, VS_WEB, first.flow().hash()).unwrap();
+    let out = tb.run(&first.build()).unwrap();
+    assert_ne!(
+        out.action,
+        xdp::PASS,
+        "a retransmitted SYN without listener"
+    );
+    assert_eq!(tb.conn_owner(&first.flow()), Some(away));
+    // Mid-flow packets of a local flow are not looked up: they pass (their socket, if it is gone,
+    // is gone with the daemon).
+    let ack = Packet::ack(client4(web_port(&tb, E_LOCAL, 3)), web4()).build();
+    tb.check(
+        &Fixture::new("local flow without listener, mid-flow", ack, xdp::PASS)
+            .unchanged()
+            .reasons(&[Reason::ConnHit, Reason::Local]),
+    );
+}
+
+#[test]
+fn udp_new_flow_for_this_host_without_a_socket_is_placed_away() {
+    let Some(mut tb) = testbed() else { return };
+    tb.close_sockets();
+    let dns = sock(VIP4, 53);
+    let (port, away) = tb
+        .ports_to(VS_DNS, CLIENT4.into(), dns, PROTO_UDP, E_LOCAL)
+        .find_map(|p| {
+            let hash = Packet::udp(client4(p), dns).flow().hash();
+            placed_away(&tb, VS_DNS, hash)
+                .filter(|e| [E_L2_A, E_L2_B].contains(e))
+                .map(|e| (p, e))
+        })
+        .expect("a local port placed away on the segment");
+    let pkt = Packet::udp(client4(port), dns);
+    tb.check(&tx_to(
+        "UDP for this host, no socket: placed away",
+        pkt.build(),
+        away,
+        &[Reason::ConnNew, Reason::PlacedAwayNoListener, Reason::TxL2],
+    ));
+    assert_eq!(tb.conn_owner(&pkt.flow()), Some(away));
+}
+
+#[test]
+fn syn_with_nowhere_else_to_go_is_dropped_until_a_listener_is_back() {
+    let config = edit(
+        STANDARD_CONFIG,
+        "engines = [ { id = 1 }, { id = 2 }, { id = 3 }, { id = 4 } ] # web engines",
+        "engines = [ { id = 1 } ] # web engines",
+    );
+    let Some(mut tb) = testbed_with(&config) else {
+        return;
+    };
+    tb.close_sockets();
+    let syn = Packet::syn(client4(40000), web4());
+    tb.check(
+        &Fixture::new("only this host, nothing listening", syn.build(), xdp::DROP)
+            .unchanged()
+            .reasons(&[Reason::ConnNew, Reason::DropNoListener]),
+    );
+    assert_eq!(
+        tb.conn_owner(&syn.flow()),
+        None,
+        "the retransmission is placed afresh"
+    );
+    tb.open_sockets().unwrap();
+    tb.check(
+        &Fixture::new(
+            "the retransmitted SYN, listener back",
+            syn.build(),
+            xdp::PASS,
+        )
+        .unchanged()
+        .reasons(&[Reason::ConnNew, Reason::Local]),
+    );
+    assert_eq!(tb.conn_owner(&syn.flow()), Some(E_LOCAL));
+}
+
+#[test]
+fn syn_steered_to_this_secondary_without_a_listener_is_dropped() {
+    let Some(mut tb) = testbed() else { return };
+    let vs = sock(VIP4_SECONDARY, 80);
+    tb.close_sockets();
+    tb.check(
+        &Fixture::new(
+            "SYN to a secondary VIP, nothing listening",
+            Packet::syn(client4(40000), vs).build(),
+            xdp::DROP,
+        )
+        .unchanged()
+        .reasons(&[Reason::DropNoListener]),
+    );
+    // Anything but a SYN passes as before: only a connection's first packet needs a socket.
+    tb.check_pass(
+        "mid-flow segment to a secondary VIP",
+        Packet::ack(client4(40000), vs).build(),
+        Reason::PassNotPrimary,
+    );
+    tb.open_sockets().unwrap();
+    tb.check_pass(
+        "SYN to a secondary VIP, listening",
+        Packet::syn(client4(40000), vs).build(),
+        Reason::PassNotPrimary,
+    );
+}
+
 #[test]
 fn recorded_flow_keeps_its_engine_after_the_ring_changes() {
     let Some(mut tb) = testbed() else { return };
@@ -1381,14 +1542,16 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::DropTunnelNoAddr
         | Reason::DropAdjustHead
         | Reason::DropIcmpMalformed
-        | Reason::DropRedirect => Some(&[xdp::DROP]),
+        | Reason::DropRedirect
+        | Reason::DropNoListener => Some(&[xdp::DROP]),
         Reason::ConnHit
         | Reason::ConnNew
         | Reason::ConnOwnerDown
         | Reason::TcpNonSynMiss
         | Reason::PersistHit
         | Reason::IcmpSteered
-        | Reason::SynToDraining => None,
+        | Reason::SynToDraining
+        | Reason::PlacedAwayNoListener => None,
     }
 }
 
@@ -1396,14 +1559,16 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
 fn random_frames_never_abort() {
     let Some(tb) = testbed() else { return };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let other = other_ifindex().unwrap();
     let mut verdicts = [0u32; 5];
     for i in 0..2000 {
         let frame = random_frame(&mut rng);
         let before = tb.reason_counts().unwrap();
         // Every other frame arrives on another interface, so engine 5 is reached by redirect.
-        let run = match other_ifindex() {
-            Some(other) if i % 2 == 1 => tb.run_on(&frame, other),
-            _ => tb.run(&frame),
+        let run = if i % 2 == 1 {
+            tb.run_on(&frame, other)
+        } else {
+            tb.run(&frame)
         };
         match run {
             Ok(o) => {
@@ -1463,10 +1628,7 @@ fn random_frames_never_abort() {
 #[test]
 fn engine_behind_another_interface_is_redirected() {
     let Some(mut tb) = testbed() else { return };
-    let Some(ingress) = other_ifindex() else {
-        eprintln!("skipping the redirect case: no interface other than lo to arrive on");
-        return;
-    };
+    let ingress = other_ifindex().unwrap();
     let vs = sock(VIP4_REDIRECT, 80);
     let syn = Packet::syn(client4(40000), vs).build();
     let out = rewrite_macs(&syn, engine_mac(E_REDIRECT), LO_LINK_MAC);
