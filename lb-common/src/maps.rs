@@ -12,6 +12,11 @@ pub const DEFAULT_MAX_VS: u32 = 64;
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
 /// Default source-IP persistence table capacity.
 pub const DEFAULT_PERSIST_ENTRIES: u32 = 1 << 18;
+/// Layout version of the pinned state tables (`CONN_V4`, `CONN_V6`, `PERSIST`): the meaning of their
+/// keys and values. Bump it with any change to [`FlowV4`], [`FlowV6`], [`ConnEntry`], [`PersistKey`]
+/// or [`PersistEntry`] beyond what their sizes show; a daemon refuses pinned tables of another
+/// version instead of misreading them.
+pub const STATE_LAYOUT_VERSION: u32 = 1;
 /// A ring slot that names no engine (the virtual service has no active engine).
 pub const ENGINE_NONE: u32 = u32::MAX;
 
@@ -42,6 +47,10 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 pub const VS_F_PRIMARY: u32 = 1 << 0;
 /// New flows consult and fill the source-IP persistence table.
 pub const VS_F_PERSIST: u32 = 1 << 1;
+/// The virtual service drains (`virtual_services[].draining`): its listeners are closed on purpose
+/// and new connections are to be refused at once (the stack resets them), not held back for a
+/// listener to come back as while a daemon restarts.
+pub const VS_F_REFUSE_NEW: u32 = 1 << 2;
 
 /// Value of the VS table (an array indexed by virtual service id). The VIP table maps a
 /// (VIP, port, protocol) to the id; a connection-table hit finds the service here directly and

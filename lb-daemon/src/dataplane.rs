@@ -1,20 +1,35 @@
 //! The XDP program and its maps in the kernel: loading (with table sizes from the configuration and
 //! the state tables pinned), attaching, applying [`Changes`], and reading counters.
+//!
+//! The data plane outlives the daemon. The attachment is a BPF link pinned under the pin directory
+//! (`link-<mode>-<interface>`), so a daemon that stops, crashes or is killed leaves the program
+//! steering with its tables. A starting daemon checks the pinned tables against its own object
+//! (type, key and value sizes, capacity, flags, [`STATE_LAYOUT_VERSION`]) and refuses, naming the
+//! map, if they do not fit; it then loads its program on the same state tables, fills fresh
+//! configuration maps, and swaps its program into the pinned link in one `bpf_link_update`: no
+//! packet ever meets a detached interface. Only [`detach_for_good`] removes the link and the pins.
+//! One daemon per pin directory: it holds an exclusive `flock` on it while it runs.
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, MapData, MapError, PerCpuArray, xdp::XdpMapError},
-    programs::{ProgramError, Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    maps::{Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, xdp::XdpMapError},
+    programs::{
+        ProgramError, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     ConnEntry, ENGINE_NONE, Engine, FlowV4, FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey,
-    REASON_COUNT, RING_SIZE, Reason, TrafficCounters, VipKey, VsEntry,
+    REASON_COUNT, RING_SIZE, Reason, STATE_LAYOUT_VERSION, TrafficCounters, VipKey, VsEntry,
 };
+use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,12 +40,64 @@ use crate::{
 /// Name of the steering program in the object.
 pub const PROGRAM: &str = "lb_xdp";
 /// Maps pinned under the pin directory (state that must survive a daemon restart).
-pub const PINNED_MAPS: [&str; 3] = ["CONN_V4", "CONN_V6", "PERSIST"];
+pub const PINNED_MAPS: [&str; 4] = ["CONN_V4", "CONN_V6", "PERSIST", "STATE_LAYOUT"];
+/// The pinned XDP link is `link-<mode>-<interface>` in the pin directory (bpffs refuses names with
+/// a dot, so a dot in the interface name is written `%2e`, and `%` as `%25`).
+const LINK_PIN_PREFIX: &str = "link-";
+
+fn link_pin_name(mode: XdpMode, interface: &str) -> String {
+    let iface = interface.replace('%', "%25").replace('.', "%2e");
+    format!("{LINK_PIN_PREFIX}{}-{iface}", mode_name(mode))
+}
+
+/// An error with its causes, for messages that carry it as text.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("pin directory {path}: {reason}")]
     PinDir { path: PathBuf, reason: String },
+    #[error(
+        "pin directory {0} is in use by another lb-daemon (one daemon per pin_dir; stop it first)"
+    )]
+    PinDirBusy(PathBuf),
+    #[error(
+        "pinned map {map} in {dir} does not fit this build: {detail}. Start with the settings it was made with, or remove the data plane with `lb-daemon --detach` (established flows are lost)"
+    )]
+    Incompatible {
+        map: String,
+        dir: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "pinned state tables in {dir} have layout version {found}, this build reads version {STATE_LAYOUT_VERSION}: no migration between them exists; run the build that made them, or remove them with `lb-daemon --detach` (established flows are lost)"
+    )]
+    LayoutVersion { dir: PathBuf, found: u32 },
+    #[error("parsing the XDP object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error(
+        "{pin} is an XDP attachment on {interface} in {mode} mode, but this daemon is configured for {want_interface} in {want_mode} mode: run `lb-daemon --detach` with the old configuration first"
+    )]
+    ForeignLink {
+        pin: PathBuf,
+        interface: String,
+        mode: String,
+        want_interface: String,
+        want_mode: String,
+    },
+    #[error("pinned link {pin}: {source}")]
+    Link { pin: PathBuf, source: LinkError },
+    #[error("pinning the XDP link at {pin}: {reason}")]
+    PinLink { pin: PathBuf, reason: String },
     #[error("loading the XDP object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {0}")]
@@ -58,7 +125,11 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 /// The loaded program and typed handles on every map.
 pub struct Dataplane {
     ebpf: Ebpf,
-    link: Option<XdpLinkId>,
+    /// The attachment, pinned (dropping this handle leaves it attached).
+    link: Option<FdLink>,
+    pin_dir: PathBuf,
+    /// Held while this daemon uses `pin_dir`.
+    _lock: Flock<File>,
     vips: HashMap<MapData, VipKey, u32>,
     vs: Array<MapData, VsEntry>,
     vip_ports: Array<MapData, u64>,
@@ -80,11 +151,173 @@ pub struct Counters {
     vs_stats: PerCpuArray<MapData, TrafficCounters>,
     engine_stats: PerCpuArray<MapData, TrafficCounters>,
     reasons: PerCpuArray<MapData, u64>,
+    /// The attached program, once attached.
+    pub program: OnceLock<ProgramIdent>,
+}
+
+/// Which program is attached: the kernel's id and tag (a hash of its instructions), so an upgrade
+/// shows in the metrics and the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramIdent {
+    pub id: u32,
+    pub tag: String,
+}
+
+/// Takes the pin directory's lock, or says another daemon has it.
+fn lock_pin_dir(pin_dir: &Path) -> Result<Flock<File>, DataplaneError> {
+    let dir = File::open(pin_dir).map_err(|e| DataplaneError::PinDir {
+        path: pin_dir.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DataplaneError::PinDirBusy(pin_dir.to_owned()))
+}
+
+/// Checks the state tables pinned in `pin_dir` (if any) against what `object` would create with
+/// `max_entries`: map type, key and value size, capacity, flags, and the layout version.
+pub fn check_pinned(
+    object: &[u8],
+    pin_dir: &Path,
+    max_entries: &[(&str, u32)],
+) -> Result<(), DataplaneError> {
+    let obj = aya_obj::Object::parse(object)?;
+    let incompatible = |map: &str, detail: String| DataplaneError::Incompatible {
+        map: map.to_owned(),
+        dir: pin_dir.to_owned(),
+        detail,
+    };
+    let mut found_any = false;
+    for name in PINNED_MAPS {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        found_any = true;
+        let want = obj
+            .maps
+            .get(name)
+            .ok_or_else(|| incompatible(name, "this build's object has no such map".into()))?;
+        let have = MapInfo::from_pin(&path).map_err(map_err_dyn(name))?;
+        let want_entries = max_entries
+            .iter()
+            .find(|(m, _)| *m == name)
+            .map_or(want.max_entries(), |(_, n)| *n);
+        let have_type = have.map_type().map_err(map_err_dyn(name))? as u32;
+        let checks = [
+            ("map type", have_type, want.map_type()),
+            ("key size", have.key_size(), want.key_size()),
+            ("value size", have.value_size(), want.value_size()),
+            ("capacity", have.max_entries(), want_entries),
+            ("flags", have.map_flags(), want.map_flags()),
+        ];
+        for (what, have, want) in checks {
+            if have != want {
+                return Err(incompatible(
+                    name,
+                    format!("{what} is {have} pinned, {want} in this build"),
+                ));
+            }
+        }
+    }
+    if found_any {
+        let path = pin_dir.join("STATE_LAYOUT");
+        // Tables pinned by builds before the layout map existed are version 1.
+        let found = if path.exists() {
+            let map = MapData::from_pin(&path).map_err(map_err_dyn("STATE_LAYOUT"))?;
+            let layout: Array<MapData, u32> =
+                Array::try_from(aya::maps::Map::Array(map)).map_err(map_err_dyn("STATE_LAYOUT"))?;
+            match layout.get(&0, 0).map_err(map_err_dyn("STATE_LAYOUT"))? {
+                0 => 1,
+                v => v,
+            }
+        } else {
+            1
+        };
+        if found != STATE_LAYOUT_VERSION {
+            return Err(DataplaneError::LayoutVersion {
+                dir: pin_dir.to_owned(),
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn map_err_dyn(map: &str) -> impl FnOnce(MapError) -> DataplaneError + '_ {
+    move |source| DataplaneError::Incompatible {
+        map: map.to_owned(),
+        dir: PathBuf::new(),
+        detail: chain(&source),
+    }
+}
+
+/// The pinned links in `pin_dir`: (path, mode, interface).
+fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, String, String)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut links: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (mode, interface) = name.strip_prefix(LINK_PIN_PREFIX)?.split_once('-')?;
+            let interface = interface.replace("%2e", ".").replace("%25", "%");
+            Some((e.path(), mode.to_owned(), interface))
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+fn mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Native => "native",
+        XdpMode::Generic => "generic",
+    }
+}
+
+/// What [`detach_for_good`] removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<&'static str>,
+}
+
+/// Removes the data plane for good: the pinned XDP link (which detaches the program once no daemon
+/// holds it) and the pinned state tables. Refuses while a daemon uses `pin_dir`.
+pub fn detach_for_good(pin_dir: &Path) -> Result<Removed, DataplaneError> {
+    let mut removed = Removed::default();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    let lock = lock_pin_dir(pin_dir)?;
+    for (pin, ..) in pinned_links(pin_dir) {
+        std::fs::remove_file(&pin).map_err(|e| DataplaneError::PinDir {
+            path: pin.clone(),
+            reason: e.to_string(),
+        })?;
+        removed.links.push(pin);
+    }
+    for name in PINNED_MAPS {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| DataplaneError::PinDir {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            removed.maps.push(name);
+        }
+    }
+    drop(lock);
+    // Only if nothing else lives there (a shared bpffs mount point stays).
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
 }
 
 impl Dataplane {
     /// Loads `object` with table sizes from `cfg`, pinning the state tables under `cfg.pin_dir`
-    /// (reusing them if a previous run left them there). Does not attach.
+    /// (reusing them if a previous run left them there, once [`check_pinned`] accepts them). Does
+    /// not attach.
     pub fn load(object: &[u8], cfg: &DaemonConfig) -> Result<Self, DataplaneError> {
         Self::load_with(
             object,
@@ -103,6 +336,12 @@ impl Dataplane {
         persist: u32,
     ) -> Result<Self, DataplaneError> {
         ensure_bpffs(pin_dir)?;
+        let lock = lock_pin_dir(pin_dir)?;
+        check_pinned(
+            object,
+            pin_dir,
+            &[("CONN_V4", conn), ("CONN_V6", conn), ("PERSIST", persist)],
+        )?;
         let reused: Vec<&str> = PINNED_MAPS
             .into_iter()
             .filter(|m| pin_dir.join(m).exists())
@@ -134,7 +373,13 @@ impl Dataplane {
                     .map_err(map_err($name))?
             };
         }
+        let mut layout: Array<MapData, u32> = take!("STATE_LAYOUT");
+        layout
+            .set(0, STATE_LAYOUT_VERSION, 0)
+            .map_err(map_err("STATE_LAYOUT"))?;
         Ok(Dataplane {
+            pin_dir: pin_dir.to_owned(),
+            _lock: lock,
             vips: take!("VIPS"),
             vip_addrs: take!("VIP_ADDRS"),
             vs: take!("VS"),
@@ -150,6 +395,7 @@ impl Dataplane {
                 vs_stats: take!("VS_STATS"),
                 engine_stats: take!("ENGINE_STATS"),
                 reasons: take!("REASONS"),
+                program: OnceLock::new(),
             }),
             ebpf,
             link: None,
@@ -166,8 +412,10 @@ impl Dataplane {
             .expect("an XDP program")
     }
 
-    /// Attaches to `interface`. Native mode fails if the driver cannot do it; generic mode works
-    /// anywhere but runs after the kernel allocated an skb, so it warns loudly.
+    /// Attaches to `interface`, or takes over the attachment a previous daemon pinned there: its
+    /// program is replaced by this one atomically (`bpf_link_update`), so steering never stops.
+    /// Native mode fails if the driver cannot do it; generic mode works anywhere but runs after the
+    /// kernel allocated an skb, so it warns loudly.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
         let aya_mode = match mode {
             XdpMode::Native => AyaXdpMode::Driver,
@@ -179,35 +427,85 @@ impl Dataplane {
                 AyaXdpMode::Skb
             }
         };
+        let want_pin = self.pin_dir.join(link_pin_name(mode, interface));
+        let mut adopt = None;
+        for (pin, pin_mode, pin_iface) in pinned_links(&self.pin_dir) {
+            if pin != want_pin {
+                return Err(DataplaneError::ForeignLink {
+                    pin,
+                    interface: pin_iface,
+                    mode: pin_mode,
+                    want_interface: interface.to_owned(),
+                    want_mode: mode_name(mode).to_owned(),
+                });
+            }
+            adopt = Some(pin);
+        }
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM)
             .expect("loaded in load()")
             .try_into()?;
-        let link = prog
-            .attach(interface, aya_mode)
-            .map_err(|source| DataplaneError::Attach {
-                interface: interface.into(),
-                mode,
-                source,
-            })?;
-        self.link = Some(link);
-        info!(interface, ?mode, "XDP program attached");
+        let link_err = |source| DataplaneError::Link {
+            pin: want_pin.clone(),
+            source,
+        };
+        let fd_link = if let Some(pin) = adopt {
+            let pinned = PinnedLink::from_pin(&pin).map_err(link_err)?;
+            let fd_link = FdLink::from(pinned);
+            let old = fd_link.info().map_err(link_err)?.program_id();
+            let id = prog.attach_to_link(XdpLink::try_from(fd_link).map_err(link_err)?)?;
+            let fd_link: FdLink = prog.take_link(id)?.try_into().map_err(link_err)?;
+            info!(
+                interface,
+                ?mode,
+                old_program = old,
+                "took over the pinned XDP link: program replaced atomically"
+            );
+            fd_link
+        } else {
+            let id = prog
+                .attach(interface, aya_mode)
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.into(),
+                    mode,
+                    source,
+                })?;
+            let fd_link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .map_err(|e: LinkError| DataplaneError::PinLink {
+                    pin: want_pin.clone(),
+                    reason: format!("the kernel gave no BPF link for XDP ({e}); a daemon restart would detach the program"),
+                })?;
+            let pinned = fd_link
+                .pin(&want_pin)
+                .map_err(|e| DataplaneError::PinLink {
+                    pin: want_pin.clone(),
+                    reason: chain(&e),
+                })?;
+            info!(interface, ?mode, pin = %want_pin.display(), "XDP program attached");
+            FdLink::from(pinned)
+        };
+        let ident = self.program_ident()?;
+        info!(program_id = ident.id, tag = %ident.tag, "steering program");
+        let _ = self.counters.program.set(ident);
+        self.link = Some(fd_link);
         Ok(())
     }
 
-    /// Detaches the program (the maps stay pinned).
-    pub fn detach(&mut self) -> Result<(), DataplaneError> {
-        if let Some(link) = self.link.take() {
-            let prog: &mut Xdp = self
-                .ebpf
-                .program_mut(PROGRAM)
-                .expect("loaded in load()")
-                .try_into()?;
-            prog.detach(link)?;
-            info!("XDP program detached");
-        }
-        Ok(())
+    /// The loaded program's kernel id and tag.
+    pub fn program_ident(&self) -> Result<ProgramIdent, DataplaneError> {
+        let info = self.program().info()?;
+        Ok(ProgramIdent {
+            id: info.id(),
+            tag: format!("{:016x}", info.tag()),
+        })
+    }
+
+    /// The pin directory this data plane holds.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// Writes `c` into the maps, in the order [`Changes`] documents.

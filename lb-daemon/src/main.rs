@@ -7,8 +7,11 @@
 //!     ├── tasks: proxy accept loops, connections, UDP sessions, health checks
 //!     └── signal loop: SIGHUP → reload (validate, plan, check routes and sockets, apply only the
 //!                      diff, roll back on error)
-//!                      SIGTERM/SIGINT → detach, exit (connection tables stay pinned)
+//!                      SIGTERM/SIGINT → exit; the XDP program stays attached and steering
+//!                      (pinned link and tables); the next start takes it over atomically
 //! ```
+//!
+//! `lb-daemon --detach` removes the data plane for good (the pinned link and tables).
 
 use std::{
     io::IsTerminal,
@@ -46,6 +49,11 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Remove the data plane for good and exit: detach the XDP program and delete the pinned link
+    /// and state tables under `daemon.pin_dir` (established flows are forgotten). Refused while a
+    /// daemon runs on that pin directory. A plain stop (SIGTERM) leaves the program steering.
+    #[arg(long, conflicts_with = "check")]
+    detach: bool,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +76,9 @@ fn main() -> ExitCode {
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
+    if args.detach {
+        return detach(&config.daemon.pin_dir);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,6 +95,27 @@ fn main() -> ExitCode {
         Err(e) => {
             error!("{e:#}");
             eprintln!("lb-daemon: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn detach(pin_dir: &Path) -> ExitCode {
+    match lb_daemon::dataplane::detach_for_good(pin_dir) {
+        Ok(removed) => {
+            for link in &removed.links {
+                println!("removed XDP link {}", link.display());
+            }
+            for map in &removed.maps {
+                println!("removed pinned map {}", pin_dir.join(map).display());
+            }
+            if removed.links.is_empty() && removed.maps.is_empty() {
+                println!("nothing pinned under {}", pin_dir.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lb-daemon: --detach: {e}");
             ExitCode::FAILURE
         }
     }
@@ -168,7 +200,6 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             ended = &mut server => {
-                dp.detach()?;
                 bail!("metrics server stopped: {}", match ended {
                     Ok(Ok(())) => "without error".to_string(),
                     Ok(Err(e)) => e.to_string(),
@@ -178,10 +209,9 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
         }
     }
     server.abort();
-    dp.detach()?;
     info!(
-        "stopped; connection tables stay pinned under {}",
-        current.daemon.pin_dir.display()
+        pin_dir = %current.daemon.pin_dir.display(),
+        "stopped; the XDP program stays attached and steering with its pinned tables (`lb-daemon --detach` removes it)"
     );
     Ok(())
 }

@@ -91,6 +91,17 @@ impl Collector for DataplaneCollector {
             }
             Err(e) => warn!("reading reason counters: {e}"),
         }
+        if let Some(p) = c.program.get() {
+            let mut m = encoder.encode_descriptor(
+                "lb_xdp_program_info",
+                "The attached steering program: kernel program id and tag (changes on upgrade)",
+                None,
+                MetricType::Gauge,
+            )?;
+            let id = p.id.to_string();
+            ConstGauge::new(1)
+                .encode(m.encode_family(&[("id", id.as_str()), ("tag", p.tag.as_str())])?)?;
+        }
         let vs: Vec<_> = inv
             .virtual_services
             .iter()

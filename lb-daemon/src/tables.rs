@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     ENGINE_ACTIVE, ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals,
-    RING_SIZE, VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsEntry,
+    RING_SIZE, VS_F_PERSIST, VS_F_PRIMARY, VS_F_REFUSE_NEW, VipKey, VsEntry,
     addr::{ip_be, v4_be, v6_be},
     maglev::{self, Member},
     vip_port_bit,
@@ -104,6 +104,9 @@ impl Tables {
             }
             if vs.persistence_timeout_s > 0 {
                 flags |= VS_F_PERSIST;
+            }
+            if vs.draining {
+                flags |= VS_F_REFUSE_NEW;
             }
             let key = VipKey {
                 addr_be,

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, FAMILY_V4, FlowV4, FlowV6, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP, Reason, VipKey, hash::flow_hash_v6,
+    PROTO_TCP, PROTO_UDP, Reason, VS_F_REFUSE_NEW, VipKey, hash::flow_hash_v6,
 };
 
 use crate::{
@@ -133,13 +133,13 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
         let flow = FlowV4::new(ip.src_be[0], ip.dst_be[0], ports[0], ports[1], ip.proto);
         let found = owner_v4(&flow, &vip, syn, non_syn, Mode::Record);
         (
-            settle(ctx, &tuple, syn, found, |vs| place_away_v4(&flow, vs))?,
+            settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v4(&flow, vs))?,
             0,
         )
     } else {
         let flow = FlowV6::new(ip.src_be, ip.dst_be, ports[0], ports[1], ip.proto);
         let found = owner_v6(&flow, &vip, syn, non_syn, Mode::Record);
-        let owner = settle(ctx, &tuple, syn, found, |vs| place_away_v6(&flow, vs))?;
+        let owner = settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v6(&flow, vs))?;
         let label = if owner.engine.mode == ENGINE_MODE_TUNNEL {
             flow_hash_v6(&flow)
         } else {
@@ -156,10 +156,13 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
 /// the data plane keeps steering while the daemon restarts, and the stack would reset a flow it has
 /// no socket for. Without one, a flow this host steers is placed on another engine (`away`); a SYN
 /// steered here by the primary is dropped, so that the client retransmits instead of being reset.
+/// A draining virtual service (`VS_F_REFUSE_NEW`) closed its listeners on purpose: its new
+/// connections go up to be reset at once.
 #[inline(always)]
 fn settle(
     ctx: &XdpContext,
     t: &Tuple,
+    vip: &VipKey,
     syn: bool,
     found: Result<Owner, Reason>,
     away: impl FnOnce(u32) -> Result<Owner, Reason>,
@@ -169,17 +172,34 @@ fn settle(
             if owner.engine.mode == ENGINE_MODE_LOCAL
                 && (syn || (t.proto == PROTO_UDP && owner.new_flow)) =>
         {
-            if socket::exists(ctx, t) {
+            if refusing(owner.vs_id) || socket::exists(ctx, t) {
                 Ok(owner)
             } else {
                 away(owner.vs_id)
             }
         }
-        Err(Reason::PassNotPrimary) if syn && !socket::exists(ctx, t) => {
+        Err(Reason::PassNotPrimary) if syn && !vip_refusing(vip) && !socket::exists(ctx, t) => {
             Err(Reason::DropNoListener)
         }
         other => other,
     }
+}
+
+/// Whether virtual service `vs_id` drains: its new connections are refused on purpose.
+#[inline(always)]
+fn refusing(vs_id: u32) -> bool {
+    maps::VS
+        .get(vs_id)
+        .is_some_and(|vs| vs.flags & VS_F_REFUSE_NEW != 0)
+}
+
+/// [`refusing`] for the virtual service of `vip`.
+#[inline(always)]
+fn vip_refusing(vip: &VipKey) -> bool {
+    maps::VIPS.get_ptr(vip).is_some_and(|id| {
+        // SAFETY: a map value pointer from a successful lookup.
+        refusing(unsafe { *id })
+    })
 }
 
 /// Whether any VIP uses this (protocol, port): one array read that lets most non-VIP traffic

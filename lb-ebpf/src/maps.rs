@@ -1,6 +1,7 @@
 //! Every map of the data plane, in one place. Sizes here are defaults: the daemon sets the real
 //! ones at load time. The connection and persistence tables are pinned (by name, under the daemon's
-//! pin directory) so a daemon restart keeps them.
+//! pin directory) so a daemon restart or upgrade keeps them, with `STATE_LAYOUT` saying which layout
+//! of their keys and values they hold.
 
 use aya_ebpf::{
     macros::map,
@@ -60,6 +61,11 @@ pub static CONN_V6: LruHashMap<FlowV6, ConnEntry> =
 #[map]
 pub static PERSIST: LruHashMap<PersistKey, PersistEntry> =
     LruHashMap::pinned(DEFAULT_PERSIST_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// The layout version of the pinned state tables (`lb_common::STATE_LAYOUT_VERSION`), written by the
+/// daemon that created them and checked by every daemon that adopts them.
+#[map]
+pub static STATE_LAYOUT: Array<u32> = Array::pinned(1, 0);
 
 /// Data-plane wide settings (one entry).
 #[map]

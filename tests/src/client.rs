@@ -260,6 +260,126 @@ impl HeldConnection {
     }
 }
 
+/// Held connections that each send a request every `period` on a thread of their own until
+/// [`Keeper::finish`], recording every failure and every answer from another engine than the first.
+pub struct Keeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<KeeperReport>,
+}
+
+/// What the held connections saw.
+#[derive(Debug, Default)]
+pub struct KeeperReport {
+    pub connections: usize,
+    /// Rounds completed (every connection sent one request per round).
+    pub rounds: usize,
+    pub requests: usize,
+    /// (connection index, error) of each connection that failed (it is not used again).
+    pub failed: Vec<(usize, String)>,
+    /// (connection index, first engine, later engine).
+    pub moved: Vec<(usize, String, String)>,
+    /// Connections per engine, from the first answers.
+    pub per_engine: BTreeMap<String, usize>,
+}
+
+impl Keeper {
+    /// Opens `n` keep-alive connections from `ns` to `target`, one request each, then keeps them
+    /// busy: a request on each every `period`.
+    pub fn start(ns: &Ns, target: SocketAddr, n: usize, period: Duration) -> Result<Keeper> {
+        let mut conns = Vec::with_capacity(n);
+        let mut report = KeeperReport {
+            connections: n,
+            ..KeeperReport::default()
+        };
+        for i in 0..n {
+            let mut c = HeldConnection::open(ns, target, Duration::from_secs(3))
+                .with_context(|| format!("open held connection {i}"))?;
+            let name = c.get().with_context(|| format!("held connection {i}"))?;
+            *report.per_engine.entry(name.clone()).or_default() += 1;
+            conns.push(Some((c, name)));
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let round = Instant::now();
+                for (i, slot) in conns.iter_mut().enumerate() {
+                    let Some((c, first)) = slot else { continue };
+                    report.requests += 1;
+                    match c.get() {
+                        Ok(name) if name == *first => {}
+                        Ok(name) => {
+                            report.moved.push((i, first.clone(), name));
+                            *slot = None;
+                        }
+                        Err(e) => {
+                            report.failed.push((i, format!("{e:#}")));
+                            *slot = None;
+                        }
+                    }
+                }
+                report.rounds += 1;
+                if let Some(rest) = period.checked_sub(round.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            report
+        });
+        Ok(Keeper { stop, thread })
+    }
+
+    /// Stops after the round in progress and returns the report.
+    pub fn finish(self) -> Result<KeeperReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("keeper thread panicked"))
+    }
+}
+
+/// New connections in a loop from a thread in `ns` (one request each, a pause between them) until
+/// [`NewConnections::finish`]: every failure counts.
+pub struct NewConnections {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<LoadResult>>,
+}
+
+impl NewConnections {
+    pub fn start(ns: &Ns, target: SocketAddr, pause: Duration) -> NewConnections {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = ns.clone();
+        let thread = std::thread::spawn(move || -> Result<LoadResult> {
+            enter(ns.name())?;
+            let mut r = LoadResult::default();
+            let start = Instant::now();
+            // Bounded: a test that forgets to finish stops after ten minutes.
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(10) {
+                match one_request(target, Duration::from_secs(5)) {
+                    Ok(name) => *r.per_engine.entry(name).or_default() += 1,
+                    Err(e) => {
+                        r.errors += 1;
+                        if r.error_samples.len() < MAX_ERROR_SAMPLES {
+                            r.error_samples.push(format!("{e:#}"));
+                        }
+                    }
+                }
+                std::thread::sleep(pause);
+            }
+            r.elapsed = start.elapsed();
+            Ok(r)
+        });
+        NewConnections { stop, thread }
+    }
+
+    pub fn finish(self) -> Result<LoadResult> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("new-connections thread panicked"))?
+    }
+}
+
 /// `GET path` with HTTP/1.0 from inside `ns` (for the daemon's metrics endpoint);
 /// returns (status, body).
 pub fn http_get(

@@ -304,6 +304,27 @@ impl Daemon {
             if let Some(status) = self.proc.try_wait()? {
                 bail!("exited during start-up ({status})");
             }
+            // Connect only once the endpoint listens: a connection refused would be answered with
+            // a reset, and tests count the engine's resets.
+            let port = self.config.daemon.metrics_listen.port().to_string();
+            let listening = run(&[
+                "ip",
+                "netns",
+                "exec",
+                self.ns.name(),
+                "ss",
+                "-Hltn",
+                "sport",
+                "=",
+                &format!(":{port}"),
+            ])?;
+            if listening.trim().is_empty() {
+                if Instant::now() >= deadline {
+                    bail!("not ready after {timeout:?}: metrics endpoint not listening");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             let last_err = match self.metrics() {
                 Ok(_) => {
                     let link = run(&[

@@ -293,12 +293,25 @@ impl Lab {
         Ok(ns)
     }
 
-    /// The switch namespace `sw` with bridge `br0` (made on first use).
+    /// The switch namespace `sw` with bridge `br0` (made on first use). Where the host has
+    /// `br_netfilter` loaded, a new namespace starts with `bridge-nf-call-iptables=1`, and the bridge
+    /// then drops malformed IPv4 frames before any engine sees them (trap 3): the switch turns it
+    /// off, so the lab forwards what a real switch forwards.
     pub fn switch(&self) -> Result<Ns> {
         if let Some(sw) = lock(&self.state).switch.clone() {
             return Ok(sw);
         }
         let sw = self.add_ns("sw")?;
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net/bridge/bridge-nf-call-{table}");
+            // The keys exist only while br_netfilter is loaded; without it nothing filters.
+            let present = self
+                .exec(&sw, &["test", "-e", &format!("/proc/sys/{key}")])
+                .is_ok();
+            if present {
+                self.sysctl(&sw, &key.replace('/', "."), "0")?;
+            }
+        }
         self.ip(
             &sw,
             &["link", "add", BRIDGE, "type", "bridge", "stp_state", "0"],
@@ -427,6 +440,23 @@ impl Lab {
         let mut full = vec!["ip", "netns", "exec", ns.name()];
         full.extend_from_slice(argv);
         run(&full)
+    }
+
+    /// A counter of the `Tcp:` lines of `/proc/net/snmp` inside `ns` (`OutRsts`, `ActiveOpens`, ...).
+    pub fn tcp_counter(&self, ns: &Ns, name: &str) -> Result<u64> {
+        let snmp = self.exec(ns, &["cat", "/proc/net/snmp"])?;
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            bail!("no Tcp: lines in /proc/net/snmp of {ns}");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("no Tcp counter {name} in {ns}"))?
+            .1
+            .parse()
+            .with_context(|| format!("Tcp {name} in {ns}"))
     }
 
     /// `sysctl -w key=value` inside `ns`.

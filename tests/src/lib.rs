@@ -59,6 +59,12 @@ pub fn xdp_object() -> PathBuf {
     )
 }
 
+/// The data plane built at another optimisation level (`lb-xdp-variant.o` beside [`xdp_object`]): a
+/// different but compatible object to upgrade a running engine to.
+pub fn xdp_variant_object() -> PathBuf {
+    xdp_object().with_file_name("lb-xdp-variant.o")
+}
+
 /// The lab and benchmark helper object (`xdp_pass`, `xdp_floor`, `bench_wrap`), built beside the
 /// data plane object: `lb-xdp-testkit.o` in the directory of [`xdp_object`].
 pub fn testkit_object() -> PathBuf {

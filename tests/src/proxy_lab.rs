@@ -421,6 +421,38 @@ impl ProxyLab {
         Ok(())
     }
 
+    /// Kills engine `id`'s daemon (SIGKILL: a crash; its data plane keeps steering) and returns its
+    /// pin directory for [`ProxyLab::start_daemon_on`].
+    pub fn kill_daemon(&mut self, id: u8) -> Result<std::sync::Arc<crate::daemon::PinDir>> {
+        let old = self
+            .daemons
+            .remove(&id)
+            .context("no daemon on that engine")?;
+        let pins = old.pins().clone();
+        old.proc().kill();
+        Ok(pins)
+    }
+
+    /// Starts engine `id`'s daemon on an existing pin directory (a restart).
+    pub fn start_daemon_on(
+        &mut self,
+        id: u8,
+        pins: std::sync::Arc<crate::daemon::PinDir>,
+    ) -> Result<()> {
+        let host = self.engine(id).context("no such engine")?;
+        let config = self.config_for(id, pins.path());
+        let daemon = Daemon::start(
+            &self.lab,
+            &host.ns,
+            config,
+            pins,
+            &self.opts.daemon_bin,
+            &self.opts.xdp_object,
+        )?;
+        self.daemons.insert(id, daemon);
+        Ok(())
+    }
+
     /// Rewrites every daemon's configuration from the public fields and reloads them (SIGHUP) in
     /// `order`; each reload must be applied.
     pub fn reload_all(&mut self, order: ReloadOrder) -> Result<()> {

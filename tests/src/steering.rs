@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
 use crate::client::{self, Load, LoadResult};
-use crate::daemon::{Config, Daemon, DaemonSection, EngineEntry, Member, VirtualService};
+use crate::daemon::{Config, Daemon, DaemonSection, EngineEntry, Member, PinDir, VirtualService};
 use crate::engine::{ClientHost, EngineHost, Role, setup_client, setup_engine};
 use crate::lab::Lab;
 
@@ -76,6 +77,15 @@ impl Default for Options {
             daemons: true,
         }
     }
+}
+
+/// How [`Steering::stop_daemon`] stops a daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: a restart or an upgrade.
+    Term,
+    /// SIGKILL: a crash.
+    Kill,
 }
 
 /// The running topology. Drop stops the daemons (SIGTERM), then nginx, then deletes the lab.
@@ -274,28 +284,45 @@ impl Steering {
         Ok(())
     }
 
-    /// Stops engine `id`'s daemon with SIGTERM, checks that it exited cleanly and detached its XDP
-    /// program, then starts it again on the same pin directory with the virtual service's members
-    /// set to `members` (a restart, not a reload).
-    pub fn restart_daemon(&mut self, id: u8, members: Vec<Member>) -> Result<()> {
+    /// Stops engine `id`'s daemon (SIGTERM: checks it exited cleanly; SIGKILL: a crash), checks
+    /// that its XDP program is still attached (the data plane outlives the daemon), and returns its
+    /// pin directory for [`Steering::start_daemon_on`].
+    pub fn stop_daemon(&mut self, id: u8, how: Stop) -> Result<Arc<PinDir>> {
         let old = self
             .daemons
             .remove(&id)
             .context("no daemon on that engine")?;
         let pins = old.pins().clone();
-        let status = old.stop(Duration::from_secs(10));
-        ensure!(
-            status.is_some_and(|s| s.success()),
-            "daemon of engine {id} did not exit cleanly on SIGTERM ({status:?}); log:\n{}",
-            old.log_tail(20)
-        );
+        match how {
+            Stop::Term => {
+                let status = old.stop(Duration::from_secs(10));
+                ensure!(
+                    status.is_some_and(|s| s.success()),
+                    "daemon of engine {id} did not exit cleanly on SIGTERM ({status:?}); log:\n{}",
+                    old.log_tail(20)
+                );
+            }
+            Stop::Kill => old.proc().kill(),
+        }
         drop(old);
         let host = self.engine(id).context("no such engine")?;
         let link = self.lab.ip(&host.ns, &["link", "show", "eth0"])?;
         ensure!(
-            !link.contains("xdp"),
-            "XDP still attached after SIGTERM:\n{link}"
+            link.contains(" xdp"),
+            "XDP detached when the daemon stopped ({how:?}):\n{link}"
         );
+        Ok(pins)
+    }
+
+    /// Starts engine `id`'s daemon on `pins` with the XDP object `object` (the topology's own when
+    /// `None`) and the virtual service's members set to `members`.
+    pub fn start_daemon_on(
+        &mut self,
+        id: u8,
+        pins: Arc<PinDir>,
+        members: Vec<Member>,
+        object: Option<&Path>,
+    ) -> Result<()> {
         self.members = members;
         let config = self.config_for(id, pins.path());
         let host = self.engine(id).context("no such engine")?;
@@ -305,10 +332,16 @@ impl Steering {
             config,
             pins,
             &self.opts.daemon_bin,
-            &self.opts.xdp_object,
+            object.unwrap_or(&self.opts.xdp_object),
         )?;
         self.daemons.insert(id, daemon);
         Ok(())
+    }
+
+    /// [`Steering::stop_daemon`] then [`Steering::start_daemon_on`] with the same object.
+    pub fn restart_daemon(&mut self, id: u8, how: Stop, members: Vec<Member>) -> Result<()> {
+        let pins = self.stop_daemon(id, how)?;
+        self.start_daemon_on(id, pins, members, None)
     }
 
     /// Expected share of new flows per engine name (percent), from the member weights.

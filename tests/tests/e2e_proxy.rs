@@ -88,6 +88,60 @@ fn hold_until(lab: &ProxyLab, need: &[&str], max: usize) -> Vec<(HeldConnection,
     held
 }
 
+/// The primary's daemon crashes: its proxy's listeners are gone but its data plane still steers, so
+/// new connections the ring gives to the primary are placed on the other engines (no listener, no
+/// reset) until the daemon is back.
+#[test]
+fn new_connections_avoid_a_primary_whose_daemon_is_away() {
+    if !require_root() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = ProxyLab::build(&Options {
+        lab_prefix: "lbtpk".to_owned(),
+        ..Options::default()
+    })
+    .expect("build the proxy lab");
+    let before = per_engine(&lab, "lb_proxy_connections_total");
+    let r = lab.load(150).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    let served = per_engine(&lab, "lb_proxy_connections_total");
+    assert!(
+        served[&1] > before[&1],
+        "the primary proxies its share while its daemon runs: {served:?}"
+    );
+
+    let pins = lab.kill_daemon(1).unwrap();
+    let others = |lab: &ProxyLab| {
+        per_engine(lab, "lb_proxy_connections_total")
+            .values()
+            .sum::<u64>()
+    };
+    let before = others(&lab);
+    let r = lab.load(300).unwrap();
+    println!("300 requests with the primary's daemon killed: {r}");
+    assert_eq!(
+        r.errors, 0,
+        "no new connection fails while the primary's daemon is away: {r}"
+    );
+    assert_eq!(
+        others(&lab) - before,
+        300,
+        "the other engines proxied every connection"
+    );
+
+    lab.start_daemon_on(1, pins)
+        .expect("restart the primary's daemon");
+    let before = per_engine(&lab, "lb_proxy_connections_total");
+    let r = lab.load(150).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    let after = per_engine(&lab, "lb_proxy_connections_total");
+    assert!(
+        after[&1] > before.get(&1).copied().unwrap_or(0),
+        "the restarted primary takes new connections again: {after:?}"
+    );
+}
+
 #[test]
 fn proxy_terminates_and_source_nats_to_backends() {
     if !require_root() {

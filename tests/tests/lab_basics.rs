@@ -53,6 +53,14 @@ fn namespaces_bridge_ping_and_cleanup() {
         );
         lab.exec(&a, &["ping", "-c", "2", "-W", "2", "10.77.0.3"])
             .unwrap();
+        // The switch forwards what a real one does: no br_netfilter checks (trap 3).
+        let sw = lab.switch().unwrap();
+        for table in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net.bridge.bridge-nf-call-{table}");
+            if let Ok(v) = lab.exec(&sw, &["sysctl", "-n", &key]) {
+                assert_eq!(v.trim(), "0", "{key} in the switch namespace");
+            }
+        }
         lab.sysctl(&b, "net.ipv4.conf.all.arp_ignore", "1").unwrap();
         assert_eq!(
             lab.exec(&b, &["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"])

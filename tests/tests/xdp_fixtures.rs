@@ -328,6 +328,33 @@ fn syn_steered_to_this_secondary_without_a_listener_is_dropped() {
 }
 
 #[test]
+fn a_draining_service_without_listeners_refuses_new_connections() {
+    // A draining service closed its listeners on purpose: its SYNs go up to be reset at once, here
+    // and on a secondary, instead of being placed away or dropped.
+    let config = STANDARD_CONFIG
+        .replace("name = \"web\"\n", "name = \"web\"\ndraining = true\n")
+        .replace(
+            "name = \"secondary\"\n",
+            "name = \"secondary\"\ndraining = true\n",
+        );
+    let Some(mut tb) = testbed_with(&config) else {
+        return;
+    };
+    tb.close_sockets();
+    let syn = Packet::syn(client4(web_port(&tb, E_LOCAL, 0)), web4()).build();
+    tb.check(
+        &Fixture::new("SYN for this host, service draining", syn, xdp::PASS)
+            .unchanged()
+            .reasons(&[Reason::ConnNew, Reason::Local]),
+    );
+    tb.check_pass(
+        "SYN to a draining secondary VIP",
+        Packet::syn(client4(40000), sock(VIP4_SECONDARY, 80)).build(),
+        Reason::PassNotPrimary,
+    );
+}
+
+#[test]
 fn recorded_flow_keeps_its_engine_after_the_ring_changes() {
     let Some(mut tb) = testbed() else { return };
     let port = web_port(&tb, E_L2_A, 0);

@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use util::{
-    CommandFailed, cargo, cmd, daemon_bin, root, run, target_dir, testkit_object, xdp_object,
+    CommandFailed, cargo, cmd, daemon_bin, root, run, target_dir, testkit_object, variant_object,
+    xdp_object,
 };
 
 #[derive(Parser)]
@@ -111,26 +112,37 @@ fn restore_separator(mut args: Vec<OsString>) -> Vec<OsString> {
 
 /// Builds `lb-ebpf` with Debian's toolchain (its own target dir) and copies the objects to
 /// `target/bpf/lb-xdp.o` (the data plane) and `target/bpf/lb-xdp-testkit.o` (benchmark helpers).
+/// It also builds the same source at another optimisation level into
+/// `target/bpf/lb-xdp-variant.o`: a different but compatible object, which the restart tests
+/// upgrade a running engine to.
 pub fn build_ebpf() -> anyhow::Result<()> {
     let crate_dir = root().join("lb-ebpf");
-    run(cmd("/usr/bin/cargo")
-        .current_dir(&crate_dir)
-        .args(["build", "--release", "--target", "bpfel-unknown-none"])
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("RUSTC", "/usr/bin/rustc")
-        // Settings meant for the userspace build must not leak into this one.
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
-    for (name, object) in [
-        ("lb-xdp", xdp_object()),
-        ("lb-xdp-testkit", testkit_object()),
+    let ebpf_cargo = |target_dir: &str| {
+        let mut c = cmd("/usr/bin/cargo");
+        c.current_dir(&crate_dir)
+            .args(["build", "--release", "--target", "bpfel-unknown-none"])
+            .args(["--target-dir", target_dir])
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("RUSTC", "/usr/bin/rustc")
+            // Settings meant for the userspace build must not leak into this one.
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER");
+        c
+    };
+    run(&mut ebpf_cargo("target"))?;
+    run(ebpf_cargo("target/variant").env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "2"))?;
+    for (dir, name, object) in [
+        ("target", "lb-xdp", xdp_object()),
+        ("target", "lb-xdp-testkit", testkit_object()),
+        ("target/variant", "lb-xdp", variant_object()),
     ] {
         let built = crate_dir
-            .join("target/bpfel-unknown-none/release")
+            .join(dir)
+            .join("bpfel-unknown-none/release")
             .join(name);
         let dir = object.parent().expect("object path has a parent");
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

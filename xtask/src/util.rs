@@ -26,6 +26,11 @@ pub fn xdp_object() -> PathBuf {
     root().join("target/bpf/lb-xdp.o")
 }
 
+/// Where `build-ebpf` puts the data plane built at another optimisation level (upgrade tests).
+pub fn variant_object() -> PathBuf {
+    root().join("target/bpf/lb-xdp-variant.o")
+}
+
 /// Where `build-ebpf` puts the benchmark helper programs.
 pub fn testkit_object() -> PathBuf {
     root().join("target/bpf/lb-xdp-testkit.o")
