@@ -94,8 +94,16 @@ reasons! {
     /// other engine could take it; the client retransmits (the daemon may be back by then) instead
     /// of being reset by the stack.
     DropNoListener = 26 => "drop_no_listener",
+    /// A packet too big for the tunnel to its owner once encapsulated: an ICMP "fragmentation
+    /// needed" / ICMPv6 "packet too big" with the MTU to use went back to the sender.
+    IcmpTooBigSent = 27 => "icmp_too_big_sent",
+    /// Dropped: too big for the tunnel and no reply is due: an IPv4 packet without DF (fragments
+    /// to a VIP cannot be steered, so it is not fragmented), or an ICMP error being steered.
+    DropTooBigNoDf = 28 => "drop_too_big_no_df",
+    /// Dropped: too big for the tunnel, and this CPU's ICMP too-big replies are over their rate.
+    DropTooBigRateLimited = 29 => "drop_too_big_rate_limited",
 }
 
 /// Size of the `REASONS` map.
-pub const REASON_COUNT: u32 = 27;
+pub const REASON_COUNT: u32 = 30;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);

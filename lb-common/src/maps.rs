@@ -199,7 +199,9 @@ pub struct Engine {
     pub state: u8,
     /// `ENGINE_MODE_*`.
     pub mode: u8,
-    pub _pad: [u8; 2],
+    /// Tunnel mode: the largest IP packet the path to the engine carries (encapsulation included);
+    /// a packet that would exceed it is answered with ICMP too-big. 0: not checked.
+    pub mtu: u16,
     /// Egress interface; 0 means the interface the packet arrived on (`XDP_TX`). Any other value
     /// redirects through the devmap entry at this engine's id.
     pub ifindex: u32,

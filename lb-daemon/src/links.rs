@@ -1,4 +1,4 @@
-//! Local interfaces as the kernel reports them (index and MAC).
+//! Local interfaces as the kernel reports them (index, MAC and MTU).
 
 use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
 
@@ -22,6 +22,11 @@ impl Links for SystemLinks {
                     .and_then(|s| s.as_link_addr().and_then(nix::sys::socket::LinkAddr::addr))
             })
             .ok_or_else(|| err("has no link-layer address".into()))?;
-        Ok(Link { ifindex, mac })
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+            .map_err(|e| err(format!("reading its MTU: {e}")))?
+            .trim()
+            .parse()
+            .map_err(|e| err(format!("its MTU: {e}")))?;
+        Ok(Link { ifindex, mac, mtu })
     }
 }

@@ -12,13 +12,14 @@ use lb_common::{
     vip_port_bit,
 };
 
-use crate::config::{Config, EngineMode, EngineState};
+use crate::config::{Config, EngineMode, EngineState, MIN_TUNNEL_MTU_V4, MIN_TUNNEL_MTU_V6};
 
 /// What the daemon needs to know about a local interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Link {
     pub ifindex: u32,
     pub mac: [u8; 6],
+    pub mtu: u32,
 }
 
 /// Looking up local interfaces by name (the kernel in the daemon; a table in tests).
@@ -30,6 +31,15 @@ pub trait Links {
 pub enum PlanError {
     #[error("interface {name}: {reason}")]
     Interface { name: String, reason: String },
+    #[error(
+        "engines[id={id}]: tunnel path MTU {mtu} (from interface {interface}) is below {min}: set engines[].mtu, or raise the interface's MTU"
+    )]
+    TunnelMtu {
+        id: u32,
+        mtu: u32,
+        interface: String,
+        min: u32,
+    },
 }
 
 /// The full desired content of the control maps.
@@ -79,6 +89,22 @@ impl Tables {
             } else {
                 ENGINE_MODE_L2
             };
+            let mtu = e.mtu.map_or(egress.mtu, u32::from);
+            if mode == ENGINE_MODE_TUNNEL {
+                let min = if e.address_v6.is_some() {
+                    MIN_TUNNEL_MTU_V6
+                } else {
+                    MIN_TUNNEL_MTU_V4
+                };
+                if mtu < u32::from(min) {
+                    return Err(PlanError::TunnelMtu {
+                        id: e.id,
+                        mtu,
+                        interface: e.interface.clone().unwrap_or_else(|| d.interface.clone()),
+                        min: u32::from(min),
+                    });
+                }
+            }
             if ifindex != 0 && mode != ENGINE_MODE_LOCAL {
                 t.devmap.insert(e.id, ifindex);
             }
@@ -89,7 +115,11 @@ impl Tables {
                     src_mac: egress.mac,
                     state: e.state.code(),
                     mode,
-                    _pad: [0; 2],
+                    mtu: if mode == ENGINE_MODE_TUNNEL {
+                        u16::try_from(mtu).unwrap_or(u16::MAX)
+                    } else {
+                        0
+                    },
                     ifindex,
                     addr_v4_be: e.address_v4.map_or(0, v4_be),
                     addr_v6_be: e.address_v6.map_or([0; 4], v6_be),

@@ -15,11 +15,21 @@ use crate::{
     maps::{DEVMAP, GLOBALS},
     parse::{ETH_HLEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_HLEN, IPV6_HLEN, load, ptr_at},
     select::Owner,
+    too_big,
 };
 
 const OUTER_TTL: u8 = 64;
 /// IPv4 "don't fragment" (network order).
 const IPV4_DF_BE: u16 = 0x4000u16.to_be();
+
+/// What to do with a packet too big for the tunnel to its owner.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum TooBig {
+    /// Tell the sender the MTU to use (ICMP too-big), or drop (IPv4 without DF).
+    Reply,
+    /// Drop and count: the packet is itself an ICMP error.
+    Drop,
+}
 
 /// Sends the packet (whose IP header starts at `l3_off`, of `family`) to `owner`, counting it
 /// against the owner's virtual service. `flow_label` is the outer IPv6 flow label of tunnelled
@@ -31,6 +41,7 @@ pub fn to_owner(
     family: u8,
     owner: &Owner,
     flow_label: u32,
+    too_big: TooBig,
 ) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     traffic(owner.vs_id, owner.engine_id, bytes, owner.new_flow);
@@ -45,6 +56,24 @@ pub fn to_owner(
             return XDP_DROP;
         }
         return transmit(ctx, owner.engine_id, e, Reason::TxL2);
+    }
+    let outer_len = if family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
+    if e.mtu != 0 {
+        let Some(len) = too_big::ip_len(ctx, l3_off, family) else {
+            count(Reason::DropTruncated);
+            return XDP_DROP;
+        };
+        if len + outer_len > usize::from(e.mtu) {
+            if too_big == TooBig::Drop {
+                count(Reason::DropTooBigNoDf);
+                return XDP_DROP;
+            }
+            return too_big::handle(ctx, l3_off, family, e.mtu, outer_len);
+        }
     }
     let encapsulated = if family == FAMILY_V4 {
         encap_v4(ctx, l3_off, e)

@@ -11,7 +11,7 @@ use lb_common::{FlowV4, FlowV6, PROTO_TCP, PROTO_UDP, Reason, VipKey, hash::flow
 
 use crate::{
     counters::count,
-    forward::to_owner,
+    forward::{TooBig, to_owner},
     maps::VIP_ADDRS,
     parse::{Ip, ipv4, ipv6, load},
     select::{Mode, owner_v4, owner_v6},
@@ -98,7 +98,8 @@ pub fn handle(ctx: &XdpContext, l3_off: usize, ip: &Ip) -> u32 {
     match owner {
         Ok(owner) => {
             count(Reason::IcmpSteered);
-            to_owner(ctx, l3_off, ip.family, &owner, flow_label)
+            // An ICMP error is never answered with another (RFC 1122, 4443).
+            to_owner(ctx, l3_off, ip.family, &owner, flow_label, TooBig::Drop)
         }
         Err(reason) => {
             count(reason);

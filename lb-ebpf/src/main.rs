@@ -17,6 +17,7 @@ mod maps;
 mod parse;
 mod select;
 mod socket;
+mod too_big;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -62,6 +63,8 @@ fn is_drop(reason: Reason) -> bool {
             | Reason::DropIcmpMalformed
             | Reason::DropRedirect
             | Reason::DropNoListener
+            | Reason::DropTooBigNoDf
+            | Reason::DropTooBigRateLimited
     )
 }
 
@@ -148,7 +151,12 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
         (owner, label)
     };
     Ok(forward::to_owner(
-        ctx, l2.len, ip.family, &owner, flow_label,
+        ctx,
+        l2.len,
+        ip.family,
+        &owner,
+        flow_label,
+        forward::TooBig::Reply,
     ))
 }
 

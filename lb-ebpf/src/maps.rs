@@ -67,6 +67,10 @@ pub static PERSIST: LruHashMap<PersistKey, PersistEntry> =
 #[map]
 pub static STATE_LAYOUT: Array<u32> = Array::pinned(1, 0);
 
+/// Rate limit of ICMP too-big replies (per CPU): the theoretical arrival time of the next one.
+#[map]
+pub static TOO_BIG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Data-plane wide settings (one entry).
 #[map]
 pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);

@@ -77,6 +77,8 @@ pub mod tcp_flags {
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 /// MAC of the daemon's interface (`eth0` in [`STANDARD_CONFIG`]; a fake link).
 pub const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// MTU of the fake links: the tunnel engine's path MTU (an encapsulated packet may be this big).
+pub const LINK_MTU: u32 = 1500;
 /// MAC the fake links give `lo` (the egress of engine 5).
 pub const LO_LINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 
@@ -573,6 +575,67 @@ fn outer_l2(frame: &[u8], dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8>
     out
 }
 
+/// The ICMP "fragmentation needed" the primary sends back for the too-big IPv4 `frame` (a client's
+/// packet to a VIP), built independently of the program: MACs swapped, VLAN tag kept, an IPv4
+/// header from the VIP to the client (TTL 64, no DF, id 0), type 3 code 4 with `next_hop_mtu`,
+/// quoting the first 56 bytes of the packet from its IP header on.
+pub fn icmp_frag_needed(frame: &[u8], next_hop_mtu: u16) -> Vec<u8> {
+    use etherparse::{Icmpv4Header, Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let l3 = l3_offset(frame);
+    let quote = &frame[l3..l3 + 56];
+    let client: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().unwrap();
+    let vip: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().unwrap();
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu,
+        }),
+        quote,
+    );
+    let len = u16::try_from(icmp.header_len() + quote.len()).unwrap();
+    let mut ip = Ipv4Header::new(len, 64, IpNumber::ICMP, vip, client).unwrap();
+    ip.dont_fragment = false;
+    ip.identification = 0;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..l3]);
+    ip.write(&mut out).unwrap();
+    icmp.write(&mut out).unwrap();
+    out.extend_from_slice(quote);
+    out
+}
+
+/// The ICMPv6 "packet too big" for the too-big IPv6 `frame`, built independently of the program:
+/// MACs swapped, VLAN tag kept, an IPv6 header from the VIP to the client (hop limit 64), type 2
+/// with `mtu`, quoting the first 200 bytes of the packet from its IPv6 header on.
+pub fn icmpv6_packet_too_big(frame: &[u8], mtu: u32) -> Vec<u8> {
+    use etherparse::{Icmpv6Header, Icmpv6Type};
+    let l3 = l3_offset(frame);
+    let quote = &frame[l3..l3 + 200];
+    let client: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().unwrap();
+    let vip: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().unwrap();
+    let icmp =
+        Icmpv6Header::with_checksum(Icmpv6Type::PacketTooBig { mtu }, vip, client, quote).unwrap();
+    let ip = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::ZERO,
+        payload_length: u16::try_from(icmp.header_len() + quote.len()).unwrap(),
+        next_header: IpNumber::IPV6_ICMP,
+        hop_limit: 64,
+        source: vip,
+        destination: client,
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..l3]);
+    ip.write(&mut out).unwrap();
+    icmp.write(&mut out).unwrap();
+    out.extend_from_slice(quote);
+    out
+}
+
 /// `frame` (IPv4) inside IP-in-IP as the tunnel path must send it: a new Ethernet header to `dst_mac`
 /// from `src_mac` (VLAN tag kept), an outer IPv4 header from `outer_src` to `outer_dst` (TOS and DF
 /// copied from the inner header, id 0, TTL 64, protocol 4), then the original IP packet.
@@ -802,6 +865,7 @@ pub fn standard_links() -> Result<FakeLinks> {
             Link {
                 ifindex: 0x7fff_0001,
                 mac: OUR_MAC,
+                mtu: LINK_MTU,
             },
         ),
         (
@@ -809,6 +873,7 @@ pub fn standard_links() -> Result<FakeLinks> {
             Link {
                 ifindex: lo,
                 mac: LO_LINK_MAC,
+                mtu: LINK_MTU,
             },
         ),
     ])))

@@ -12,8 +12,8 @@ use lb_tests::fixtures::{
     Fixture, Flow, LO_LINK_MAC, OUR_MAC, Packet, ROUTER4, ROUTER6, STANDARD_CONFIG, TUNNEL_SRC4,
     TUNNEL_SRC6, Testbed, VIP4, VIP4_REDIRECT, VIP4_SECONDARY, VIP4_STICKY, VIP6, VS_DNS,
     VS_STICKY, VS_WEB, VS_WEB6, client_owner, client4, client6, edit, engine_mac, engine_state,
-    flow_owner, fx_conn_hit, fx_new_flow, fx_non_vip, ip6ip6, ipip, other_ifindex, rewrite_macs,
-    tcp_flags, web_port, web4, web6, with_ipv6_ext, xdp,
+    flow_owner, fx_conn_hit, fx_new_flow, fx_non_vip, icmp_frag_needed, icmpv6_packet_too_big,
+    ip6ip6, ipip, other_ifindex, rewrite_macs, tcp_flags, web_port, web4, web6, with_ipv6_ext, xdp,
 };
 
 /// A fresh standard test bed, or `None` (after the skip note) without root.
@@ -897,6 +897,153 @@ fn tunnel_ipv4_in_ipv4() {
     );
 }
 
+/// A segment of a recorded flow to the tunnel engine, `ip_len` bytes long from its IP header on.
+fn tunnel_segment(tb: &Testbed, v6: bool, nth: usize, ip_len: usize, vlan: Option<u16>) -> Packet {
+    let (client, vip, hdrs) = if v6 {
+        (client6(web6_port(tb, E_TUNNEL, nth)), web6(), 40 + 20)
+    } else {
+        (client4(web_port(tb, E_TUNNEL, nth)), web4(), 20 + 20)
+    };
+    let syn = Packet::syn(client, vip);
+    let syn = match vlan {
+        Some(id) => syn.with_vlan(id),
+        None => syn,
+    };
+    assert_eq!(
+        tb.run(&syn.build()).unwrap().action,
+        xdp::TX,
+        "SYN tunnelled"
+    );
+    let seg = Packet::ack(client, vip).with_payload(&vec![0x5a; ip_len - hdrs]);
+    match vlan {
+        Some(id) => seg.with_vlan(id),
+        None => seg,
+    }
+}
+
+#[test]
+fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
+    let Some(tb) = testbed() else { return };
+    // The tunnel engine's path MTU is its egress interface's (1500): a 1480-byte packet fits once
+    // encapsulated, a 1481-byte one does not.
+    let fits = tunnel_segment(&tb, false, 0, 1480, None).with_df().build();
+    let out = ipip(
+        &fits,
+        engine_mac(E_TUNNEL),
+        OUR_MAC,
+        TUNNEL_SRC4,
+        ENGINE4_V4,
+    );
+    assert_eq!(out.len() - 14, 1500);
+    tb.check(
+        &Fixture::new("1480 bytes with DF: fits the tunnel", fits, xdp::TX)
+            .output(out)
+            .reasons(&[Reason::ConnHit, Reason::TxTunnel]),
+    );
+
+    let big = tunnel_segment(&tb, false, 1, 1481, None).with_df().build();
+    let reply = icmp_frag_needed(&big, 1480);
+    // Spot-check the independent construction: 14 + 20 + 8 + 56 bytes, type 3 code 4, MTU 1480,
+    // from the VIP to the client.
+    assert_eq!(reply.len(), 98);
+    assert_eq!(&reply[0..6], &big[6..12]);
+    assert_eq!((reply[23], reply[34], reply[35]), (1, 3, 4));
+    assert_eq!(u16::from_be_bytes([reply[40], reply[41]]), 1480);
+    assert_eq!(&reply[26..30], &VIP4.octets());
+    assert_eq!(&reply[30..34], &CLIENT4.octets());
+    assert_eq!(&reply[42..], &big[14..70]);
+    tb.check(
+        &Fixture::new("1481 bytes with DF: fragmentation needed", big, xdp::TX)
+            .output(reply)
+            .reasons(&[Reason::ConnHit, Reason::IcmpTooBigSent]),
+    );
+
+    let tagged = tunnel_segment(&tb, false, 2, 1500, Some(7))
+        .with_df()
+        .build();
+    let reply = icmp_frag_needed(&tagged, 1480);
+    assert_eq!(&reply[12..16], &tagged[12..16], "VLAN tag kept");
+    tb.check(
+        &Fixture::new(
+            "VLAN-tagged, too big: the reply keeps the tag",
+            tagged,
+            xdp::TX,
+        )
+        .output(reply)
+        .reasons(&[Reason::ConnHit, Reason::IcmpTooBigSent]),
+    );
+
+    let no_df = tunnel_segment(&tb, false, 3, 1481, None).build();
+    tb.check(
+        &Fixture::new("1481 bytes without DF: dropped", no_df, xdp::DROP)
+            .unchanged()
+            .reasons(&[Reason::ConnHit, Reason::DropTooBigNoDf]),
+    );
+}
+
+#[test]
+fn too_big_ipv6_for_the_tunnel_is_answered_with_packet_too_big() {
+    let Some(tb) = testbed() else { return };
+    let fits = tunnel_segment(&tb, true, 0, 1460, None).build();
+    let out = ip6ip6(
+        &fits,
+        engine_mac(E_TUNNEL),
+        OUR_MAC,
+        TUNNEL_SRC6,
+        ENGINE4_V6,
+        Packet::ack(client6(web6_port(&tb, E_TUNNEL, 0)), web6())
+            .flow()
+            .hash()
+            & 0x000f_ffff,
+    );
+    tb.check(
+        &Fixture::new("IPv6, 1460 bytes: fits the tunnel", fits, xdp::TX)
+            .output(out)
+            .reasons(&[Reason::ConnHit, Reason::TxTunnel]),
+    );
+    let big = tunnel_segment(&tb, true, 1, 1461, None).build();
+    let reply = icmpv6_packet_too_big(&big, 1460);
+    assert_eq!(reply.len(), 14 + 40 + 8 + 200);
+    assert_eq!((reply[20], reply[54]), (58, 2), "ICMPv6 packet too big");
+    assert_eq!(
+        u32::from_be_bytes([reply[58], reply[59], reply[60], reply[61]]),
+        1460
+    );
+    assert_eq!(&reply[22..38], &VIP6.octets());
+    assert_eq!(&reply[38..54], &CLIENT6.octets());
+    tb.check(
+        &Fixture::new("IPv6, 1461 bytes: packet too big", big, xdp::TX)
+            .output(reply)
+            .reasons(&[Reason::ConnHit, Reason::IcmpTooBigSent]),
+    );
+}
+
+#[test]
+fn too_big_replies_are_rate_limited() {
+    let Some(tb) = testbed() else { return };
+    let big = tunnel_segment(&tb, false, 0, 1500, None).with_df().build();
+    let start = std::time::Instant::now();
+    let (mut sent, mut limited) = (0u64, 0u64);
+    for _ in 0..600 {
+        match tb.run(&big).unwrap().action {
+            xdp::TX => sent += 1,
+            xdp::DROP => limited += 1,
+            other => panic!("verdict {}", xdp::name(other)),
+        }
+    }
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap();
+    let counts = tb.reason_counts().unwrap();
+    assert_eq!(counts[Reason::IcmpTooBigSent as usize], sent);
+    assert_eq!(counts[Reason::DropTooBigRateLimited as usize], limited);
+    // A burst of 100 then one a millisecond, per CPU (the runs may move between two CPUs).
+    assert!(sent >= 100, "the burst goes out: {sent}");
+    assert!(
+        sent <= 2 * (100 + ms + 1),
+        "{sent} replies in {ms} ms are over the rate"
+    );
+    assert!(limited > 0, "600 replies in {ms} ms: none limited");
+}
+
 #[test]
 fn tunnel_ipv6_in_ipv6() {
     let Some(tb) = testbed() else { return };
@@ -1570,7 +1717,10 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::DropAdjustHead
         | Reason::DropIcmpMalformed
         | Reason::DropRedirect
-        | Reason::DropNoListener => Some(&[xdp::DROP]),
+        | Reason::DropNoListener
+        | Reason::DropTooBigNoDf
+        | Reason::DropTooBigRateLimited => Some(&[xdp::DROP]),
+        Reason::IcmpTooBigSent => Some(&[xdp::TX]),
         Reason::ConnHit
         | Reason::ConnNew
         | Reason::ConnOwnerDown

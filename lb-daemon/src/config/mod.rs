@@ -166,7 +166,16 @@ pub struct EngineConfig {
     /// IPv6 tunnel endpoint (tunnel mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_v6: Option<Ipv6Addr>,
+    /// Tunnel mode: the largest IP packet the path to the engine carries, encapsulation included
+    /// (default: the egress interface's MTU). Bigger packets are answered with ICMP too-big.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
+
+/// The smallest tunnel path MTU: IPv4 hosts must accept 576-byte packets (RFC 791).
+pub const MIN_TUNNEL_MTU_V4: u16 = 576;
+/// With an IPv6 endpoint: 1280 bytes (RFC 8200) plus the 40-byte outer header.
+pub const MIN_TUNNEL_MTU_V6: u16 = 1320;
 
 /// How packets reach an engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -464,6 +473,24 @@ impl Config {
                         ));
                     }
                 }
+                if let Some(mtu) = e.mtu {
+                    let (min, why) = if e.address_v6.is_some() {
+                        (MIN_TUNNEL_MTU_V6, "with an IPv6 endpoint (1280 + 40)")
+                    } else {
+                        (MIN_TUNNEL_MTU_V4, "for IPv4")
+                    };
+                    if mtu < min {
+                        return Err(invalid(
+                            format!("{at}.mtu"),
+                            format!("{mtu} is below {min}, the smallest tunnel path MTU {why}"),
+                        ));
+                    }
+                }
+            } else if e.mtu.is_some() {
+                return Err(invalid(
+                    format!("{at}.mtu"),
+                    "only tunnel-mode engines have a path MTU (L2 engines share the segment's)",
+                ));
             }
         }
         if !seen.contains_key(&self_id) {

@@ -394,6 +394,23 @@ fn tunnel_engine_needs_an_address() {
 }
 
 #[test]
+fn tunnel_mtu_is_checked() {
+    let mut c = base();
+    c.engines[2].address_v6 = None;
+    c.engines[2].mtu = Some(575);
+    rejects(&c, "engines[2].mtu", "575 is below 576");
+    c.engines[2].mtu = Some(576);
+    c.validate().unwrap();
+    c.engines[2].address_v6 = Some("2001:db8::3".parse().unwrap());
+    rejects(&c, "engines[2].mtu", "below 1320");
+    c.engines[2].mtu = Some(1320);
+    c.validate().unwrap();
+    let mut c = base();
+    c.engines[1].mtu = Some(1400);
+    rejects(&c, "engines[1].mtu", "only tunnel-mode engines");
+}
+
+#[test]
 fn tunnel_engine_address_must_be_unicast() {
     let mut c = base();
     c.engines[2].address_v4 = Some(Ipv4Addr::BROADCAST);

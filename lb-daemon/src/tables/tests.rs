@@ -25,6 +25,7 @@ fn links() -> FakeLinks {
             Link {
                 ifindex: 2,
                 mac: [2, 0, 0, 0, 0, 0xaa],
+                mtu: 1500,
             },
         ),
         (
@@ -32,6 +33,7 @@ fn links() -> FakeLinks {
             Link {
                 ifindex: 3,
                 mac: [2, 0, 0, 0, 0, 0xbb],
+                mtu: 9000,
             },
         ),
     ]))
@@ -107,6 +109,29 @@ fn engines_get_mode_egress_and_macs() {
     assert_eq!(
         (tun.mode, tun.addr_v4_be),
         (ENGINE_MODE_TUNNEL, v4_be("192.0.2.4".parse().unwrap()))
+    );
+    // Only tunnel engines carry a path MTU, by default their egress interface's.
+    assert_eq!((tun.mtu, l2.mtu, other_if.mtu, local.mtu), (1500, 0, 0, 0));
+}
+
+#[test]
+fn tunnel_path_mtu_from_config_or_interface() {
+    let t = plan(&BASE.replace(
+        "address_v4 = \"192.0.2.4\"",
+        "address_v4 = \"192.0.2.4\"\nmtu = 1400",
+    ));
+    assert_eq!(t.engines[&4].mtu, 1400);
+    let t = plan(&BASE.replace(
+        "address_v4 = \"192.0.2.4\"",
+        "address_v4 = \"192.0.2.4\"\ninterface = \"eth1\"",
+    ));
+    assert_eq!(t.engines[&4].mtu, 9000, "the egress interface's MTU");
+    let mut small = links();
+    small.0.get_mut("eth0").unwrap().mtu = 500;
+    let err = Tables::plan(&Config::parse(BASE).unwrap(), &small).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "engines[id=4]: tunnel path MTU 500 (from interface eth0) is below 576: set engines[].mtu, or raise the interface's MTU"
     );
     assert_eq!(
         t.globals.tunnel_src_v4_be,
