@@ -61,6 +61,33 @@ pub struct Tables {
     pub rings: BTreeMap<u32, Vec<u32>>,
 }
 
+/// The path MTU of tunnel engine `e`: configured, or its egress interface's (`link_mtu`), and no
+/// smaller than its address families need.
+fn tunnel_mtu(
+    e: &crate::config::EngineConfig,
+    link_mtu: u32,
+    main_interface: &str,
+) -> Result<u16, PlanError> {
+    let mtu = e.mtu.map_or(link_mtu, u32::from);
+    let floor = if e.address_v6.is_some() {
+        MIN_TUNNEL_MTU_V6
+    } else {
+        MIN_TUNNEL_MTU_V4
+    };
+    if mtu < u32::from(floor) {
+        return Err(PlanError::TunnelMtu {
+            id: e.id,
+            mtu,
+            interface: e
+                .interface
+                .clone()
+                .unwrap_or_else(|| main_interface.to_owned()),
+            min: u32::from(floor),
+        });
+    }
+    Ok(u16::try_from(mtu).unwrap_or(u16::MAX))
+}
+
 impl Tables {
     /// Plans the maps for a validated `config`.
     pub fn plan(config: &Config, links: &dyn Links) -> Result<Tables, PlanError> {
@@ -89,22 +116,11 @@ impl Tables {
             } else {
                 ENGINE_MODE_L2
             };
-            let mtu = e.mtu.map_or(egress.mtu, u32::from);
-            if mode == ENGINE_MODE_TUNNEL {
-                let min = if e.address_v6.is_some() {
-                    MIN_TUNNEL_MTU_V6
-                } else {
-                    MIN_TUNNEL_MTU_V4
-                };
-                if mtu < u32::from(min) {
-                    return Err(PlanError::TunnelMtu {
-                        id: e.id,
-                        mtu,
-                        interface: e.interface.clone().unwrap_or_else(|| d.interface.clone()),
-                        min: u32::from(min),
-                    });
-                }
-            }
+            let mtu = if mode == ENGINE_MODE_TUNNEL {
+                tunnel_mtu(e, egress.mtu, &d.interface)?
+            } else {
+                0
+            };
             if ifindex != 0 && mode != ENGINE_MODE_LOCAL {
                 t.devmap.insert(e.id, ifindex);
             }
@@ -115,11 +131,7 @@ impl Tables {
                     src_mac: egress.mac,
                     state: e.state.code(),
                     mode,
-                    mtu: if mode == ENGINE_MODE_TUNNEL {
-                        u16::try_from(mtu).unwrap_or(u16::MAX)
-                    } else {
-                        0
-                    },
+                    mtu,
                     ifindex,
                     addr_v4_be: e.address_v4.map_or(0, v4_be),
                     addr_v6_be: e.address_v6.map_or([0; 4], v6_be),

@@ -1707,7 +1707,7 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::PassIcmp
         | Reason::PassIpv6Ext
         | Reason::Local => Some(&[xdp::PASS]),
-        Reason::TxL2 => Some(&[xdp::TX]),
+        Reason::TxL2 | Reason::IcmpTooBigSent => Some(&[xdp::TX]),
         Reason::RedirectL2 => Some(&[xdp::REDIRECT]),
         Reason::TxTunnel => Some(&[xdp::TX, xdp::REDIRECT]),
         Reason::DropTruncated
@@ -1720,7 +1720,6 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::DropNoListener
         | Reason::DropTooBigNoDf
         | Reason::DropTooBigRateLimited => Some(&[xdp::DROP]),
-        Reason::IcmpTooBigSent => Some(&[xdp::TX]),
         Reason::ConnHit
         | Reason::ConnNew
         | Reason::ConnOwnerDown
