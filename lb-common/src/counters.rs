@@ -107,3 +107,51 @@ reasons! {
 /// Size of the `REASONS` map.
 pub const REASON_COUNT: u32 = 30;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);
+
+/// Transmit failures after the XDP verdict, counted from the kernel's `xdp` tracepoints (the index of
+/// the `TX_ERRORS` map; stable numbers, like [`Reason`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TxError {
+    /// `xdp_exception` with `XDP_TX`: the driver could not transmit the frame.
+    Tx = 0,
+    /// `xdp_exception` with `XDP_REDIRECT`, or `xdp_redirect_err`: the redirect failed.
+    Redirect = 1,
+    /// `xdp_exception` with another verdict (an aborted program, an unknown verdict).
+    Other = 2,
+    /// `xdp_bulk_tx` drops on this engine's interface (veth: frame bigger than the peer takes).
+    BulkDrop = 3,
+}
+
+impl TxError {
+    pub const ALL: [TxError; 4] = [
+        TxError::Tx,
+        TxError::Redirect,
+        TxError::Other,
+        TxError::BulkDrop,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            TxError::Tx => "tx",
+            TxError::Redirect => "redirect",
+            TxError::Other => "other",
+            TxError::BulkDrop => "bulk_tx_drop",
+        }
+    }
+}
+
+/// Size of the `TX_ERRORS` map.
+pub const TX_ERROR_COUNT: u32 = 4;
+const _: () = assert!(TxError::ALL.len() == TX_ERROR_COUNT as usize);
+
+/// Which transmit failures are this engine's (the one entry of `TX_ERROR_FILTER`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxErrorFilter {
+    /// The kernel id of this engine's steering program.
+    pub prog_id: u32,
+    /// The interface it is attached to.
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<TxErrorFilter>() == 8);

@@ -21,5 +21,5 @@ pub mod addr;
 #[cfg(feature = "user")]
 pub mod maglev;
 
-pub use counters::{REASON_COUNT, Reason, TrafficCounters};
+pub use counters::{REASON_COUNT, Reason, TX_ERROR_COUNT, TrafficCounters, TxError, TxErrorFilter};
 pub use maps::*;

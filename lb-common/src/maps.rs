@@ -238,4 +238,5 @@ mod pod {
     unsafe impl aya::Pod for super::Engine {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for crate::TrafficCounters {}
+    unsafe impl aya::Pod for crate::TxErrorFilter {}
 }

@@ -20,14 +20,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, xdp::XdpMapError},
     programs::{
-        ProgramError, Xdp, XdpMode as AyaXdpMode,
+        ProgramError, TracePoint, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
 };
 use lb_common::{
     ConnEntry, ENGINE_NONE, Engine, FlowV4, FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey,
-    REASON_COUNT, RING_SIZE, Reason, STATE_LAYOUT_VERSION, TrafficCounters, VipKey, VsEntry,
+    REASON_COUNT, RING_SIZE, Reason, STATE_LAYOUT_VERSION, TX_ERROR_COUNT, TrafficCounters,
+    TxError, TxErrorFilter, VipKey, VsEntry,
 };
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
@@ -94,6 +95,10 @@ pub enum DataplaneError {
         want_interface: String,
         want_mode: String,
     },
+    #[error("interface {name}: {reason}")]
+    Interface { name: String, reason: String },
+    #[error(transparent)]
+    TxErrors(#[from] crate::tx_errors::TxErrorsError),
     #[error("pinned link {pin}: {source}")]
     Link { pin: PathBuf, source: LinkError },
     #[error("pinning the XDP link at {pin}: {reason}")]
@@ -138,6 +143,7 @@ pub struct Dataplane {
     engines: Array<MapData, Engine>,
     devmap: DevMap<MapData>,
     globals: Array<MapData, Globals>,
+    tx_error_filter: Array<MapData, TxErrorFilter>,
     pub conn_v4: HashMap<MapData, FlowV4, ConnEntry>,
     pub conn_v6: HashMap<MapData, FlowV6, ConnEntry>,
     pub persist: HashMap<MapData, PersistKey, PersistEntry>,
@@ -151,8 +157,11 @@ pub struct Counters {
     vs_stats: PerCpuArray<MapData, TrafficCounters>,
     engine_stats: PerCpuArray<MapData, TrafficCounters>,
     reasons: PerCpuArray<MapData, u64>,
+    tx_errors: PerCpuArray<MapData, u64>,
     /// The attached program, once attached.
     pub program: OnceLock<ProgramIdent>,
+    /// Set once the transmit-failure tracepoints are attached ([`Counters::tx_errors`] counts).
+    pub tx_errors_watched: OnceLock<()>,
 }
 
 /// Which program is attached: the kernel's id and tag (a hash of its instructions), so an upgrade
@@ -395,8 +404,11 @@ impl Dataplane {
                 vs_stats: take!("VS_STATS"),
                 engine_stats: take!("ENGINE_STATS"),
                 reasons: take!("REASONS"),
+                tx_errors: take!("TX_ERRORS"),
                 program: OnceLock::new(),
+                tx_errors_watched: OnceLock::new(),
             }),
+            tx_error_filter: take!("TX_ERROR_FILTER"),
             ebpf,
             link: None,
             max_vs,
@@ -489,8 +501,44 @@ impl Dataplane {
         };
         let ident = self.program_ident()?;
         info!(program_id = ident.id, tag = %ident.tag, "steering program");
+        let prog_id = ident.id;
         let _ = self.counters.program.set(ident);
         self.link = Some(fd_link);
+        // Not fatal: steering works without it, the metrics then say nothing about failed transmits.
+        match self.watch_tx_errors(interface, prog_id) {
+            Ok(()) => {
+                let _ = self.counters.tx_errors_watched.set(());
+            }
+            Err(e) => warn!(
+                "transmit failures after the XDP verdict will not be counted: {}",
+                chain(&e)
+            ),
+        }
+        Ok(())
+    }
+
+    /// Attaches the tracepoint programs that count failed transmits of this program on `interface`.
+    fn watch_tx_errors(&mut self, interface: &str, prog_id: u32) -> Result<(), DataplaneError> {
+        let tracefs = crate::tx_errors::tracefs()?;
+        crate::tx_errors::check_formats(&tracefs)?;
+        let ifindex =
+            nix::net::if_::if_nametoindex(interface).map_err(|e| DataplaneError::Interface {
+                name: interface.to_owned(),
+                reason: e.to_string(),
+            })?;
+        self.tx_error_filter
+            .set(0, TxErrorFilter { prog_id, ifindex }, 0)
+            .map_err(map_err("TX_ERROR_FILTER"))?;
+        for (program, tracepoint, _) in crate::tx_errors::PROGRAMS {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(DataplaneError::Missing("a tracepoint program"))?
+                .try_into()?;
+            prog.load()?;
+            prog.attach("xdp", tracepoint)?;
+        }
+        info!(interface, "counting failed XDP transmits (xdp tracepoints)");
         Ok(())
     }
 
@@ -596,6 +644,24 @@ impl Dataplane {
 }
 
 impl Counters {
+    /// Failed transmits after the verdict, summed over CPUs; `None` unless they are watched.
+    pub fn tx_errors(&self) -> Option<Result<Vec<(TxError, u64)>, DataplaneError>> {
+        self.tx_errors_watched.get()?;
+        debug_assert_eq!(TxError::ALL.len(), TX_ERROR_COUNT as usize);
+        Some(
+            TxError::ALL
+                .iter()
+                .map(|k| {
+                    let per_cpu = self
+                        .tx_errors
+                        .get(&(*k as u32), 0)
+                        .map_err(map_err("TX_ERRORS"))?;
+                    Ok((*k, per_cpu.iter().sum()))
+                })
+                .collect(),
+        )
+    }
+
     /// One reason counter, summed over CPUs.
     pub fn reason(&self, r: Reason) -> Result<u64, DataplaneError> {
         Ok(self

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod tables;
+pub mod tx_errors;

@@ -91,6 +91,21 @@ impl Collector for DataplaneCollector {
             }
             Err(e) => warn!("reading reason counters: {e}"),
         }
+        match c.tx_errors() {
+            Some(Ok(errors)) => {
+                let mut m = encoder.encode_descriptor(
+                    "lb_xdp_tx_errors",
+                    "Frames the XDP program sent (XDP_TX, XDP_REDIRECT) that the driver then failed to transmit, from the kernel's xdp tracepoints",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (k, n) in errors {
+                    ConstCounter::new(n).encode(m.encode_family(&[("kind", k.label())])?)?;
+                }
+            }
+            Some(Err(e)) => warn!("reading transmit-failure counters: {e}"),
+            None => {}
+        }
         if let Some(p) = c.program.get() {
             let mut m = encoder.encode_descriptor(
                 "lb_xdp_program_info",

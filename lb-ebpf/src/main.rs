@@ -18,6 +18,7 @@ mod parse;
 mod select;
 mod socket;
 mod too_big;
+mod tx_errors;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},

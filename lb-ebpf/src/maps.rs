@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4,
     FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE,
-    TrafficCounters, VIP_PORT_WORDS, VipKey, VsEntry,
+    TX_ERROR_COUNT, TrafficCounters, TxErrorFilter, VIP_PORT_WORDS, VipKey, VsEntry,
 };
 
 /// LRU lists per CPU, hash table shared: inserts never contend on a global LRU lock (the point of
@@ -84,6 +84,14 @@ pub static VS_STATS: PerCpuArray<TrafficCounters> =
 #[map]
 pub static ENGINE_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_ENGINES, 0);
+
+/// Transmit failures after the verdict, one counter per `lb_common::TxError` (per CPU).
+#[map]
+pub static TX_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TX_ERROR_COUNT, 0);
+
+/// This engine's program id and interface: the transmit failures `TX_ERRORS` counts.
+#[map]
+pub static TX_ERROR_FILTER: Array<TxErrorFilter> = Array::with_max_entries(1, 0);
 
 /// One counter per `lb_common::Reason` (per CPU).
 #[map]

@@ -3,6 +3,10 @@
 //! `xdp_pass`: the lab attaches it to the bridge side of veth pairs, which only accept `XDP_TX` /
 //! redirected frames when their peer runs an XDP program.
 //!
+//! `tunnel_decap`: a tc ingress program for tunnel-mode engines in the lab, whose kernel has no
+//! `ipip` / `ip6_tunnel` device: it strips the outer IPv4 (protocol 4) or IPv6 (next header 41)
+//! header so that the stack sees the client's packet to the VIP.
+//!
 //! Benchmarks (`BPF_PROG_TEST_RUN`):
 //! With `repeat N` the kernel runs every iteration on the same buffer, so a path that changes what
 //! it later reads sees its own output from the second iteration on. `bench_wrap` restores the input
@@ -17,11 +21,14 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    bindings::{
+        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
+    },
     helpers::bpf_xdp_adjust_head,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray, ProgramArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 const MODE_NEW_FLOW: u32 = 1;
@@ -42,6 +49,20 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((ctx.data() + off) as *mut T)
+}
+
+/// Strips an IP-in-IP / IPv6-in-IPv6 outer header (see the module comment).
+#[classifier]
+pub fn tunnel_decap(ctx: TcContext) -> i32 {
+    const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+    const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+    let outer = match ctx.load::<u16>(12) {
+        Ok(ETH_P_IP_BE) if ctx.load::<u8>(ETH_HLEN + 9) == Ok(4) => IPV4_HLEN,
+        Ok(ETH_P_IPV6_BE) if ctx.load::<u8>(ETH_HLEN + 6) == Ok(41) => 40,
+        _ => return TC_ACT_OK as i32,
+    };
+    let _ = ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, 0);
+    TC_ACT_OK as i32
 }
 
 /// Passes everything (see the module comment).

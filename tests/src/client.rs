@@ -176,6 +176,25 @@ pub fn one_request(target: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(body).trim().to_owned())
 }
 
+/// One connection, one `POST /` with a body of `size` bytes (`Connection: close`); returns the
+/// trimmed body of a 200. Must run on a thread inside the client namespace.
+pub fn post(target: SocketAddr, size: usize, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, timeout).context("connect")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nHost: {target}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.resize(req.len() + size, b'x');
+    s.write_all(&req).context("send")?;
+    let mut buf = Vec::with_capacity(512);
+    s.read_to_end(&mut buf).context("read")?;
+    let (status, body) = split_response(&buf)?;
+    ensure!(status == 200, "HTTP status {status}");
+    Ok(String::from_utf8_lossy(body).trim().to_owned())
+}
+
 /// Parses `HTTP/1.x NNN ...\r\n...\r\n\r\nbody` into (status, body).
 fn split_response(buf: &[u8]) -> Result<(u16, &[u8])> {
     let end = find(buf, b"\r\n\r\n").context("no complete HTTP header")?;

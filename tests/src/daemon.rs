@@ -91,6 +91,8 @@ pub struct EngineEntry {
     pub address_v4: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_v6: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -32,6 +32,7 @@ pub mod nginx;
 pub mod proxy_lab;
 pub mod steering;
 pub mod tools;
+pub mod tunnel;
 
 use std::path::PathBuf;
 
