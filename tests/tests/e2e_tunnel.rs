@@ -64,10 +64,7 @@ fn full_size_requests_through_the_tunnel_succeed_and_failed_transmits_show() {
         "the client learnt the path MTU from the primary's ICMP: {route}"
     );
     let sent = reason(&metrics, "icmp_too_big_sent");
-    assert!(
-        sent > 0.0,
-        "the primary counted its ICMP replies:\n{metrics}"
-    );
+    assert!(sent > 0, "the primary counted its ICMP replies:\n{metrics}");
     assert!(reason(&metrics, "tx_tunnel") > 0);
     assert_eq!(
         tx_errors(&metrics, "bulk_tx_drop"),
