@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -36,15 +36,16 @@ impl SourceAddrs {
 }
 
 /// One backend. Counters are plain atomics: the proxy updates them per connection, the metrics
-/// endpoint reads them at scrape time.
+/// endpoint reads them at scrape time. A backend is the same object across reloads that keep its
+/// address ([`Backend::reconfigure`]), so its health, counters and open connections carry over.
 #[derive(Debug)]
 pub struct Backend {
-    /// Index in its pool (stable for the pool's lifetime; used by consistent hashing).
-    pub index: u32,
+    /// Position in its pool's configuration.
+    index: AtomicU32,
     pub addr: SocketAddr,
-    pub weight: u32,
+    weight: AtomicU32,
     /// Administratively enabled (configuration).
-    pub enabled: bool,
+    enabled: AtomicBool,
     /// Set by the health checker; starts healthy until a check says otherwise (`fall` failures).
     healthy: AtomicBool,
     /// Connections open now.
@@ -63,10 +64,10 @@ pub struct Backend {
 impl Backend {
     pub fn new(index: u32, addr: SocketAddr, weight: u32, enabled: bool) -> Self {
         Backend {
-            index,
+            index: AtomicU32::new(index),
             addr,
-            weight,
-            enabled,
+            weight: AtomicU32::new(weight),
+            enabled: AtomicBool::new(enabled),
             healthy: AtomicBool::new(true),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -75,6 +76,26 @@ impl Backend {
             bytes_to_client: AtomicU64::new(0),
             health_changes: AtomicU64::new(0),
         }
+    }
+
+    /// Takes a new position and settings from a reloaded configuration; health, counters and open
+    /// connections stay.
+    pub fn reconfigure(&self, index: u32, weight: u32, enabled: bool) {
+        self.index.store(index, Ordering::Relaxed);
+        self.weight.store(weight, Ordering::Relaxed);
+        self.enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index.load(Ordering::Relaxed)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -92,7 +113,7 @@ impl Backend {
 
     /// May take new connections: enabled, healthy and of non-zero weight.
     pub fn is_usable(&self) -> bool {
-        self.enabled && self.weight > 0 && self.is_healthy()
+        self.enabled() && self.weight() > 0 && self.is_healthy()
     }
 
     /// A connection to it opened: counts it until the returned guard drops.

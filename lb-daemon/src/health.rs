@@ -309,7 +309,7 @@ pub fn spawn(
     let pool_name: Arc<str> = Arc::from(pool.as_str());
     let tasks = backends
         .into_iter()
-        .filter(|b| b.enabled)
+        .filter(|b| b.enabled())
         .map(|b| tokio::spawn(run(pool_name.clone(), b, checker.clone())))
         .collect();
     HealthHandle { pool, tasks }

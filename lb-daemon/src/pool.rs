@@ -109,6 +109,30 @@ impl Pool {
         Pool::with_backends(cfg.name.clone(), cfg.algorithm, backends)
     }
 
+    /// The pool `cfg` describes, edited from `old`: a backend whose address and port `old` has is the
+    /// same object with its new position, weight and enabled flag, so its health, counters and open
+    /// connections carry over an edit of the pool; others are new.
+    pub fn carry_over(cfg: &PoolConfig, old: &Pool) -> Pool {
+        let mut previous: std::collections::HashMap<std::net::SocketAddr, Arc<Backend>> =
+            old.backends.iter().map(|b| (b.addr, b.clone())).collect();
+        let backends = cfg
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let index = u32::try_from(i).expect("backend count fits u32");
+                match previous.remove(&b.socket_addr()) {
+                    Some(kept) => {
+                        kept.reconfigure(index, b.weight, b.enabled);
+                        kept
+                    }
+                    None => Arc::new(Backend::new(index, b.socket_addr(), b.weight, b.enabled)),
+                }
+            })
+            .collect();
+        Pool::with_backends(cfg.name.clone(), cfg.algorithm, backends)
+    }
+
     /// A pool over existing backends (e.g. to keep their live state across a reload). Consistent
     /// hashing identifies a backend by its position in `backends`.
     pub fn with_backends(name: String, algorithm: Algorithm, backends: Vec<Arc<Backend>>) -> Pool {
@@ -175,7 +199,7 @@ impl Pool {
             if !state.usable[i] {
                 continue;
             }
-            let w = i64::from(b.weight);
+            let w = i64::from(b.weight());
             state.current[i] += w;
             total += w;
             if best.is_none_or(|j| state.current[i] > state.current[j]) {
@@ -188,11 +212,11 @@ impl Pool {
     }
 
     fn pick_least_connections(&self) -> Option<Arc<Backend>> {
-        // `a` lighter than `b`: a.active / a.weight < b.active / b.weight (weights are > 0 here).
+        // `a` lighter than `b`: a.active / a.weight < b.active / b.weight() (weights are > 0 here).
         let load = |b: &Backend| {
             (
                 u128::from(b.active.load(Ordering::Relaxed)),
-                u128::from(b.weight),
+                u128::from(b.weight()),
             )
         };
         let mut best: Option<(&Arc<Backend>, (u128, u128))> = None;
@@ -307,7 +331,10 @@ struct HashState {
 impl HashState {
     fn new(backends: &[Arc<Backend>]) -> HashState {
         let size = ring_size_for(backends.len());
-        let configured = backends.iter().map(|b| b.enabled && b.weight > 0).collect();
+        let configured = backends
+            .iter()
+            .map(|b| b.enabled() && b.weight() > 0)
+            .collect();
         HashState {
             size,
             base: HashTable::build(backends, configured, size).ring,
@@ -336,7 +363,7 @@ impl HashTable {
             .filter(|(_, (_, m))| **m)
             .map(|(i, (b, _))| Member {
                 engine_id: u32::try_from(i).expect("backend count fits u32"),
-                weight: b.weight,
+                weight: b.weight(),
             })
             .collect();
         HashTable {
@@ -351,6 +378,75 @@ impl HashTable {
             .iter()
             .zip(&self.members)
             .all(|(b, m)| b.is_usable() == *m)
+    }
+}
+
+#[cfg(test)]
+mod carry_over_tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    fn cfg(backends: &[(&str, u32, bool)]) -> PoolConfig {
+        PoolConfig {
+            name: "web".into(),
+            algorithm: Algorithm::WeightedRoundRobin,
+            backends: backends
+                .iter()
+                .map(|(a, w, e)| BackendConfig {
+                    address: a.parse().unwrap(),
+                    port: 80,
+                    weight: *w,
+                    enabled: *e,
+                })
+                .collect(),
+            health_check: None,
+        }
+    }
+
+    #[test]
+    fn an_edit_keeps_health_counters_and_connections_of_kept_backends() {
+        let old = Pool::new(&cfg(&[("10.0.0.1", 1, true), ("10.0.0.2", 1, true)]));
+        old.backends[1].set_healthy(false);
+        let open = old.backends[0].open();
+        old.backends[0]
+            .bytes_to_client
+            .fetch_add(100, std::sync::atomic::Ordering::Relaxed);
+        // One weight changed, a backend added in front, one kept in another position.
+        let new = Pool::carry_over(
+            &cfg(&[
+                ("10.0.0.3", 1, true),
+                ("10.0.0.2", 5, true),
+                ("10.0.0.1", 2, false),
+            ]),
+            &old,
+        );
+        assert!(Arc::ptr_eq(&new.backends[1], &old.backends[1]));
+        assert!(Arc::ptr_eq(&new.backends[2], &old.backends[0]));
+        assert!(
+            !new.backends[1].is_healthy(),
+            "still down: the health check said so"
+        );
+        assert_eq!((new.backends[1].weight(), new.backends[1].index()), (5, 1));
+        let kept = &new.backends[2];
+        assert_eq!((kept.weight(), kept.enabled(), kept.index()), (2, false, 2));
+        assert_eq!(kept.active.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            kept.bytes_to_client
+                .load(std::sync::atomic::Ordering::Relaxed),
+            100
+        );
+        drop(open);
+        assert_eq!(kept.active.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(new.backends[0].is_healthy(), "a new backend starts up");
+        // Only the usable one of the kept backends and the new one are picked.
+        let picked: std::collections::HashSet<_> = (0..12)
+            .map(|_| new.pick("192.0.2.1".parse().unwrap()).unwrap().addr)
+            .collect();
+        assert_eq!(
+            picked.len(),
+            1,
+            "10.0.0.2 is down and 10.0.0.1 disabled: {picked:?}"
+        );
     }
 }
 
@@ -427,7 +523,7 @@ mod tests {
     fn counts(p: &Pool, picks: &[IpAddr]) -> Vec<usize> {
         let mut c = vec![0; p.backends.len()];
         for ip in picks {
-            c[p.pick(*ip).expect("a usable backend").index as usize] += 1;
+            c[p.pick(*ip).expect("a usable backend").index() as usize] += 1;
         }
         c
     }
@@ -446,11 +542,11 @@ mod tests {
         let p = pool(Algorithm::RoundRobin, &[(3, true), (0, true), (1, false)]);
         assert_eq!(p.name, "p");
         for (i, b) in p.backends.iter().enumerate() {
-            assert_eq!(b.index as usize, i);
+            assert_eq!(b.index() as usize, i);
             assert_eq!(b.addr, format!("10.0.0.{}:80", i + 1).parse().unwrap());
         }
-        assert_eq!(p.backends[0].weight, 3);
-        assert!(!p.backends[2].enabled);
+        assert_eq!(p.backends[0].weight(), 3);
+        assert!(!p.backends[2].enabled());
     }
 
     /// Backend 0 disabled, 1 of weight 0, 2 unhealthy, 3 and 4 usable: only 3 and 4 are ever picked.
@@ -480,7 +576,7 @@ mod tests {
             }
             // And it comes back.
             p.backends[2].set_healthy(true);
-            assert_eq!(p.pick(client()).unwrap().index, 2, "{alg:?}");
+            assert_eq!(p.pick(client()).unwrap().index(), 2, "{alg:?}");
         }
         for alg in ALL {
             let p = pool(alg, &[]);
@@ -496,7 +592,7 @@ mod tests {
         );
         p.backends[3].set_healthy(false);
         // Usable: 0, 1, 4, each exactly once in every three picks.
-        let seq: Vec<u32> = (0..9).map(|_| p.pick(client()).unwrap().index).collect();
+        let seq: Vec<u32> = (0..9).map(|_| p.pick(client()).unwrap().index()).collect();
         for w in seq.chunks(3) {
             let mut w = w.to_vec();
             w.sort_unstable();
@@ -533,7 +629,7 @@ mod tests {
             let mut seen = vec![0u64; spec.len()];
             // Three full cycles.
             for n in 1..=3 * u64::from(total) {
-                seen[p.pick(client()).unwrap().index as usize] += 1;
+                seen[p.pick(client()).unwrap().index() as usize] += 1;
                 // Smooth: after any n picks no backend is a whole pick ahead of n·w/W, i.e.
                 // count·W − n·w < W.
                 for (i, &w) in spec.iter().enumerate() {
@@ -558,7 +654,7 @@ mod tests {
             Algorithm::WeightedRoundRobin,
             &[(5, true), (1, true), (1, true)],
         );
-        let seq: Vec<u32> = (0..7).map(|_| p.pick(client()).unwrap().index).collect();
+        let seq: Vec<u32> = (0..7).map(|_| p.pick(client()).unwrap().index()).collect();
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -573,7 +669,7 @@ mod tests {
         }
         p.backends[2].set_healthy(false);
         // A new cycle over the remaining weights 2 + 1 starts at once.
-        let seq: Vec<u32> = (0..3).map(|_| p.pick(client()).unwrap().index).collect();
+        let seq: Vec<u32> = (0..3).map(|_| p.pick(client()).unwrap().index()).collect();
         assert_eq!(seq, [0, 1, 0]);
         assert_eq!(counts(&p, &vec![client(); 3000]), [2000, 1000, 0]);
         // And another when it comes back.
@@ -594,15 +690,15 @@ mod tests {
         };
         // Loads 3/1, 5/2, 9/4 → backend 2 (2.25 < 2.5 < 3); the disabled idle one is never chosen.
         set([3, 5, 9, 0]);
-        assert_eq!(p.pick(client()).unwrap().index, 2);
+        assert_eq!(p.pick(client()).unwrap().index(), 2);
         // 3/1, 5/2, 11/4 → backend 1.
         set([3, 5, 11, 0]);
-        assert_eq!(p.pick(client()).unwrap().index, 1);
+        assert_eq!(p.pick(client()).unwrap().index(), 1);
         // Unhealthy backends are skipped even when idle.
         set([0, 5, 11, 0]);
-        assert_eq!(p.pick(client()).unwrap().index, 0);
+        assert_eq!(p.pick(client()).unwrap().index(), 0);
         p.backends[0].set_healthy(false);
-        assert_eq!(p.pick(client()).unwrap().index, 1);
+        assert_eq!(p.pick(client()).unwrap().index(), 1);
     }
 
     /// Opening connections as picked keeps active counts proportional to weights; equal loads are
@@ -632,7 +728,7 @@ mod tests {
             Algorithm::LeastConnections,
             &[(1, true), (1, true), (1, false), (1, true)],
         );
-        let seq: Vec<u32> = (0..6).map(|_| p.pick(client()).unwrap().index).collect();
+        let seq: Vec<u32> = (0..6).map(|_| p.pick(client()).unwrap().index()).collect();
         for w in seq.chunks(3) {
             let mut w = w.to_vec();
             w.sort_unstable();
@@ -647,15 +743,15 @@ mod tests {
     fn consistent_hash_keeps_a_client_on_its_backend() {
         let p = pool(Algorithm::ConsistentHash, &weights(5));
         for ip in clients(1000) {
-            let first = p.pick(ip).unwrap().index;
+            let first = p.pick(ip).unwrap().index();
             for _ in 0..3 {
-                assert_eq!(p.pick(ip).unwrap().index, first);
+                assert_eq!(p.pick(ip).unwrap().index(), first);
             }
             // A pool built from the same configuration agrees (no per-process randomness).
         }
         let q = pool(Algorithm::ConsistentHash, &weights(5));
         for ip in clients(1000) {
-            assert_eq!(p.pick(ip).unwrap().index, q.pick(ip).unwrap().index);
+            assert_eq!(p.pick(ip).unwrap().index(), q.pick(ip).unwrap().index());
         }
     }
 
@@ -692,10 +788,10 @@ mod tests {
     fn consistent_hash_moves_only_the_clients_of_a_down_backend() {
         let many = clients(100_000);
         let p = pool(Algorithm::ConsistentHash, &weights(4));
-        let before: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index).collect();
+        let before: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index()).collect();
 
         p.backends[2].set_healthy(false);
-        let after: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index).collect();
+        let after: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index()).collect();
         let mut moved_to: HashMap<u32, usize> = HashMap::new();
         for (b, a) in before.iter().zip(&after) {
             if *b == 2 {
@@ -719,7 +815,7 @@ mod tests {
         }
 
         p.backends[2].set_healthy(true);
-        let back: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index).collect();
+        let back: Vec<u32> = many.iter().map(|ip| p.pick(*ip).unwrap().index()).collect();
         assert_eq!(back, before);
     }
 
@@ -762,7 +858,7 @@ mod tests {
                         let mut picked = 0usize;
                         for ip in clients(5_000 + t) {
                             if let Some(b) = p.pick(ip) {
-                                assert_ne!(b.index, 3, "the disabled backend");
+                                assert_ne!(b.index(), 3, "the disabled backend");
                                 let _g = b.open();
                                 picked += 1;
                             }

@@ -770,6 +770,86 @@ fn bad_configs_are_refused_at_start_and_on_reload() {
     drop(d);
 }
 
+/// A reload reaches services that are already running (a new idle timeout applies to the next
+/// connection), and an edit of a pool keeps its backends' health and counters: a backend its
+/// health check took down stays down, instead of coming back "up" with zeroed counters.
+#[test]
+fn reloads_reach_running_services_and_pool_edits_keep_health() {
+    if !require_root() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = ProxyLab::build(&Options {
+        lab_prefix: "lbtpe".to_owned(),
+        health_check: Some(fast_http_check()),
+        ..Options::default()
+    })
+    .expect("build the proxy lab");
+    let wait = Duration::from_secs(5);
+    for b in &lab.backends {
+        lab.wait_backend("web", b.http(), true, wait).unwrap();
+    }
+    let r = lab.load(90).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    let be1 = lab.backends[0].http().to_string();
+    let be1_total = |lab: &ProxyLab| {
+        lab.metric_total(
+            "lb_backend_connections_total",
+            &[("pool", "web"), ("backend", be1.as_str())],
+        )
+        .unwrap()
+    };
+    let served = be1_total(&lab);
+    assert!(served > 0.0);
+    let be2 = lab.backends[1].http();
+    lab.backends[1].kill_nginx();
+    lab.wait_backend("web", be2, false, wait).unwrap();
+
+    // One weight changes: the pool is edited, not rebuilt.
+    lab.pools[0].backends[0].weight = Some(2);
+    lab.reload_all(ReloadOrder::PrimaryLast).unwrap();
+    let b2 = be2.to_string();
+    let up = lab
+        .metric_per_engine(
+            "lb_backend_up",
+            &[("pool", "web"), ("backend", b2.as_str())],
+        )
+        .unwrap();
+    assert!(
+        up.values().all(|v| *v == 0.0) && up.len() == 3,
+        "be2 is still down right after the edit on every engine: {up:?}"
+    );
+    assert!(
+        be1_total(&lab) >= served,
+        "be1's connection count survived the edit"
+    );
+    let r = lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    assert_eq!(
+        r.per_engine.get("be2"),
+        None,
+        "nothing to the down backend: {r}"
+    );
+
+    // The idle timeout changes under running services: the next idle client is closed after it.
+    lab.proxy.idle_timeout_s = Some(1);
+    lab.reload_all(ReloadOrder::PrimaryLast).unwrap();
+    let vip = lab.vip_http();
+    let (r, took) = lab
+        .in_client(0, || {
+            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let start = Instant::now();
+            let mut buf = [0u8; 16];
+            Ok((s.read(&mut buf).map_err(|e| e.kind()), start.elapsed()))
+        })
+        .unwrap();
+    assert!(
+        matches!(r, Ok(0) | Err(ErrorKind::ConnectionReset)) && took < Duration::from_secs(4),
+        "an idle client after idle_timeout_s = 1 was reloaded in: {r:?} after {took:?}"
+    );
+}
+
 #[test]
 fn bad_reloads_keep_the_old_config_and_idle_clients_are_closed() {
     if !require_root() {

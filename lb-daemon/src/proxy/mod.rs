@@ -64,12 +64,20 @@ pub enum Drain {
     Draining { deadline: Instant },
 }
 
-/// Settings of the proxy that every service reads at connection time.
-#[derive(Clone, Copy, Debug)]
+/// Timeouts of the proxy (`[proxy]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
     pub idle: Duration,
     pub udp_idle: Duration,
+}
+
+/// What a service reads for each new connection (or UDP session), so that a reload reaches
+/// services that are already running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub timeouts: Timeouts,
+    pub sources: SourceAddrs,
 }
 
 /// Counters of one virtual service's proxy on this engine.
@@ -127,11 +135,19 @@ pub struct Service {
     pub protocol: Protocol,
     pool: RwLock<Arc<Pool>>,
     max_connections: AtomicU32,
+    settings: RwLock<Settings>,
     drain: watch::Sender<Drain>,
     pub stats: ServiceStats,
 }
 
 impl Service {
+    pub fn settings(&self) -> Settings {
+        *self
+            .settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn pool(&self) -> Arc<Pool> {
         self.pool
             .read()
@@ -215,6 +231,8 @@ struct PoolEntry {
     config: PoolConfig,
     pool: Arc<Pool>,
     health: Option<HealthHandle>,
+    /// The source addresses its health checker uses.
+    sources: SourceAddrs,
 }
 
 struct ServiceEntry {
@@ -307,8 +325,12 @@ impl Proxy {
         self.reconcile_pools(config, sources);
         let mut services = HashMap::new();
         for (_, vs) in &placed {
-            let (key, entry) =
-                self.reconcile_service(vs, engine_draining, &mut opened, timeouts, sources);
+            let (key, entry) = self.reconcile_service(
+                vs,
+                engine_draining,
+                &mut opened,
+                Settings { timeouts, sources },
+            );
             services.insert(key, entry);
         }
         for (_, entry) in std::mem::replace(&mut self.services, services) {
@@ -356,11 +378,27 @@ impl Proxy {
         let mut pools = HashMap::new();
         for p in &config.pools {
             let mut entry = match self.pools.remove(&p.name) {
-                Some(old) if old.config == *p => old,
-                _ => PoolEntry {
+                Some(mut old) if old.config == *p => {
+                    if old.sources != sources {
+                        // Checks leave from the new source address from now on.
+                        old.health = None;
+                        old.sources = sources;
+                    }
+                    old
+                }
+                // Edited: backends that stay keep their health and counters; the checker restarts
+                // from each backend's current state.
+                Some(old) => PoolEntry {
+                    config: p.clone(),
+                    pool: Arc::new(Pool::carry_over(p, &old.pool)),
+                    health: None,
+                    sources,
+                },
+                None => PoolEntry {
                     config: p.clone(),
                     pool: Arc::new(Pool::new(p)),
                     health: None,
+                    sources,
                 },
             };
             if entry.health.is_none() {
@@ -380,8 +418,7 @@ impl Proxy {
         vs: &VirtualServiceConfig,
         engine_draining: bool,
         opened: &mut HashMap<(SocketAddr, Protocol), Socket>,
-        timeouts: Timeouts,
-        sources: SourceAddrs,
+        settings: Settings,
     ) -> ((SocketAddr, Protocol), ServiceEntry) {
         let key = (SocketAddr::new(vs.vip, vs.port), vs.protocol);
         let pool = self.pools[vs.pool.as_deref().expect("filtered on pool")]
@@ -395,6 +432,7 @@ impl Proxy {
                 protocol: vs.protocol,
                 pool: RwLock::new(pool.clone()),
                 max_connections: AtomicU32::new(vs.max_connections),
+                settings: RwLock::new(settings),
                 drain: watch::Sender::new(Drain::Serving),
                 stats: ServiceStats::default(),
             }),
@@ -406,12 +444,15 @@ impl Proxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pool;
         s.max_connections
             .store(vs.max_connections, Ordering::Relaxed);
+        *s.settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
         if engine_draining || vs.draining {
             self.start_draining(s);
         } else {
             s.drain.send_replace(Drain::Serving);
             if let Some(socket) = opened.remove(&key) {
-                entry.task = Some(socket.spawn(s.clone(), self.conns.clone(), timeouts, sources));
+                entry.task = Some(socket.spawn(s.clone(), self.conns.clone()));
                 info!(vs = %s.name, addr = %s.vip, protocol = %s.protocol, "serving");
             }
         }
@@ -451,16 +492,10 @@ impl Socket {
         })
     }
 
-    fn spawn(
-        self,
-        s: Arc<Service>,
-        conns: Arc<ConnTable>,
-        timeouts: Timeouts,
-        sources: SourceAddrs,
-    ) -> JoinHandle<()> {
+    fn spawn(self, s: Arc<Service>, conns: Arc<ConnTable>) -> JoinHandle<()> {
         match self {
-            Socket::Tcp(l) => tokio::spawn(tcp::serve(l, s, conns, timeouts, sources)),
-            Socket::Udp(u) => tokio::spawn(udp::serve(u, s, conns, timeouts, sources)),
+            Socket::Tcp(l) => tokio::spawn(tcp::serve(l, s, conns)),
+            Socket::Udp(u) => tokio::spawn(udp::serve(u, s, conns)),
         }
     }
 }

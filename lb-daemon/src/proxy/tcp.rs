@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
-    Drain, Service, SourceAddrs, Timeouts, drain_deadline,
+    Drain, Service, Settings, SourceAddrs, Timeouts, drain_deadline,
     relay::{self, Progress, RelayEnd, RelayKind},
     reset_on_close,
 };
@@ -44,13 +44,7 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts until the service drains (the listener then closes: new clients are refused by the
 /// kernel), spawning one task per connection.
-pub async fn serve(
-    listener: TcpListener,
-    s: Arc<Service>,
-    conns: Arc<ConnTable>,
-    t: Timeouts,
-    sources: SourceAddrs,
-) {
+pub async fn serve(listener: TcpListener, s: Arc<Service>, conns: Arc<ConnTable>) {
     let mut drain = s.watch_drain();
     loop {
         let accepted = tokio::select! {
@@ -59,6 +53,11 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
+                // Read per connection: a reload reaches a running service.
+                let Settings {
+                    timeouts: t,
+                    sources,
+                } = s.settings();
                 tokio::spawn(connection(
                     client,
                     peer,

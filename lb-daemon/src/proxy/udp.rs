@@ -14,7 +14,7 @@ use std::{
 use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle};
 use tracing::debug;
 
-use super::{Drain, Service, SourceAddrs, Timeouts, drain_deadline, relay::Progress};
+use super::{Drain, Service, Settings, SourceAddrs, Timeouts, drain_deadline, relay::Progress};
 use crate::{
     backend::ActiveGuard,
     config::Protocol,
@@ -61,13 +61,7 @@ impl Drop for Session {
 
 /// Serves the VIP socket until the drain deadline passes (then every session ends, counted as
 /// drain resets). While draining, datagrams of new clients are dropped and counted.
-pub async fn serve(
-    sock: UdpSocket,
-    s: Arc<Service>,
-    conns: Arc<ConnTable>,
-    t: Timeouts,
-    sources: SourceAddrs,
-) {
+pub async fn serve(sock: UdpSocket, s: Arc<Service>, conns: Arc<ConnTable>) {
     let sock = Arc::new(sock);
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
@@ -82,6 +76,8 @@ pub async fn serve(
                     forward(session, &buf[..n]).await;
                     continue;
                 }
+                // Read per session: a reload reaches a running service.
+                let Settings { timeouts: t, sources } = s.settings();
                 if let Some(session) = open_session(&s, &conns, client, t, sources, &sock, &ended_tx).await {
                     forward(&session, &buf[..n]).await;
                     sessions.insert(client, session);
