@@ -1,6 +1,6 @@
 use super::*;
 
-const EXAMPLE: &str = include_str!("../../../deploy/lb.example.toml");
+const EXAMPLE: &str = include_str!("../../deploy/lb.example.toml");
 
 /// A small valid configuration that the tests below break one field at a time.
 const BASE: &str = r#"

@@ -1,5 +1,7 @@
-//! The daemon's TOML configuration: the schema of `deploy/lb.example.toml`, its defaults and its
-//! validation.
+//! The load balancer's model: the engine's TOML configuration (the schema of
+//! `deploy/lb.example.toml`), its defaults and its validation. [`Desired`] is the part that is not
+//! the host's own (`[daemon]`): what the file and the controller's snapshots both describe, and what
+//! an engine applies.
 //!
 //! [`Config::parse`] (and [`Config::load`]) return only configurations that passed every check in
 //! [`Config::validate`]; every validation error names the offending field by its path, e.g.
@@ -344,7 +346,46 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
+/// The desired state one engine applies: everything of [`Config`] but the host's own `[daemon]`
+/// settings. The TOML file carries it beside `[daemon]`; in managed mode the controller's snapshots
+/// carry it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub engines: Vec<EngineConfig>,
+    #[serde(default)]
+    pub virtual_services: Vec<VirtualServiceConfig>,
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
 impl Config {
+    /// The configuration of a host with `daemon` settings that applies `desired`, validated.
+    pub fn from_parts(daemon: DaemonConfig, desired: Desired) -> Result<Config, ConfigError> {
+        let config = Config {
+            daemon,
+            proxy: desired.proxy,
+            engines: desired.engines,
+            virtual_services: desired.virtual_services,
+            pools: desired.pools,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Everything but `[daemon]`.
+    pub fn desired(&self) -> Desired {
+        Desired {
+            proxy: self.proxy.clone(),
+            engines: self.engines.clone(),
+            virtual_services: self.virtual_services.clone(),
+            pools: self.pools.clone(),
+        }
+    }
+
     /// Reads, parses and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
