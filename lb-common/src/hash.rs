@@ -84,14 +84,6 @@ pub fn client_hash(addr_be: &[u32; 4]) -> u32 {
     finish(h, 16)
 }
 
-/// The hash of the `attempt`-th (1, 2, ...) other ring slot tried for a flow whose first choice
-/// cannot take it (the data plane's fallback when this host has no listener). Deterministic, so a
-/// retransmitted first packet is placed where the first one was.
-#[inline(always)]
-pub const fn rehash(hash: u32, attempt: u32) -> u32 {
-    finish(mix(hash, attempt), 8)
-}
-
 /// The ring slot a hash selects.
 #[inline(always)]
 pub const fn ring_slot(hash: u32) -> u32 {

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{DaemonConfig, XdpMode},
-    tables::Changes,
+    tables::{Changes, Write},
 };
 
 /// Name of the steering program in the object.
@@ -556,67 +556,94 @@ impl Dataplane {
         &self.pin_dir
     }
 
-    /// Writes `c` into the maps, in the order [`Changes`] documents.
+    /// Writes `c` into the maps: exactly [`Changes::steps`], in that order. Long batches (a ring
+    /// is 65537 slots) are system calls one entry at a time; the engine runs this off the async
+    /// workers.
     pub fn apply(&mut self, c: &Changes) -> Result<(), DataplaneError> {
-        if let Some(g) = c.globals {
-            self.globals.set(0, g, 0).map_err(map_err("GLOBALS"))?;
+        for step in c.steps() {
+            self.write(step)?;
         }
-        for (id, e) in &c.engines_enable {
-            self.engines.set(*id, e, 0).map_err(map_err("ENGINES"))?;
-        }
-        for (id, ifindex) in &c.devmap_set {
-            self.devmap.set(*id, *ifindex, None, 0)?;
-        }
-        for (vs, slot, engine) in &c.ring_set {
-            self.set_slot(*vs, *slot, *engine)?;
-        }
-        for (id, e) in &c.engines_disable {
-            self.engines.set(*id, e, 0).map_err(map_err("ENGINES"))?;
-        }
-        for (id, v) in &c.vs_set {
-            self.vs.set(*id, v, 0).map_err(map_err("VS"))?;
-        }
-        for (w, bits) in &c.vip_ports_grow {
-            self.vip_ports
-                .set(*w, bits, 0)
-                .map_err(map_err("VIP_PORTS"))?;
-        }
-        for (k, n) in &c.vip_addrs_set {
-            self.vip_addrs
-                .insert(k, n, 0)
-                .map_err(map_err("VIP_ADDRS"))?;
-        }
-        for (k, id) in &c.vips_set {
-            self.vips.insert(k, id, 0).map_err(map_err("VIPS"))?;
-        }
-        for k in &c.vips_remove {
-            self.vips.remove(k).map_err(map_err("VIPS"))?;
-        }
-        for k in &c.vip_addrs_remove {
-            self.vip_addrs.remove(k).map_err(map_err("VIP_ADDRS"))?;
-        }
-        for (w, bits) in &c.vip_ports_shrink {
-            self.vip_ports
-                .set(*w, bits, 0)
-                .map_err(map_err("VIP_PORTS"))?;
-        }
-        for id in &c.vs_clear {
-            self.vs
-                .set(*id, VsEntry::default(), 0)
-                .map_err(map_err("VS"))?;
-        }
-        for vs in &c.rings_clear {
-            for slot in 0..RING_SIZE {
-                self.set_slot(*vs, slot, ENGINE_NONE)?;
+        Ok(())
+    }
+
+    fn write(&mut self, step: Write<'_>) -> Result<(), DataplaneError> {
+        match step {
+            Write::Globals(g) => self.globals.set(0, g, 0).map_err(map_err("GLOBALS"))?,
+            Write::EnginesEnable(w) | Write::EnginesDisable(w) => {
+                for (id, e) in w {
+                    self.engines.set(*id, e, 0).map_err(map_err("ENGINES"))?;
+                }
             }
-        }
-        for id in &c.devmap_remove {
-            self.devmap.set(*id, 0, None, 0)?;
-        }
-        for id in &c.engines_remove {
-            self.engines
-                .set(*id, Engine::default(), 0)
-                .map_err(map_err("ENGINES"))?;
+            Write::DevmapSet(w) => {
+                for (id, ifindex) in w {
+                    self.devmap.set(*id, *ifindex, None, 0)?;
+                }
+            }
+            Write::RingSlots(w) => {
+                for (vs, slot, engine) in w {
+                    self.set_slot(*vs, *slot, *engine)?;
+                }
+            }
+            Write::VsSet(w) => {
+                for (id, v) in w {
+                    self.vs.set(*id, v, 0).map_err(map_err("VS"))?;
+                }
+            }
+            Write::VipPortsGrow(w) | Write::VipPortsShrink(w) => {
+                for (word, bits) in w {
+                    self.vip_ports
+                        .set(*word, bits, 0)
+                        .map_err(map_err("VIP_PORTS"))?;
+                }
+            }
+            Write::VipAddrsSet(w) => {
+                for (k, n) in w {
+                    self.vip_addrs
+                        .insert(k, n, 0)
+                        .map_err(map_err("VIP_ADDRS"))?;
+                }
+            }
+            Write::VipsSet(w) => {
+                for (k, id) in w {
+                    self.vips.insert(k, id, 0).map_err(map_err("VIPS"))?;
+                }
+            }
+            Write::VipsRemove(w) => {
+                for k in w {
+                    self.vips.remove(k).map_err(map_err("VIPS"))?;
+                }
+            }
+            Write::VipAddrsRemove(w) => {
+                for k in w {
+                    self.vip_addrs.remove(k).map_err(map_err("VIP_ADDRS"))?;
+                }
+            }
+            Write::VsClear(w) => {
+                for id in w {
+                    self.vs
+                        .set(*id, VsEntry::default(), 0)
+                        .map_err(map_err("VS"))?;
+                }
+            }
+            Write::RingsClear(w) => {
+                for vs in w {
+                    for slot in 0..RING_SIZE {
+                        self.set_slot(*vs, slot, ENGINE_NONE)?;
+                    }
+                }
+            }
+            Write::DevmapRemove(w) => {
+                for id in w {
+                    self.devmap.set(*id, 0, None, 0)?;
+                }
+            }
+            Write::EnginesRemove(w) => {
+                for id in w {
+                    self.engines
+                        .set(*id, Engine::default(), 0)
+                        .map_err(map_err("ENGINES"))?;
+                }
+            }
         }
         Ok(())
     }

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod config;
 pub mod conntable;
 pub mod dataplane;
+pub mod engine;
 pub mod health;
 pub mod links;
 pub mod metrics;

@@ -17,7 +17,7 @@ use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use anyhow::{Context, bail};
@@ -26,9 +26,9 @@ use lb_daemon::{
     config::Config,
     conntable::ConnTable,
     dataplane::Dataplane,
+    engine::Engine,
     links::SystemLinks,
-    metrics::{self, Inventory, Metrics},
-    proxy::Proxy,
+    metrics::{self, Metrics},
     tables::{Changes, Tables},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -49,6 +49,10 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// With --check: also plan the maps (reads this host's interfaces) and print, in order, the
+    /// writes a fresh start would make.
+    #[arg(long, requires = "check")]
+    show_writes: bool,
     /// Remove the data plane for good and exit: detach the XDP program and delete the pinned link
     /// and state tables under `daemon.pin_dir` (established flows are forgotten). Refused while a
     /// daemon runs on that pin directory. A plain stop (SIGTERM) leaves the program steering.
@@ -73,6 +77,19 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        if args.show_writes {
+            match Tables::plan(&config, &SystemLinks) {
+                Ok(tables) => {
+                    for step in Changes::between(None, &tables).steps() {
+                        println!("{step}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("lb-daemon: {}: {e}", args.config.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
@@ -152,27 +169,23 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
 async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     raise_fd_limit(config.proxy.max_open_files)?;
     let object = object(args.bpf_object.as_deref())?;
-    let mut dp = Dataplane::load(&object, &config.daemon)?;
-    let mut tables = Tables::plan(&config, &SystemLinks)?;
-    dp.apply(&Changes::between(None, &tables))
-        .context("filling the maps")?;
-    // Listeners first: flows the data plane passes up must find them.
+    let dp = Dataplane::load(&object, &config.daemon)?;
     let conns = Arc::new(ConnTable::default());
-    let mut proxy = Proxy::new(conns.clone());
-    proxy.apply(&config)?;
-    dp.attach(&config.daemon.interface, config.daemon.xdp_mode)?;
+    let mut engine = Engine::start(dp, config, conns.clone())?;
 
-    let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
-    let metrics = Arc::new(Metrics::new(dp.counters.clone(), inventory.clone()));
-    let listen = config.daemon.metrics_listen;
+    let metrics = Arc::new(Metrics::new(
+        engine.dataplane().counters.clone(),
+        engine.inventory(),
+    ));
+    let listen = engine.config().daemon.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("metrics_listen {listen}"))?;
     let mut server = tokio::spawn(metrics::serve(listener, metrics.clone(), conns));
     info!(
-        interface = %config.daemon.interface,
-        engine_id = config.daemon.engine_id,
-        virtual_services = config.virtual_services.len(),
+        interface = %engine.config().daemon.interface,
+        engine_id = engine.config().daemon.engine_id,
+        virtual_services = engine.config().virtual_services.len(),
         %listen,
         "ready"
     );
@@ -180,15 +193,15 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut current = config;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                match reload(&args.config, &current, &tables, &mut dp, &mut proxy) {
-                    Ok((config, new_tables)) => {
-                        *inventory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Inventory::of(&config, &proxy);
-                        current = config;
-                        tables = new_tables;
+                let applied = Config::load(&args.config)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| engine.apply(c).map_err(anyhow::Error::from));
+                match applied {
+                    Ok(applied) => {
+                        info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }
                     Err(e) => {
@@ -210,64 +223,8 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     }
     server.abort();
     info!(
-        pin_dir = %current.daemon.pin_dir.display(),
+        pin_dir = %engine.config().daemon.pin_dir.display(),
         "stopped; the XDP program stays attached and steering with its pinned tables (`lb-daemon --detach` removes it)"
     );
     Ok(())
-}
-
-/// Loads and applies the configuration again. Nothing is applied unless the whole new
-/// configuration is valid, plannable, its backends routable and its new sockets open; if writing
-/// the maps fails midway, the previous tables and proxy configuration are put back.
-fn reload(
-    path: &Path,
-    current: &Config,
-    tables: &Tables,
-    dp: &mut Dataplane,
-    proxy: &mut Proxy,
-) -> anyhow::Result<(Config, Tables)> {
-    let config = Config::load(path)?;
-    let (old, new) = (&current.daemon, &config.daemon);
-    let restart_only = [
-        ("interface", old.interface != new.interface),
-        ("xdp_mode", old.xdp_mode != new.xdp_mode),
-        ("pin_dir", old.pin_dir != new.pin_dir),
-        ("metrics_listen", old.metrics_listen != new.metrics_listen),
-        (
-            "max_virtual_services",
-            old.max_virtual_services != new.max_virtual_services,
-        ),
-        (
-            "conn_table_size",
-            old.conn_table_size != new.conn_table_size,
-        ),
-        (
-            "persist_table_size",
-            old.persist_table_size != new.persist_table_size,
-        ),
-    ];
-    if let Some((field, _)) = restart_only.iter().find(|(_, changed)| *changed) {
-        bail!("daemon.{field} changed: it takes effect only at a restart");
-    }
-    let new_tables = Tables::plan(&config, &SystemLinks)?;
-    proxy.apply(&config)?;
-    let changes = Changes::between(Some(tables), &new_tables);
-    if let Err(e) = dp.apply(&changes) {
-        warn!("applying the new tables failed ({e}); restoring the previous ones");
-        dp.apply(&Changes::between(Some(&new_tables), tables))
-            .context("restoring the previous tables")?;
-        proxy
-            .apply(current)
-            .context("restoring the previous proxy configuration")?;
-        return Err(e).context("applying the new tables");
-    }
-    info!(
-        ring_slots = changes.ring_set.len(),
-        engines = changes.engines_enable.len()
-            + changes.engines_disable.len()
-            + changes.engines_remove.len(),
-        vips = changes.vips_set.len() + changes.vips_remove.len(),
-        "configuration reloaded"
-    );
-    Ok((config, new_tables))
 }

@@ -198,6 +198,8 @@ impl Tables {
 /// Writes that turn one [`Tables`] into another. [`Changes::steps`] orders them so that every
 /// intermediate state is safe: what an entry points at is written before it and removed after it;
 /// an engine becomes usable before a ring names it and unusable after rings stop naming it.
+/// The data plane applies exactly [`Changes::steps`], in that order; `lb-daemon --check
+/// --show-writes` prints them.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub globals: Option<Globals>,
@@ -285,6 +287,107 @@ impl Changes {
 
     pub fn is_empty(&self) -> bool {
         *self == Changes::default()
+    }
+
+    /// The writes in the order they must be applied (batches that are empty are left out).
+    pub fn steps(&self) -> Vec<Write<'_>> {
+        let steps = [
+            self.globals.map(Write::Globals),
+            Some(Write::EnginesEnable(&self.engines_enable)),
+            Some(Write::DevmapSet(&self.devmap_set)),
+            Some(Write::RingSlots(&self.ring_set)),
+            Some(Write::EnginesDisable(&self.engines_disable)),
+            Some(Write::VsSet(&self.vs_set)),
+            Some(Write::VipPortsGrow(&self.vip_ports_grow)),
+            Some(Write::VipAddrsSet(&self.vip_addrs_set)),
+            Some(Write::VipsSet(&self.vips_set)),
+            Some(Write::VipsRemove(&self.vips_remove)),
+            Some(Write::VipAddrsRemove(&self.vip_addrs_remove)),
+            Some(Write::VipPortsShrink(&self.vip_ports_shrink)),
+            Some(Write::VsClear(&self.vs_clear)),
+            Some(Write::RingsClear(&self.rings_clear)),
+            Some(Write::DevmapRemove(&self.devmap_remove)),
+            Some(Write::EnginesRemove(&self.engines_remove)),
+        ];
+        steps
+            .into_iter()
+            .flatten()
+            .filter(|w| !w.is_empty())
+            .collect()
+    }
+}
+
+/// One batch of map writes of [`Changes::steps`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write<'a> {
+    Globals(Globals),
+    EnginesEnable(&'a [(u32, Engine)]),
+    DevmapSet(&'a [(u32, u32)]),
+    /// (virtual service, slot, engine).
+    RingSlots(&'a [(u32, u32, u32)]),
+    EnginesDisable(&'a [(u32, Engine)]),
+    VsSet(&'a [(u32, VsEntry)]),
+    VipPortsGrow(&'a [(u32, u64)]),
+    VipAddrsSet(&'a [(VipKey, u32)]),
+    VipsSet(&'a [(VipKey, u32)]),
+    VipsRemove(&'a [VipKey]),
+    VipAddrsRemove(&'a [VipKey]),
+    VipPortsShrink(&'a [(u32, u64)]),
+    VsClear(&'a [u32]),
+    /// Every slot of these rings reset to `ENGINE_NONE`.
+    RingsClear(&'a [u32]),
+    DevmapRemove(&'a [u32]),
+    EnginesRemove(&'a [u32]),
+}
+
+impl Write<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries written (ring slots for the ring batches).
+    pub fn len(&self) -> usize {
+        match self {
+            Write::Globals(_) => 1,
+            Write::EnginesEnable(w) | Write::EnginesDisable(w) => w.len(),
+            Write::DevmapSet(w) => w.len(),
+            Write::RingSlots(w) => w.len(),
+            Write::VsSet(w) => w.len(),
+            Write::VipPortsGrow(w) | Write::VipPortsShrink(w) => w.len(),
+            Write::VipAddrsSet(w) | Write::VipsSet(w) => w.len(),
+            Write::VipsRemove(w) | Write::VipAddrsRemove(w) => w.len(),
+            Write::RingsClear(w) => w.len() * RING_SIZE as usize,
+            Write::VsClear(w) | Write::DevmapRemove(w) | Write::EnginesRemove(w) => w.len(),
+        }
+    }
+
+    /// The map written and what the batch does, for logs and `--show-writes`.
+    pub fn what(&self) -> (&'static str, &'static str) {
+        match self {
+            Write::Globals(_) => ("GLOBALS", "set"),
+            Write::EnginesEnable(_) => ("ENGINES", "set (active or this host)"),
+            Write::DevmapSet(_) => ("DEVMAP", "set"),
+            Write::RingSlots(_) => ("RING", "set slots"),
+            Write::EnginesDisable(_) => ("ENGINES", "set (draining or down)"),
+            Write::VsSet(_) => ("VS", "set"),
+            Write::VipPortsGrow(_) => ("VIP_PORTS", "grow"),
+            Write::VipAddrsSet(_) => ("VIP_ADDRS", "set"),
+            Write::VipsSet(_) => ("VIPS", "set"),
+            Write::VipsRemove(_) => ("VIPS", "remove"),
+            Write::VipAddrsRemove(_) => ("VIP_ADDRS", "remove"),
+            Write::VipPortsShrink(_) => ("VIP_PORTS", "shrink"),
+            Write::VsClear(_) => ("VS", "clear"),
+            Write::RingsClear(_) => ("RING", "clear rings"),
+            Write::DevmapRemove(_) => ("DEVMAP", "remove"),
+            Write::EnginesRemove(_) => ("ENGINES", "remove"),
+        }
+    }
+}
+
+impl std::fmt::Display for Write<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (map, what) = self.what();
+        write!(f, "{map:<10} {what}: {} entries", self.len())
     }
 }
 

@@ -5,14 +5,15 @@
 //! against the packet's VIP, so an entry of a removed service is never followed.
 //! Slow path (a miss, a stale entry, an owner that is down or removed, a SYN to a draining owner):
 //! the VIP table, then source-IP persistence for persistent services, then the Maglev ring.
-//! A new flow the ring gives to this host while nothing here listens is placed away (`place_away_*`).
+//! A new flow the ring gives to this host while nothing here listens is placed on the next other
+//! engine of the ring (`place_away_*`).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_MODE_LOCAL, ENGINE_NONE, Engine, FlowV4,
     FlowV6, PersistEntry, PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VS_F_PRIMARY, VipKey,
     VsEntry,
-    hash::{client_hash, flow_hash_v4, flow_hash_v6, rehash, ring_slot},
+    hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
 };
 
 use crate::{
@@ -54,8 +55,13 @@ fn live_vs(vs_id: u32, vip: &VipKey) -> Option<VsEntry> {
 /// activates one, so a ring only names active engines.
 #[inline(always)]
 fn ring_engine(vs_id: u32, hash: u32) -> Result<(u32, Engine), Reason> {
+    ring_engine_at(vs_id, ring_slot(hash))
+}
+
+#[inline(always)]
+fn ring_engine_at(vs_id: u32, slot: u32) -> Result<(u32, Engine), Reason> {
     let id = *RING
-        .get(vs_id * RING_SIZE + ring_slot(hash))
+        .get(vs_id * RING_SIZE + slot)
         .ok_or(Reason::DropNoEngine)?;
     if id == ENGINE_NONE {
         return Err(Reason::DropNoEngine);
@@ -203,22 +209,25 @@ owner_fn!(owner_v4, FlowV4, CONN_V4, flow_hash_v4, |f: &FlowV4| [
 owner_fn!(owner_v6, FlowV6, CONN_V6, flow_hash_v6, |f: &FlowV6| f
     .src_be);
 
-/// Other ring slots tried for a flow that this host cannot take.
-const PLACE_AWAY_TRIES: u32 = 4;
+/// Ring slots after a flow's own that are tried for a flow this host cannot take. Maglev
+/// interleaves the engines' slots, so another engine is almost always a few slots on; the walk is
+/// deterministic, so a client's retransmission meets the same choice.
+pub const PLACE_AWAY_SLOTS: u32 = 64;
 
 macro_rules! place_away_fn {
     ($name:ident, $flow:ty, $table:ident, $hash:ident) => {
         /// Another active engine than this host for `flow` of `vs_id`, whose first choice was this
-        /// host while nothing here listens: up to [`PLACE_AWAY_TRIES`] other ring slots
-        /// ([`rehash`]), recorded in the connection table. If every slot tried names this host (or
-        /// none is active), the entry is removed so that the client's retransmission is placed
-        /// afresh, and the packet is dropped.
+        /// host while nothing here listens: the first of the [`PLACE_AWAY_SLOTS`] ring slots after
+        /// the flow's own that names one, recorded in the connection table. If none does, the
+        /// entry is removed so that the client's retransmission is placed afresh, and the packet
+        /// is dropped.
         #[inline(always)]
         pub fn $name(flow: &$flow, vs_id: u32) -> Result<Owner, Reason> {
-            let hash = $hash(flow);
+            let first = ring_slot($hash(flow));
             let mut attempt = 1;
-            while attempt <= PLACE_AWAY_TRIES {
-                if let Ok((id, e)) = ring_engine(vs_id, rehash(hash, attempt)) {
+            while attempt <= PLACE_AWAY_SLOTS {
+                let slot = (first + attempt) % RING_SIZE;
+                if let Ok((id, e)) = ring_engine_at(vs_id, slot) {
                     if e.mode != ENGINE_MODE_LOCAL {
                         let _ = $table.insert(
                             flow,

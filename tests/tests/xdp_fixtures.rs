@@ -167,10 +167,12 @@ fn new_flow_owned_by_this_host_passes_unchanged() {
 }
 
 /// Where the data plane places a flow whose ring slot names this host while nothing here listens:
-/// the first of the `rehash` attempts that names another active engine.
+/// the engine of the first of the next 64 ring slots that names another one.
 fn placed_away(tb: &Testbed, vs: u32, hash: u32) -> Option<u32> {
-    (1..=4)
-        .map(|k| tb.ring_owner(vs, lb_common::hash::rehash(hash, k)))
+    let ring = &tb.tables.rings[&vs];
+    let first = lb_common::hash::ring_slot(hash) as usize;
+    (1..=64)
+        .map(|k| ring[(first + k) % ring.len()])
         .find(|&e| e != E_LOCAL)
 }
 

@@ -288,3 +288,69 @@ fn draining_an_engine_writes_the_ring_before_the_engine() {
     assert_eq!(c.engines_enable.len(), 1);
     assert!(c.engines_disable.is_empty());
 }
+
+/// The order the data plane writes in: what an entry points at before it, removals last.
+#[test]
+fn steps_come_in_the_safe_order() {
+    let with_dns = format!(
+        "{BASE}
+[[virtual_services]]
+id = 1
+name = \"dns\"
+vip = \"10.100.0.53\"
+port = 53
+protocol = \"udp\"
+primary = 1
+engines = [ {{ id = 1 }}, {{ id = 2 }} ]
+"
+    );
+    let base = plan(BASE);
+    let grown = plan(&with_dns);
+    let order = |c: &Changes| -> Vec<(&'static str, &'static str)> {
+        c.steps().iter().map(Write::what).collect()
+    };
+    let fresh = Changes::between(None, &base);
+    assert_eq!(
+        order(&fresh),
+        [
+            ("GLOBALS", "set"),
+            ("ENGINES", "set (active or this host)"),
+            ("DEVMAP", "set"),
+            ("RING", "set slots"),
+            ("VS", "set"),
+            ("VIP_PORTS", "grow"),
+            ("VIP_ADDRS", "set"),
+            ("VIPS", "set"),
+        ]
+    );
+    let add = Changes::between(Some(&base), &grown);
+    assert_eq!(
+        order(&add),
+        [
+            ("RING", "set slots"),
+            ("VS", "set"),
+            ("VIP_PORTS", "grow"),
+            ("VIP_ADDRS", "set"),
+            ("VIPS", "set"),
+        ]
+    );
+    let ring = add.steps()[0];
+    assert_eq!(ring.len(), RING_SIZE as usize, "one full new ring");
+    assert_eq!(ring.to_string(), "RING       set slots: 65537 entries");
+    let remove = Changes::between(Some(&grown), &base);
+    assert_eq!(
+        order(&remove),
+        [
+            ("VIPS", "remove"),
+            ("VIP_ADDRS", "remove"),
+            ("VIP_PORTS", "shrink"),
+            ("VS", "clear"),
+            ("RING", "clear rings"),
+        ]
+    );
+    assert!(
+        Changes::between(Some(&base), &plan(BASE))
+            .steps()
+            .is_empty()
+    );
+}
