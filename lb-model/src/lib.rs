@@ -116,6 +116,25 @@ pub struct DaemonConfig {
     pub tunnel_source_v6: Option<Ipv6Addr>,
 }
 
+impl DaemonConfig {
+    /// The settings of a host attached to `interface` as engine `engine_id`, everything else at its
+    /// default.
+    pub fn new(interface: &str, engine_id: u32) -> Self {
+        DaemonConfig {
+            interface: interface.to_owned(),
+            engine_id,
+            xdp_mode: XdpMode::default(),
+            pin_dir: default_pin_dir(),
+            metrics_listen: default_metrics_listen(),
+            max_virtual_services: default_max_vs(),
+            conn_table_size: default_conn_entries(),
+            persist_table_size: default_persist_entries(),
+            tunnel_source_v4: None,
+            tunnel_source_v6: None,
+        }
+    }
+}
+
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/lb")
 }

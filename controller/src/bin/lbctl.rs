@@ -1,0 +1,743 @@
+//! `lbctl`: the operator CLI over the controller's operator API. Human tables by default, `--json`
+//! for scripts. Exit codes: 0 success; 2 bad usage; 3 the controller could not be reached; a call
+//! the controller refused exits with 10 + its gRPC status code (13 invalid argument, 15 not found,
+//! 16 already exists, 17 permission denied, 19 failed precondition, 20 aborted: a conflicting
+//! update, read again and retry, 24 unavailable, 26 unauthenticated).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use lb_api::v1::{self as pb, operator_client::OperatorClient};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(version, about = "Operate the load balancer through its controller")]
+struct Cli {
+    /// The controller's address.
+    #[arg(
+        long,
+        env = "LBCTL_CONTROLLER",
+        default_value = "https://127.0.0.1:7400"
+    )]
+    controller: String,
+    /// PKI directory (`lbctl certs init`): ca.pem and operator-<name>.pem/.key.
+    #[arg(long, env = "LBCTL_TLS_DIR", default_value = "/etc/lb/pki")]
+    tls_dir: PathBuf,
+    /// Which operator certificate of the PKI directory to use.
+    #[arg(long, env = "LBCTL_OPERATOR", default_value = "admin")]
+    operator: String,
+    /// Plain text, no certificates (a controller started with --insecure).
+    #[arg(long)]
+    insecure: bool,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List engines (the cluster view).
+    Engines,
+    /// One engine.
+    Engine { name: String },
+    /// Pools: list, get, create, update, delete.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Virtual services: list, get, create, update, delete.
+    #[command(subcommand)]
+    Vs(VsCmd),
+    /// Add a secondary engine to a virtual service.
+    ScaleOut {
+        vs: String,
+        #[arg(long)]
+        engine: Option<String>,
+    },
+    /// Remove a secondary engine from a virtual service (it drains).
+    ScaleIn {
+        vs: String,
+        #[arg(long)]
+        engine: Option<String>,
+    },
+    /// Move a virtual service's primary to another engine.
+    Migrate {
+        vs: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Lasting differences between desired and observed state.
+    Anomalies,
+    /// Recent events; with --follow, new ones as they happen.
+    Events {
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Development PKI.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a CA, a controller certificate, and engine and operator client certificates.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or addresses the controller is reached at.
+        #[arg(long = "controller-name", required = true)]
+        controller_names: Vec<String>,
+        #[arg(long = "engine")]
+        engines: Vec<String>,
+        #[arg(long = "operator", default_value = "admin")]
+        operators: Vec<String>,
+    },
+}
+
+#[derive(ClapArgs, Clone)]
+struct PoolFields {
+    /// ADDRESS:PORT[:WEIGHT] (IPv6 in brackets); repeat for each backend.
+    #[arg(long = "backend")]
+    backends: Vec<String>,
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// Health check kind: tcp or http.
+    #[arg(long)]
+    check: Option<String>,
+    #[arg(long)]
+    check_interval_ms: Option<u32>,
+    #[arg(long)]
+    check_timeout_ms: Option<u32>,
+    #[arg(long)]
+    check_path: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    List,
+    Get {
+        name: String,
+    },
+    Create {
+        name: String,
+        #[command(flatten)]
+        fields: PoolFields,
+    },
+    /// Change the given fields (backends are replaced when any --backend is given).
+    Update {
+        name: String,
+        #[command(flatten)]
+        fields: PoolFields,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(ClapArgs, Clone)]
+struct VsFields {
+    #[arg(long)]
+    vip: Option<String>,
+    #[arg(long)]
+    port: Option<u32>,
+    #[arg(long)]
+    protocol: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    #[arg(long)]
+    min_engines: Option<u32>,
+    #[arg(long)]
+    max_engines: Option<u32>,
+    /// KEY=VALUE placement tag; repeat.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    #[arg(long)]
+    persistence_timeout_s: Option<u32>,
+    #[arg(long)]
+    max_connections: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum VsCmd {
+    List,
+    Get {
+        name: String,
+    },
+    Create {
+        name: String,
+        #[command(flatten)]
+        fields: VsFields,
+    },
+    Update {
+        name: String,
+        #[command(flatten)]
+        fields: VsFields,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// A failure and its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure {
+            code: 10 + u8::try_from(s.code() as i32).unwrap_or(0),
+            message: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("lbctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<OperatorClient<Channel>, Failure> {
+    let unreachable = |e: &dyn std::fmt::Display| Failure {
+        code: 3,
+        message: format!("controller {}: {e}", cli.controller),
+    };
+    let mut ep = Endpoint::from_shared(cli.controller.clone())
+        .map_err(|e| usage(format!("--controller {}: {e}", cli.controller)))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    if !cli.insecure {
+        let (cert, key) =
+            controller::tls::cert_path(&cli.tls_dir, &format!("operator-{}", cli.operator));
+        let tls = controller::tls::client_config(&cli.tls_dir.join("ca.pem"), &cert, &key)
+            .map_err(|e| usage(e.to_string()))?;
+        ep = ep.tls_config(tls).map_err(|e| unreachable(&e))?;
+    }
+    let channel = ep.connect().await.map_err(|e| unreachable(&e))?;
+    Ok(OperatorClient::new(channel).max_decoding_message_size(16 << 20))
+}
+
+fn backend(s: &str) -> Result<pb::Backend, Failure> {
+    let bad = || usage(format!("--backend {s}: expected ADDRESS:PORT[:WEIGHT]"));
+    let (addr, rest) = if let Some(r) = s.strip_prefix('[') {
+        let (a, rest) = r.split_once(']').ok_or_else(bad)?;
+        (a, rest.strip_prefix(':').ok_or_else(bad)?)
+    } else {
+        s.split_once(':').ok_or_else(bad)?
+    };
+    let mut parts = rest.split(':');
+    let port = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let weight = parts
+        .next()
+        .map(str::parse)
+        .transpose()
+        .map_err(|_| bad())?;
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(pb::Backend {
+        address: addr.to_owned(),
+        port,
+        weight,
+        enabled: None,
+    })
+}
+
+fn apply_pool(p: &mut pb::Pool, f: PoolFields) -> Result<(), Failure> {
+    if !f.backends.is_empty() {
+        p.backends = f
+            .backends
+            .iter()
+            .map(|b| backend(b))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(a) = f.algorithm {
+        p.algorithm = a;
+    }
+    if let Some(kind) = f.check {
+        p.health_check = Some(pb::HealthCheck {
+            kind,
+            ..Default::default()
+        });
+    }
+    if let Some(h) = p.health_check.as_mut() {
+        if f.check_interval_ms.is_some() {
+            h.interval_ms = f.check_interval_ms;
+        }
+        if f.check_timeout_ms.is_some() {
+            h.timeout_ms = f.check_timeout_ms;
+        }
+        if f.check_path.is_some() {
+            h.http_path = f.check_path;
+        }
+    }
+    Ok(())
+}
+
+fn apply_vs(v: &mut pb::VirtualService, f: VsFields) -> Result<(), Failure> {
+    if let Some(x) = f.vip {
+        v.vip = x;
+    }
+    if let Some(x) = f.port {
+        v.port = x;
+    }
+    if let Some(x) = f.protocol {
+        v.protocol = x;
+    }
+    if let Some(x) = f.pool {
+        v.pool = x;
+    }
+    if let Some(x) = f.persistence_timeout_s {
+        v.persistence_timeout_s = x;
+    }
+    if f.max_connections.is_some() {
+        v.max_connections = f.max_connections;
+    }
+    let scaling = v.scaling.get_or_insert_with(Default::default);
+    if let Some(x) = f.min_engines {
+        scaling.min_engines = x;
+    }
+    if let Some(x) = f.max_engines {
+        scaling.max_engines = x;
+    }
+    for t in f.tags {
+        let (k, val) = t
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--tag {t}: expected KEY=VALUE")))?;
+        scaling.tags.insert(k.to_owned(), val.to_owned());
+    }
+    Ok(())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+/// JSON views of the API's messages (prost types are not serde).
+mod views {
+    use lb_api::v1 as pb;
+    use serde_json::{Value, json};
+
+    pub fn engine(e: &pb::EngineStatus) -> Value {
+        json!({"name": e.name, "id": e.id, "addresses": e.addresses, "mac": e.mac, "tags": e.tags,
+            "state": e.state, "connected": e.connected, "virtual_services": e.virtual_services,
+            "roles": e.roles, "cpu_pct": e.cpu_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
+            "connections": e.connections, "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
+            "applied_version": e.applied_version, "last_error": e.last_error})
+    }
+
+    pub fn pool(p: &pb::Pool) -> Value {
+        json!({"name": p.name, "algorithm": p.algorithm, "resource_version": p.resource_version,
+            "backends": p.backends.iter().map(|b| json!({"address": b.address, "port": b.port,
+                "weight": b.weight, "enabled": b.enabled})).collect::<Vec<_>>(),
+            "health_check": p.health_check.as_ref().map(|h| json!({"kind": h.kind,
+                "interval_ms": h.interval_ms, "timeout_ms": h.timeout_ms, "http_path": h.http_path}))})
+    }
+
+    pub fn vs(v: &pb::VirtualService) -> Value {
+        let s = v.scaling.clone().unwrap_or_default();
+        let h = v.health.unwrap_or_default();
+        json!({"name": v.name, "id": v.id, "vip": v.vip, "port": v.port, "protocol": v.protocol,
+            "pool": v.pool, "resource_version": v.resource_version,
+            "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags},
+            "placement": v.placement.iter().map(|p| json!({"engine": p.engine, "role": p.role,
+                "weight": p.weight, "state": p.state})).collect::<Vec<_>>(),
+            "health": {"engines_serving": h.engines_serving, "engines_requested": h.engines_requested,
+                "backends_up": h.backends_up, "backends": h.backends, "score": h.score}})
+    }
+
+    pub fn event(e: &pb::Event) -> Value {
+        json!({"time_unix_ms": e.time_unix_ms, "kind": e.kind, "objects": e.objects, "reason": e.reason})
+    }
+}
+
+fn time(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+fn print_vs(cli: &Cli, v: &pb::VirtualService) {
+    if cli.json {
+        return json(&views::vs(v));
+    }
+    let h = v.health.unwrap_or_default();
+    println!(
+        "{} (id {}): {}:{}/{} → pool {}  health {:.2} ({}/{} engines, {}/{} backends)  rv {}",
+        v.name,
+        v.id,
+        v.vip,
+        v.port,
+        v.protocol,
+        v.pool,
+        h.score,
+        h.engines_serving,
+        h.engines_requested,
+        h.backends_up,
+        h.backends,
+        v.resource_version
+    );
+    table(
+        &["ENGINE", "ROLE", "WEIGHT", "STATE"],
+        v.placement
+            .iter()
+            .map(|p| {
+                vec![
+                    p.engine.clone(),
+                    p.role.clone(),
+                    p.weight.to_string(),
+                    p.state.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_pool(cli: &Cli, p: &pb::Pool) {
+    if cli.json {
+        return json(&views::pool(p));
+    }
+    println!(
+        "{} ({}), rv {}",
+        p.name,
+        if p.algorithm.is_empty() {
+            "round_robin"
+        } else {
+            &p.algorithm
+        },
+        p.resource_version
+    );
+    table(
+        &["BACKEND", "WEIGHT", "ENABLED"],
+        p.backends
+            .iter()
+            .map(|b| {
+                vec![
+                    format!("{}:{}", b.address, b.port),
+                    b.weight.unwrap_or(1).to_string(),
+                    b.enabled.unwrap_or(true).to_string(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Certs(CertsCmd::Init {
+        dir,
+        controller_names,
+        engines,
+        operators,
+    }) = &cli.command
+    {
+        let files =
+            controller::tls::init_pki(dir, controller_names, engines, operators).map_err(|e| {
+                Failure {
+                    code: 1,
+                    message: e.to_string(),
+                }
+            })?;
+        for f in files {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    }
+    let mut c = connect(&cli).await?;
+    match &cli.command {
+        Command::Certs(_) => unreachable!("handled above"),
+        Command::Engines => {
+            let list = c.list_engines(pb::Empty {}).await?.into_inner().engines;
+            if cli.json {
+                json(&list.iter().map(views::engine).collect::<Vec<_>>());
+            } else {
+                table(
+                    &[
+                        "NAME",
+                        "ID",
+                        "STATE",
+                        "CONNECTED",
+                        "VS",
+                        "CPU%",
+                        "PPS",
+                        "CONNS",
+                        "VERSION",
+                        "LAST HEARTBEAT",
+                        "ERROR",
+                    ],
+                    list.iter()
+                        .map(|e| {
+                            vec![
+                                e.name.clone(),
+                                e.id.to_string(),
+                                e.state.clone(),
+                                e.connected.to_string(),
+                                e.virtual_services.to_string(),
+                                format!("{:.1}", e.cpu_pct),
+                                e.pps.to_string(),
+                                e.connections.to_string(),
+                                e.applied_version.to_string(),
+                                time(e.last_heartbeat_unix_ms),
+                                e.last_error.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Engine { name } => {
+            let e = c
+                .get_engine(pb::Name { name: name.clone() })
+                .await?
+                .into_inner();
+            json(&views::engine(&e));
+        }
+        Command::Pool(cmd) => match cmd {
+            PoolCmd::List => {
+                let pools = c.list_pools(pb::Empty {}).await?.into_inner().pools;
+                if cli.json {
+                    json(&pools.iter().map(views::pool).collect::<Vec<_>>());
+                } else {
+                    table(
+                        &["NAME", "ALGORITHM", "BACKENDS", "RV"],
+                        pools
+                            .iter()
+                            .map(|p| {
+                                vec![
+                                    p.name.clone(),
+                                    p.algorithm.clone(),
+                                    p.backends.len().to_string(),
+                                    p.resource_version.to_string(),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            PoolCmd::Get { name } => {
+                let p = c
+                    .get_pool(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                print_pool(&cli, &p);
+            }
+            PoolCmd::Create { name, fields } => {
+                let mut p = pb::Pool {
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                apply_pool(&mut p, fields.clone())?;
+                let p = c.create_pool(p).await?.into_inner();
+                print_pool(&cli, &p);
+            }
+            PoolCmd::Update { name, fields } => {
+                let mut p = c
+                    .get_pool(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                apply_pool(&mut p, fields.clone())?;
+                let p = c.update_pool(p).await?.into_inner();
+                print_pool(&cli, &p);
+            }
+            PoolCmd::Delete { name } => {
+                c.delete_pool(pb::Name { name: name.clone() }).await?;
+            }
+        },
+        Command::Vs(cmd) => match cmd {
+            VsCmd::List => {
+                let list = c
+                    .list_virtual_services(pb::Empty {})
+                    .await?
+                    .into_inner()
+                    .virtual_services;
+                if cli.json {
+                    json(&list.iter().map(views::vs).collect::<Vec<_>>());
+                } else {
+                    table(
+                        &["NAME", "ID", "VIP", "POOL", "PRIMARY", "ENGINES", "HEALTH"],
+                        list.iter()
+                            .map(|v| {
+                                vec![
+                                    v.name.clone(),
+                                    v.id.to_string(),
+                                    format!("{}:{}/{}", v.vip, v.port, v.protocol),
+                                    v.pool.clone(),
+                                    v.placement
+                                        .first()
+                                        .map(|p| p.engine.clone())
+                                        .unwrap_or_default(),
+                                    v.placement
+                                        .iter()
+                                        .map(|p| p.engine.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(","),
+                                    format!("{:.2}", v.health.unwrap_or_default().score),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            VsCmd::Get { name } => {
+                let v = c
+                    .get_virtual_service(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                print_vs(&cli, &v);
+            }
+            VsCmd::Create { name, fields } => {
+                let mut v = pb::VirtualService {
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                apply_vs(&mut v, fields.clone())?;
+                let v = c.create_virtual_service(v).await?.into_inner();
+                print_vs(&cli, &v);
+            }
+            VsCmd::Update { name, fields } => {
+                let mut v = c
+                    .get_virtual_service(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                apply_vs(&mut v, fields.clone())?;
+                let v = c.update_virtual_service(v).await?.into_inner();
+                print_vs(&cli, &v);
+            }
+            VsCmd::Delete { name } => {
+                c.delete_virtual_service(pb::Name { name: name.clone() })
+                    .await?;
+            }
+        },
+        Command::ScaleOut { vs, engine } => {
+            let v = c
+                .scale_out(pb::ScaleRequest {
+                    virtual_service: vs.clone(),
+                    engine: engine.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_vs(&cli, &v);
+        }
+        Command::ScaleIn { vs, engine } => {
+            let v = c
+                .scale_in(pb::ScaleRequest {
+                    virtual_service: vs.clone(),
+                    engine: engine.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_vs(&cli, &v);
+        }
+        Command::Migrate { vs, from, to } => {
+            let v = c
+                .migrate(pb::MigrateRequest {
+                    virtual_service: vs.clone(),
+                    from_engine: from.clone().unwrap_or_default(),
+                    to_engine: to.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_vs(&cli, &v);
+        }
+        Command::Anomalies => {
+            let list = c.list_anomalies(pb::Empty {}).await?.into_inner().anomalies;
+            if cli.json {
+                json(
+                    &list
+                        .iter()
+                        .map(|a| serde_json::json!({"kind": a.kind, "object": a.object, "reason": a.reason, "since_unix_ms": a.since_unix_ms}))
+                        .collect::<Vec<_>>(),
+                );
+            } else {
+                table(
+                    &["KIND", "OBJECT", "SINCE", "REASON"],
+                    list.iter()
+                        .map(|a| {
+                            vec![
+                                a.kind.clone(),
+                                a.object.clone(),
+                                time(a.since_unix_ms),
+                                a.reason.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Command::Events { follow } => {
+            let print = |e: &pb::Event| {
+                if cli.json {
+                    println!("{}", views::event(e));
+                } else {
+                    println!(
+                        "{}  {:<15} {:<24} {}",
+                        time(e.time_unix_ms),
+                        e.kind,
+                        e.objects.join(","),
+                        e.reason
+                    );
+                }
+            };
+            if *follow {
+                let mut s = c.watch_events(pb::Empty {}).await?.into_inner();
+                while let Some(e) = s.message().await? {
+                    print(&e);
+                }
+            } else {
+                for e in c.list_events(pb::Empty {}).await?.into_inner().events {
+                    print(&e);
+                }
+            }
+        }
+    }
+    Ok(())
+}

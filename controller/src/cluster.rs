@@ -1,0 +1,1040 @@
+//! The controller's one owner of state: desired (persisted: engines, pools, virtual services and
+//! their placement, the snapshot version) and observed (per engine: session, heartbeat stats,
+//! applied version, last NACK, health), and the anomalies between them.
+//!
+//! Every change follows one path: check it, compute the records it writes, commit them to the store,
+//! then apply them in memory (a failed commit changes nothing), then [`Cluster::refresh`] rebuilds
+//! the engines' snapshot and, if it differs, gives it a new version (persisted too) and publishes
+//! it on a watch channel that every engine session follows. The reconciler is the sessions: each
+//! pushes the current snapshot until its engine ACKs that version.
+//!
+//! Time comes from the caller ([`Instant`]), so the health manager runs on a virtual clock in tests.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_model::{
+    Config, DaemonConfig, Desired, EngineConfig, EngineMode, EngineState, Member, PoolConfig,
+    ProxyConfig, VirtualServiceConfig,
+};
+use tokio::sync::watch;
+
+use crate::{
+    events::Events,
+    health::{EngineHealth, HealthManager, HealthSettings, Transition},
+    placement::{self, Candidate},
+    store::{EngineRecord, Persisted, PoolRecord, Store, StoreError, VsRecord, VsSpec, Write},
+};
+
+/// Settings of the controller's decisions.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Virtual service ids are `0..max_virtual_services` (the engines' `daemon.max_virtual_services`).
+    pub max_virtual_services: u32,
+    /// Engines a virtual service may scale to natively (beyond it: BGP/ECMP, not yet available).
+    pub native_max_engines: u32,
+    /// An engine that has not ACKed the current version this long after it was sent is an anomaly.
+    pub ack_timeout: Duration,
+    pub health: HealthSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_virtual_services: 64,
+            native_max_engines: 4,
+            ack_timeout: Duration::from_secs(5),
+            health: HealthSettings::default(),
+        }
+    }
+}
+
+/// Why a call was refused; each maps to one gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Optimistic concurrency: the caller's resource version is not the stored one.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for ClusterError {
+    fn from(e: StoreError) -> Self {
+        ClusterError::Store(e.to_string())
+    }
+}
+
+pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ClusterError {
+    ClusterError::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What engines run: the desired state as JSON (`lb_model::Desired`), under a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub json: String,
+}
+
+/// Observed state of one engine (not persisted).
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub connected: bool,
+    pub cpu_pct: f64,
+    pub memory_bytes: u64,
+    pub pps: u64,
+    pub connections: u64,
+    pub backends_up: BTreeMap<String, u32>,
+    pub backends: BTreeMap<String, u32>,
+    pub last_heartbeat_unix_ms: i64,
+    pub applied_version: u64,
+    /// (version, error) of the last NACK.
+    pub nack: Option<(u64, String)>,
+    /// When the current snapshot was last sent to it.
+    pub sent_at: Option<Instant>,
+}
+
+/// A lasting difference between desired and observed state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Anomaly {
+    pub kind: &'static str,
+    pub object: String,
+    pub reason: String,
+}
+
+pub struct Cluster {
+    settings: Settings,
+    store: Arc<dyn Store>,
+    p: Persisted,
+    health: HealthManager,
+    observed: BTreeMap<String, Observed>,
+    anomalies: BTreeMap<(&'static str, String), (Anomaly, i64)>,
+    pub events: Events,
+    snapshot: watch::Sender<Snapshot>,
+}
+
+/// `engine/<name>`, `vs/<name>`, `pool/<name>`: how events and anomalies name objects.
+pub fn obj(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+impl Cluster {
+    /// Loads the persisted state; every known engine is tracked as healthy from `now` (each gets
+    /// the full heartbeat allowance before it can fail), so a controller restart by itself changes
+    /// no snapshot.
+    pub fn load(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        now: Instant,
+    ) -> Result<Cluster, ClusterError> {
+        let p = store.load()?;
+        let mut health = HealthManager::new(settings.health);
+        for name in p.engines.keys() {
+            health.track(name, now);
+        }
+        let snapshot = watch::Sender::new(Snapshot {
+            version: p.version,
+            json: p.snapshot.clone(),
+        });
+        let mut c = Cluster {
+            settings,
+            store,
+            p,
+            health,
+            observed: BTreeMap::new(),
+            anomalies: BTreeMap::new(),
+            events: Events::default(),
+            snapshot,
+        };
+        c.refresh()?;
+        Ok(c)
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    pub fn persisted(&self) -> &Persisted {
+        &self.p
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn health(&self, engine: &str) -> Option<EngineHealth> {
+        self.health.state(engine)
+    }
+
+    pub fn observed(&self, engine: &str) -> Option<&Observed> {
+        self.observed.get(engine)
+    }
+
+    pub fn anomalies(&self) -> Vec<(Anomaly, i64)> {
+        self.anomalies.values().cloned().collect()
+    }
+
+    fn commit(&mut self, writes: Vec<Write>) -> Result<(), ClusterError> {
+        self.store.commit(&writes)?;
+        for w in writes {
+            match w {
+                Write::Engine(e) => {
+                    self.p.engines.insert(e.name.clone(), e);
+                }
+                Write::Pool(p) => {
+                    self.p.pools.insert(p.config.name.clone(), p);
+                }
+                Write::DeletePool(n) => {
+                    self.p.pools.remove(&n);
+                }
+                Write::Service(s) => {
+                    self.p.services.insert(s.spec.name.clone(), s);
+                }
+                Write::DeleteService(n) => {
+                    self.p.services.remove(&n);
+                }
+                Write::Snapshot { version, json } => {
+                    self.p.version = version;
+                    self.p.snapshot = json;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The desired state every engine gets.
+    pub fn desired(&self) -> Desired {
+        desired_of(&self.p, |name| {
+            self.health
+                .state(name)
+                .is_some_and(EngineHealth::is_healthy)
+        })
+    }
+
+    /// Rebuilds the snapshot; a different one gets the next version (persisted) and is published.
+    pub fn refresh(&mut self) -> Result<(), ClusterError> {
+        let json = serde_json::to_string(&self.desired()).expect("the model serialises");
+        if json == self.p.snapshot && self.p.version > 0 {
+            return Ok(());
+        }
+        let version = self.p.version + 1;
+        self.commit(vec![Write::Snapshot {
+            version,
+            json: json.clone(),
+        }])?;
+        self.snapshot.send_replace(Snapshot { version, json });
+        Ok(())
+    }
+
+    // ----- engines -----
+
+    /// An engine registers (again): its record is created or updated.
+    pub fn register(&mut self, rec: EngineRecord, now: Instant) -> Result<(), ClusterError> {
+        check_name("name", &rec.name)?;
+        if rec.id >= 256 {
+            return Err(invalid(
+                "engine_id",
+                format!("{} is out of range 0..=255", rec.id),
+            ));
+        }
+        if let Some(other) = self
+            .p
+            .engines
+            .values()
+            .find(|e| e.id == rec.id && e.name != rec.name)
+        {
+            return Err(ClusterError::AlreadyExists(format!(
+                "engine id {} is already registered by {}",
+                rec.id, other.name
+            )));
+        }
+        let name = rec.name.clone();
+        let known = self.p.engines.get(&rec.name) == Some(&rec);
+        if !known {
+            let first = !self.p.engines.contains_key(&rec.name);
+            self.commit(vec![Write::Engine(rec)])?;
+            self.events.emit(
+                "placement",
+                &[obj("engine", &name)],
+                if first {
+                    "registered"
+                } else {
+                    "registration updated"
+                },
+            );
+        }
+        self.health.track(&name, now);
+        self.refresh()
+    }
+
+    /// A session of `engine` opened; it runs `applied_version`.
+    pub fn connected(&mut self, engine: &str, applied_version: u64, now: Instant) {
+        let o = self.observed.entry(engine.to_owned()).or_default();
+        o.connected = true;
+        o.applied_version = applied_version;
+        self.heartbeat_at(engine, now);
+    }
+
+    pub fn disconnected(&mut self, engine: &str) {
+        if let Some(o) = self.observed.get_mut(engine) {
+            o.connected = false;
+            o.sent_at = None;
+        }
+    }
+
+    /// The version the session sent to `engine`.
+    pub fn sent(&mut self, engine: &str, now: Instant) {
+        self.observed.entry(engine.to_owned()).or_default().sent_at = Some(now);
+    }
+
+    fn heartbeat_at(&mut self, engine: &str, now: Instant) {
+        if let Some(t) = self.health.heartbeat(engine, now) {
+            self.on_health(t);
+        }
+    }
+
+    pub fn heartbeat(&mut self, engine: &str, o: Observed, now: Instant) {
+        let entry = self.observed.entry(engine.to_owned()).or_default();
+        entry.cpu_pct = o.cpu_pct;
+        entry.memory_bytes = o.memory_bytes;
+        entry.pps = o.pps;
+        entry.connections = o.connections;
+        entry.backends_up = o.backends_up;
+        entry.backends = o.backends;
+        entry.last_heartbeat_unix_ms = o.last_heartbeat_unix_ms;
+        self.heartbeat_at(engine, now);
+    }
+
+    pub fn ack(&mut self, engine: &str, version: u64, now: Instant) {
+        let o = self.observed.entry(engine.to_owned()).or_default();
+        let first = o.applied_version != version;
+        o.applied_version = version;
+        o.nack = None;
+        if first {
+            self.events.emit(
+                "config_applied",
+                &[obj("engine", engine)],
+                format!("version {version} applied"),
+            );
+        }
+        self.heartbeat_at(engine, now);
+    }
+
+    pub fn nack(&mut self, engine: &str, version: u64, error: String, now: Instant) {
+        let o = self.observed.entry(engine.to_owned()).or_default();
+        let repeat = o.nack.as_ref().is_some_and(|(v, _)| *v == version);
+        o.nack = Some((version, error.clone()));
+        if !repeat {
+            self.events.emit(
+                "config_refused",
+                &[obj("engine", engine)],
+                format!("version {version} refused: {error}"),
+            );
+        }
+        self.heartbeat_at(engine, now);
+    }
+
+    /// Once per health interval: engine health, re-placement around failed engines, anomalies.
+    pub fn tick(&mut self, now: Instant) -> Result<(), ClusterError> {
+        for t in self.health.tick(now) {
+            self.on_health(t);
+        }
+        self.replace_failed()?;
+        self.refresh()?;
+        self.update_anomalies(now);
+        Ok(())
+    }
+
+    fn on_health(&mut self, t: Transition) {
+        let (engine, reason) = match &t {
+            Transition::Failed { engine, silent } => (
+                engine,
+                format!("failed: no heartbeat for {:.1} s", silent.as_secs_f64()),
+            ),
+            Transition::Recovered { engine } => (engine, "recovered: heartbeats again".into()),
+            Transition::Flapping { engine, failures } => (
+                engine,
+                format!(
+                    "flapping: {failures} failures within {} s, kept out of placement for {} s",
+                    self.settings.health.flap_window.as_secs(),
+                    self.settings.health.flap_hold.as_secs()
+                ),
+            ),
+            Transition::FlapEnded { engine } => (engine, "no longer flapping".into()),
+        };
+        self.events.emit("health", &[obj("engine", engine)], reason);
+    }
+
+    /// A failed secondary leaves every placement it is in, and an eligible engine replaces it where
+    /// the virtual service now has fewer than it asks for (N+M). A failed primary stays: replacing
+    /// it safely belongs to failover (the engines' own promotion), and it is an anomaly meanwhile.
+    fn replace_failed(&mut self) -> Result<(), ClusterError> {
+        let failed: BTreeSet<String> = self
+            .p
+            .engines
+            .keys()
+            .filter(|n| !self.health.state(n).is_some_and(EngineHealth::is_healthy))
+            .cloned()
+            .collect();
+        let mut writes = Vec::new();
+        let mut notes = Vec::new();
+        for vs in self.p.services.values() {
+            let mut placement = vs.placement.clone();
+            let before = placement.clone();
+            let primary = placement.first().cloned();
+            placement.retain(|e| Some(e) == primary.as_ref() || !failed.contains(e));
+            let healthy = placement.iter().filter(|e| !failed.contains(*e)).count();
+            let want = vs.spec.min_engines as usize;
+            if healthy < want {
+                let candidates = self.candidates();
+                for name in placement::ranked(&candidates, &vs.spec.tags, &placement)
+                    .into_iter()
+                    .take(want - healthy)
+                {
+                    placement.push(name.name.clone());
+                }
+            }
+            if placement != before {
+                notes.push((vs.spec.name.clone(), before, placement.clone()));
+                writes.push(Write::Service(VsRecord {
+                    placement,
+                    ..vs.clone()
+                }));
+            }
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.commit(writes)?;
+        for (vs, before, after) in notes {
+            self.events.emit(
+                "placement",
+                &[obj("vs", &vs)],
+                format!(
+                    "re-placed around failed engines: [{}] → [{}]",
+                    before.join(", "),
+                    after.join(", ")
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn update_anomalies(&mut self, now: Instant) {
+        let mut found: Vec<Anomaly> = Vec::new();
+        let version = self.p.version;
+        for name in self.p.engines.keys() {
+            let health = self.health.state(name).unwrap_or(EngineHealth::Healthy);
+            if !health.is_healthy() {
+                found.push(Anomaly {
+                    kind: "engine_failed",
+                    object: obj("engine", name),
+                    reason: format!("engine is {}", health.name()),
+                });
+                continue;
+            }
+            let Some(o) = self.observed.get(name) else {
+                continue;
+            };
+            if let Some((v, e)) = &o.nack {
+                found.push(Anomaly {
+                    kind: "nack",
+                    object: obj("engine", name),
+                    reason: format!("refused version {v}: {e}"),
+                });
+            } else if o.connected
+                && o.applied_version != version
+                && o.sent_at
+                    .is_some_and(|t| now.saturating_duration_since(t) > self.settings.ack_timeout)
+            {
+                found.push(Anomaly {
+                    kind: "not_acked",
+                    object: obj("engine", name),
+                    reason: format!(
+                        "runs version {}, version {version} sent more than {} s ago",
+                        o.applied_version,
+                        self.settings.ack_timeout.as_secs()
+                    ),
+                });
+            }
+        }
+        for vs in self.p.services.values() {
+            let healthy = vs
+                .placement
+                .iter()
+                .filter(|e| self.health.state(e).is_some_and(EngineHealth::is_healthy))
+                .count();
+            if let Some(primary) = vs.placement.first() {
+                if !self
+                    .health
+                    .state(primary)
+                    .is_some_and(EngineHealth::is_healthy)
+                {
+                    found.push(Anomaly {
+                        kind: "primary_failed",
+                        object: obj("vs", &vs.spec.name),
+                        reason: format!("its primary {primary} is failed"),
+                    });
+                }
+            }
+            if healthy < vs.spec.min_engines as usize {
+                found.push(Anomaly {
+                    kind: "vs_degraded",
+                    object: obj("vs", &vs.spec.name),
+                    reason: format!(
+                        "{healthy} healthy engine(s), {} asked for",
+                        vs.spec.min_engines
+                    ),
+                });
+            }
+        }
+        for pool in self.p.pools.keys() {
+            let reports: Vec<u32> = self
+                .observed
+                .iter()
+                .filter(|(e, _)| self.health.state(e).is_some_and(EngineHealth::is_healthy))
+                .filter_map(|(_, o)| o.backends_up.get(pool).copied())
+                .collect();
+            if !reports.is_empty() && reports.iter().all(|up| *up == 0) {
+                found.push(Anomaly {
+                    kind: "pool_down",
+                    object: obj("pool", pool),
+                    reason: "no engine sees a healthy backend".into(),
+                });
+            }
+        }
+        let now_ms = crate::events::unix_ms(std::time::SystemTime::now());
+        let found: BTreeMap<(&'static str, String), Anomaly> = found
+            .into_iter()
+            .map(|a| ((a.kind, a.object.clone()), a))
+            .collect();
+        let cleared: Vec<_> = self
+            .anomalies
+            .keys()
+            .filter(|k| !found.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in cleared {
+            if let Some((a, _)) = self.anomalies.remove(&k) {
+                self.events.emit(
+                    "anomaly_cleared",
+                    std::slice::from_ref(&a.object),
+                    format!("{}: resolved", a.kind),
+                );
+            }
+        }
+        for (k, a) in found {
+            match self.anomalies.get_mut(&k) {
+                Some((old, _)) => *old = a,
+                None => {
+                    self.events.emit(
+                        "anomaly_raised",
+                        std::slice::from_ref(&a.object),
+                        format!("{}: {}", a.kind, a.reason),
+                    );
+                    self.anomalies.insert(k, (a, now_ms));
+                }
+            }
+        }
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        self.p
+            .engines
+            .values()
+            .map(|e| Candidate {
+                name: e.name.clone(),
+                tags: e.tags.clone(),
+                unavailable: match self.health.state(&e.name) {
+                    Some(EngineHealth::Healthy) | None => None,
+                    Some(EngineHealth::Failed) => Some("failed"),
+                    Some(EngineHealth::Flapping { .. }) => Some("flapping"),
+                },
+                cpu_pct: self.observed.get(&e.name).map_or(0.0, |o| o.cpu_pct),
+                virtual_services: self
+                    .p
+                    .services
+                    .values()
+                    .filter(|v| v.placement.contains(&e.name))
+                    .count(),
+            })
+            .collect()
+    }
+
+    // ----- pools -----
+
+    pub fn create_pool(&mut self, config: PoolConfig) -> Result<PoolRecord, ClusterError> {
+        if self.p.pools.contains_key(&config.name) {
+            return Err(ClusterError::AlreadyExists(format!(
+                "pool {:?} exists",
+                config.name
+            )));
+        }
+        self.put_pool(config, 1)
+    }
+
+    pub fn update_pool(
+        &mut self,
+        config: PoolConfig,
+        resource_version: u64,
+    ) -> Result<PoolRecord, ClusterError> {
+        let old = self
+            .p
+            .pools
+            .get(&config.name)
+            .ok_or_else(|| ClusterError::NotFound(format!("pool {:?}", config.name)))?;
+        check_version("pool", &config.name, old.resource_version, resource_version)?;
+        let next = old.resource_version + 1;
+        self.put_pool(config, next)
+    }
+
+    fn put_pool(&mut self, config: PoolConfig, rv: u64) -> Result<PoolRecord, ClusterError> {
+        check_name("name", &config.name)?;
+        let mut p = self.p.clone();
+        let rec = PoolRecord {
+            config,
+            resource_version: rv,
+        };
+        p.pools.insert(rec.config.name.clone(), rec.clone());
+        self.check_desired(&p)?;
+        self.commit(vec![Write::Pool(rec.clone())])?;
+        self.events.emit(
+            "placement",
+            &[obj("pool", &rec.config.name)],
+            if rv == 1 { "created" } else { "updated" },
+        );
+        self.refresh()?;
+        Ok(rec)
+    }
+
+    pub fn delete_pool(&mut self, name: &str) -> Result<(), ClusterError> {
+        if !self.p.pools.contains_key(name) {
+            return Err(ClusterError::NotFound(format!("pool {name:?}")));
+        }
+        if let Some(vs) = self.p.services.values().find(|v| v.spec.pool == name) {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "pool {name:?} is used by virtual service {:?}",
+                vs.spec.name
+            )));
+        }
+        self.commit(vec![Write::DeletePool(name.to_owned())])?;
+        self.events
+            .emit("placement", &[obj("pool", name)], "deleted");
+        self.refresh()
+    }
+
+    // ----- virtual services -----
+
+    pub fn create_vs(&mut self, spec: VsSpec) -> Result<VsRecord, ClusterError> {
+        if self.p.services.contains_key(&spec.name) {
+            return Err(ClusterError::AlreadyExists(format!(
+                "virtual service {:?} exists",
+                spec.name
+            )));
+        }
+        self.check_spec(&spec)?;
+        let id = (0..self.settings.max_virtual_services)
+            .find(|id| self.p.services.values().all(|v| v.id != *id))
+            .ok_or_else(|| {
+                ClusterError::FailedPrecondition(format!(
+                    "all {} virtual service ids are in use (max_virtual_services)",
+                    self.settings.max_virtual_services
+                ))
+            })?;
+        let placement = placement::choose(
+            &self.candidates(),
+            &spec.tags,
+            spec.min_engines as usize,
+            &[],
+        )
+        .map_err(|e| ClusterError::FailedPrecondition(e.to_string()))?;
+        let rec = VsRecord {
+            spec,
+            id,
+            placement,
+            resource_version: 1,
+        };
+        self.put_vs(rec, "created")
+    }
+
+    pub fn update_vs(
+        &mut self,
+        spec: VsSpec,
+        resource_version: u64,
+    ) -> Result<VsRecord, ClusterError> {
+        let old = self
+            .p
+            .services
+            .get(&spec.name)
+            .ok_or_else(|| ClusterError::NotFound(format!("virtual service {:?}", spec.name)))?
+            .clone();
+        check_version(
+            "virtual service",
+            &spec.name,
+            old.resource_version,
+            resource_version,
+        )?;
+        self.check_spec(&spec)?;
+        let mut placement = old.placement.clone();
+        let want_min = spec.min_engines as usize;
+        if placement.len() < want_min {
+            let extra = placement::choose(
+                &self.candidates(),
+                &spec.tags,
+                want_min - placement.len(),
+                &placement,
+            )
+            .map_err(|e| ClusterError::FailedPrecondition(e.to_string()))?;
+            placement.extend(extra);
+        }
+        placement.truncate(spec.max_engines as usize);
+        let rec = VsRecord {
+            spec,
+            placement,
+            resource_version: old.resource_version + 1,
+            ..old
+        };
+        self.put_vs(rec, "updated")
+    }
+
+    fn put_vs(&mut self, rec: VsRecord, what: &str) -> Result<VsRecord, ClusterError> {
+        let mut p = self.p.clone();
+        p.services.insert(rec.spec.name.clone(), rec.clone());
+        self.check_desired(&p)?;
+        self.commit(vec![Write::Service(rec.clone())])?;
+        self.events.emit(
+            "placement",
+            &[obj("vs", &rec.spec.name)],
+            format!(
+                "{what}: id {}, primary {}, engines [{}]",
+                rec.id,
+                rec.placement.first().map_or("-", String::as_str),
+                rec.placement.join(", ")
+            ),
+        );
+        self.refresh()?;
+        Ok(rec)
+    }
+
+    pub fn delete_vs(&mut self, name: &str) -> Result<(), ClusterError> {
+        if !self.p.services.contains_key(name) {
+            return Err(ClusterError::NotFound(format!("virtual service {name:?}")));
+        }
+        self.commit(vec![Write::DeleteService(name.to_owned())])?;
+        self.events.emit("placement", &[obj("vs", name)], "deleted");
+        self.refresh()
+    }
+
+    fn vs(&self, name: &str) -> Result<VsRecord, ClusterError> {
+        self.p
+            .services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ClusterError::NotFound(format!("virtual service {name:?}")))
+    }
+
+    /// Adds a secondary (`engine`, or placement's choice).
+    pub fn scale_out(
+        &mut self,
+        name: &str,
+        engine: Option<&str>,
+    ) -> Result<VsRecord, ClusterError> {
+        let mut rec = self.vs(name)?;
+        if rec.placement.len() >= rec.spec.max_engines as usize {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {name:?} is at its max_engines ({})",
+                rec.spec.max_engines
+            )));
+        }
+        let chosen = match engine {
+            Some(e) => {
+                let c = self.candidates();
+                let ok = placement::ranked(&c, &rec.spec.tags, &rec.placement)
+                    .iter()
+                    .any(|c| c.name == e);
+                if !ok {
+                    return Err(ClusterError::FailedPrecondition(format!(
+                        "engine {e:?} is not eligible for {name:?} (unknown, failed, already placed, or without its tags)"
+                    )));
+                }
+                e.to_owned()
+            }
+            None => placement::choose(&self.candidates(), &rec.spec.tags, 1, &rec.placement)
+                .map_err(|e| ClusterError::FailedPrecondition(format!("no eligible engine: {e}")))?
+                .remove(0),
+        };
+        rec.placement.push(chosen.clone());
+        rec.resource_version += 1;
+        self.events.emit(
+            "scaling",
+            &[obj("vs", name), obj("engine", &chosen)],
+            "scale out: added as a secondary",
+        );
+        self.put_vs(rec, "scaled out")
+    }
+
+    /// Removes a secondary (`engine`, or the last one placed).
+    pub fn scale_in(&mut self, name: &str, engine: Option<&str>) -> Result<VsRecord, ClusterError> {
+        let mut rec = self.vs(name)?;
+        if rec.placement.len() <= rec.spec.min_engines as usize {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {name:?} is at its min_engines ({})",
+                rec.spec.min_engines
+            )));
+        }
+        let victim = match engine {
+            Some(e) if rec.placement.first().map(String::as_str) == Some(e) => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{e:?} is the primary of {name:?}: migrate it instead"
+                )));
+            }
+            Some(e) if !rec.placement.iter().any(|p| p == e) => {
+                return Err(ClusterError::NotFound(format!(
+                    "engine {e:?} is not placed for {name:?}"
+                )));
+            }
+            Some(e) => e.to_owned(),
+            None => rec
+                .placement
+                .last()
+                .cloned()
+                .expect("more than min_engines"),
+        };
+        rec.placement.retain(|p| *p != victim);
+        rec.resource_version += 1;
+        self.events.emit(
+            "scaling",
+            &[obj("vs", name), obj("engine", &victim)],
+            "scale in: removed (it drains its connections)",
+        );
+        self.put_vs(rec, "scaled in")
+    }
+
+    /// Moves the primary role: the target (a placed secondary, or a new engine) becomes primary and
+    /// the old primary leaves.
+    pub fn migrate(
+        &mut self,
+        name: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<VsRecord, ClusterError> {
+        let mut rec = self.vs(name)?;
+        let primary = rec.placement.first().cloned().unwrap_or_default();
+        if let Some(f) = from {
+            if f != primary {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{f:?} is not the primary of {name:?} ({primary})"
+                )));
+            }
+        }
+        let target = match to {
+            Some(t) if rec.placement.iter().any(|p| p == t) => t.to_owned(),
+            Some(t) => {
+                let c = self.candidates();
+                if !placement::ranked(&c, &rec.spec.tags, &rec.placement)
+                    .iter()
+                    .any(|c| c.name == t)
+                {
+                    return Err(ClusterError::FailedPrecondition(format!(
+                        "engine {t:?} is not eligible for {name:?}"
+                    )));
+                }
+                t.to_owned()
+            }
+            None => placement::choose(&self.candidates(), &rec.spec.tags, 1, &rec.placement)
+                .map_err(|e| ClusterError::FailedPrecondition(format!("no eligible engine: {e}")))?
+                .remove(0),
+        };
+        rec.placement.retain(|p| *p != target && *p != primary);
+        rec.placement.insert(0, target.clone());
+        rec.resource_version += 1;
+        self.events.emit(
+            "scaling",
+            &[
+                obj("vs", name),
+                obj("engine", &primary),
+                obj("engine", &target),
+            ],
+            format!("migrate: primary {primary} → {target}"),
+        );
+        self.put_vs(rec, "migrated")
+    }
+
+    fn check_spec(&self, spec: &VsSpec) -> Result<(), ClusterError> {
+        check_name("name", &spec.name)?;
+        if !self.p.pools.contains_key(&spec.pool) {
+            return Err(ClusterError::NotFound(format!("pool {:?}", spec.pool)));
+        }
+        if spec.min_engines == 0 {
+            return Err(invalid("scaling.min_engines", "must be at least 1"));
+        }
+        if spec.min_engines > spec.max_engines {
+            return Err(invalid(
+                "scaling.min_engines",
+                format!(
+                    "{} is above max_engines ({})",
+                    spec.min_engines, spec.max_engines
+                ),
+            ));
+        }
+        if spec.max_engines > self.settings.native_max_engines {
+            return Err(invalid(
+                "scaling.max_engines",
+                format!(
+                    "{} is above the native scaling limit of {} engines per virtual service; beyond it a virtual service scales by BGP/ECMP (scaling mode bgp, not available yet)",
+                    spec.max_engines, self.settings.native_max_engines
+                ),
+            ));
+        }
+        if let Some(other) = self.p.services.values().find(|v| {
+            v.spec.name != spec.name
+                && v.spec.vip == spec.vip
+                && v.spec.port == spec.port
+                && v.spec.protocol == spec.protocol
+        }) {
+            return Err(ClusterError::AlreadyExists(format!(
+                "{} port {} {} is already served by virtual service {:?}",
+                spec.vip, spec.port, spec.protocol, other.spec.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The model's own validation, over what the engines would get, with the first registered
+    /// engine as the host (every engine runs the same checks when it applies the snapshot).
+    fn check_desired(&self, p: &Persisted) -> Result<(), ClusterError> {
+        let desired = desired_of(p, |_| true);
+        let host = desired.engines.first().map_or(0, |e| e.id);
+        let mut daemon = DaemonConfig::new("eth0", host);
+        daemon.max_virtual_services = self.settings.max_virtual_services;
+        let mut desired = desired;
+        if desired.engines.is_empty() {
+            // No engine registered yet: check pools and services against a stand-in host.
+            desired.engines.push(EngineConfig {
+                id: 0,
+                mac: None,
+                mode: EngineMode::L2,
+                state: EngineState::Active,
+                interface: None,
+                address_v4: None,
+                address_v6: None,
+                mtu: None,
+            });
+        }
+        Config::from_parts(daemon, desired).map_err(|e| {
+            let field = e.field().unwrap_or("configuration").to_owned();
+            ClusterError::InvalidArgument {
+                field,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// The snapshot of `p`: every registered engine (down unless `healthy`), every pool, every virtual
+/// service with its placement as members (weight 1 each; the primary first).
+fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
+    let engines = p
+        .engines
+        .values()
+        .map(|e| EngineConfig {
+            id: e.id,
+            mac: Some(e.mac),
+            mode: EngineMode::L2,
+            state: if healthy(&e.name) {
+                EngineState::Active
+            } else {
+                EngineState::Down
+            },
+            interface: None,
+            address_v4: None,
+            address_v6: None,
+            mtu: None,
+        })
+        .collect();
+    let id_of = |name: &str| p.engines.get(name).map(|e| e.id);
+    let virtual_services = p
+        .services
+        .values()
+        .filter_map(|v| {
+            let members: Vec<Member> = v
+                .placement
+                .iter()
+                .filter_map(|n| id_of(n))
+                .map(|id| Member { id, weight: 1 })
+                .collect();
+            let primary = members.first()?.id;
+            Some(VirtualServiceConfig {
+                id: v.id,
+                name: v.spec.name.clone(),
+                vip: v.spec.vip,
+                port: v.spec.port,
+                protocol: v.spec.protocol,
+                primary,
+                persistence_timeout_s: v.spec.persistence_timeout_s,
+                engines: members,
+                pool: Some(v.spec.pool.clone()),
+                max_connections: v.spec.max_connections,
+                draining: false,
+            })
+        })
+        .collect();
+    Desired {
+        proxy: ProxyConfig::default(),
+        engines,
+        virtual_services,
+        pools: p.pools.values().map(|r| r.config.clone()).collect(),
+    }
+}
+
+fn check_version(kind: &str, name: &str, stored: u64, given: u64) -> Result<(), ClusterError> {
+    if given != stored {
+        return Err(ClusterError::Aborted(format!(
+            "{kind} {name:?} is at resource_version {stored}, the update was made against {given}: read it again and retry"
+        )));
+    }
+    Ok(())
+}
+
+/// Names of engines, pools and virtual services: 1–63 of `[A-Za-z0-9._-]`, starting with an
+/// alphanumeric.
+pub fn check_name(field: &str, name: &str) -> Result<(), ClusterError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{name:?} is not a valid name (1-63 letters, digits, '.', '_', '-', starting with a letter or digit)"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+use std::collections::BTreeMap;
+
+use lb_model::{Algorithm, BackendConfig, Protocol};
+
+use super::*;
+use crate::store::MemStore;
+
+fn engine(name: &str, id: u32, zone: &str) -> EngineRecord {
+    EngineRecord {
+        name: name.into(),
+        id,
+        addresses: vec![format!("10.77.0.{}", 10 + id).parse().unwrap()],
+        mac: format!("02:00:0a:4d:00:{:02x}", 10 + id).parse().unwrap(),
+        tags: BTreeMap::from([("zone".into(), zone.into())]),
+        capacity: 2,
+    }
+}
+
+fn pool(name: &str) -> PoolConfig {
+    PoolConfig {
+        name: name.into(),
+        algorithm: Algorithm::RoundRobin,
+        backends: vec![BackendConfig {
+            address: "10.77.0.21".parse().unwrap(),
+            port: 80,
+            weight: 1,
+            enabled: true,
+        }],
+        health_check: None,
+    }
+}
+
+fn spec(name: &str, port: u16, min: u32) -> VsSpec {
+    VsSpec {
+        name: name.into(),
+        vip: "10.78.0.10".parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+        pool: "web".into(),
+        persistence_timeout_s: 0,
+        max_connections: 100_000,
+        min_engines: min,
+        max_engines: 4,
+        tags: BTreeMap::new(),
+    }
+}
+
+fn cluster(store: Arc<dyn Store>, now: Instant) -> Cluster {
+    Cluster::load(Settings::default(), store, now).unwrap()
+}
+
+/// Three engines in zone a, one in zone b, a pool.
+fn standard(now: Instant) -> (Cluster, Arc<MemStore>) {
+    let store = Arc::new(MemStore::default());
+    let mut c = cluster(store.clone(), now);
+    for (n, id, z) in [
+        ("se1", 1, "a"),
+        ("se2", 2, "a"),
+        ("se3", 3, "a"),
+        ("se4", 4, "b"),
+    ] {
+        c.register(engine(n, id, z), now).unwrap();
+    }
+    c.create_pool(pool("web")).unwrap();
+    (c, store)
+}
+
+fn desired(c: &Cluster) -> Desired {
+    serde_json::from_str(&c.snapshot().json).unwrap()
+}
+
+#[test]
+fn a_virtual_service_is_placed_and_in_the_snapshot() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let v0 = c.snapshot().version;
+    let vs = c.create_vs(spec("web", 80, 2)).unwrap();
+    assert_eq!(vs.id, 0);
+    assert_eq!(vs.placement, ["se1", "se2"], "least loaded, ties by name");
+    let s = c.snapshot();
+    assert_eq!(s.version, v0 + 1, "one change, one version");
+    let d = desired(&c);
+    assert_eq!(d.engines.len(), 4);
+    let v = &d.virtual_services[0];
+    assert_eq!((v.id, v.primary), (0, 1));
+    assert_eq!(v.engines.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(v.pool.as_deref(), Some("web"));
+    // The next virtual service goes to the engines with fewer services.
+    let vs = c.create_vs(spec("api", 81, 2)).unwrap();
+    assert_eq!(
+        (vs.id, vs.placement.clone()),
+        (1, vec!["se3".into(), "se4".into()])
+    );
+}
+
+#[test]
+fn bad_calls_change_nothing() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    let before = (c.snapshot(), c.persisted().clone());
+    let mut other_pool = spec("x", 82, 1);
+    other_pool.pool = "nope".into();
+    let mut min_over_max = spec("x", 82, 3);
+    min_over_max.max_engines = 2;
+    let mut over_native = spec("x", 82, 1);
+    over_native.max_engines = 5;
+    let mut tagged = spec("x", 82, 2);
+    tagged.tags = BTreeMap::from([("zone".into(), "b".into())]);
+    let cases: Vec<(VsSpec, &str)> = vec![
+        (spec("web", 81, 1), "exists"),
+        (
+            spec("x", 80, 1),
+            "already served by virtual service \"web\"",
+        ),
+        (spec("bad name", 82, 1), "not a valid name"),
+        (spec("x", 82, 0), "must be at least 1"),
+        (other_pool, "pool \"nope\""),
+        (min_over_max, "above max_engines"),
+        (over_native, "native scaling limit of 4"),
+        (tagged, "needs 2 engine(s) tagged zone=b, 1 eligible"),
+    ];
+    for (s, want) in cases {
+        let err = c.create_vs(s.clone()).unwrap_err();
+        assert!(err.to_string().contains(want), "{s:?}: {err}");
+    }
+    let mut bad_pool = pool("p2");
+    bad_pool.backends[0].port = 0;
+    let err = c.create_pool(bad_pool).unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::InvalidArgument { field, .. } if field.contains("backends[0].port")),
+        "{err}"
+    );
+    assert_eq!(
+        c.delete_pool("web").unwrap_err().to_string(),
+        "pool \"web\" is used by virtual service \"web\""
+    );
+    assert_eq!((c.snapshot(), c.persisted().clone()), before);
+}
+
+#[test]
+fn updates_need_the_current_resource_version() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let mut p = pool("web");
+    p.backends[0].weight = 5;
+    let err = c.update_pool(p.clone(), 7).unwrap_err();
+    assert!(matches!(err, ClusterError::Aborted(_)), "{err}");
+    let rec = c.update_pool(p.clone(), 1).unwrap();
+    assert_eq!(rec.resource_version, 2);
+    assert!(matches!(
+        c.update_pool(p, 1).unwrap_err(),
+        ClusterError::Aborted(_)
+    ));
+}
+
+#[test]
+fn a_failed_secondary_is_replaced_and_marked_down() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    // se1, se3, se4 heartbeat every second; se2 (the secondary) goes silent.
+    let mut failed_at = None;
+    for s in 1..=10u64 {
+        let now = start + Duration::from_secs(s);
+        for e in ["se1", "se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+        if failed_at.is_none() && c.health("se2") == Some(EngineHealth::Failed) {
+            failed_at = Some(s);
+        }
+    }
+    assert!(
+        failed_at.is_some_and(|s| s <= 4),
+        "failed after {failed_at:?} s"
+    );
+    let vs = &c.persisted().services["web"];
+    assert_eq!(vs.placement, ["se1", "se3"], "se2 dropped, se3 added (N+M)");
+    let d = desired(&c);
+    let se2 = d.engines.iter().find(|e| e.id == 2).unwrap();
+    assert_eq!(se2.state, EngineState::Down);
+    assert_eq!(
+        d.virtual_services[0]
+            .engines
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    let kinds: Vec<&str> = c.events.recent().iter().map(|e| e.kind).collect();
+    assert!(
+        kinds.contains(&"health") && kinds.contains(&"placement"),
+        "{kinds:?}"
+    );
+    assert!(c.anomalies().iter().any(|(a, _)| a.kind == "engine_failed"));
+}
+
+#[test]
+fn a_failed_primary_stays_and_is_an_anomaly() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    for s in 1..=6u64 {
+        let now = start + Duration::from_secs(s);
+        for e in ["se2", "se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+    }
+    let vs = &c.persisted().services["web"];
+    assert_eq!(
+        vs.placement[0], "se1",
+        "the primary is not replaced here (failover's job)"
+    );
+    let kinds: BTreeSet<&str> = c.anomalies().iter().map(|(a, _)| a.kind).collect();
+    assert!(kinds.contains("primary_failed"), "{kinds:?}");
+}
+
+#[test]
+fn a_restarted_controller_keeps_the_version_and_snapshot() {
+    let now = Instant::now();
+    let (mut c, store) = standard(now);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    let before = c.snapshot();
+    drop(c);
+    let c = cluster(store, now + Duration::from_secs(60));
+    assert_eq!(c.snapshot(), before);
+    assert_eq!(c.persisted().services["web"].placement, ["se1", "se2"]);
+}
+
+#[test]
+fn acks_nacks_and_anomalies() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    let v = c.snapshot().version;
+    c.connected("se1", 0, start);
+    c.sent("se1", start);
+    c.nack("se1", v, "interface eth9: no such interface".into(), start);
+    c.tick(start).unwrap();
+    let a = c.anomalies();
+    assert!(
+        a.iter()
+            .any(|(a, _)| a.kind == "nack" && a.reason.contains("eth9")),
+        "{a:?}"
+    );
+    c.ack("se1", v, start);
+    c.tick(start).unwrap();
+    assert!(!c.anomalies().iter().any(|(a, _)| a.kind == "nack"));
+    let kinds: Vec<&str> = c.events.recent().iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&"anomaly_raised") && kinds.contains(&"anomaly_cleared"));
+    // Not acked for longer than the timeout.
+    c.connected("se2", 0, start);
+    c.sent("se2", start);
+    c.heartbeat("se2", Observed::default(), start + Duration::from_secs(5));
+    c.tick(start + Duration::from_secs(6)).unwrap();
+    assert!(c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"));
+}
+
+#[test]
+fn scale_out_in_and_migrate() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    let vs = c.scale_out("web", None).unwrap();
+    assert_eq!(vs.placement, ["se1", "se2"]);
+    let vs = c.scale_out("web", Some("se4")).unwrap();
+    assert_eq!(vs.placement, ["se1", "se2", "se4"]);
+    assert!(
+        c.scale_out("web", Some("se4"))
+            .unwrap_err()
+            .to_string()
+            .contains("not eligible")
+    );
+    let vs = c.scale_in("web", Some("se2")).unwrap();
+    assert_eq!(vs.placement, ["se1", "se4"]);
+    assert!(
+        c.scale_in("web", Some("se1"))
+            .unwrap_err()
+            .to_string()
+            .contains("migrate it instead")
+    );
+    let vs = c.migrate("web", None, Some("se4")).unwrap();
+    assert_eq!(
+        vs.placement,
+        ["se4"],
+        "the target is primary, the old primary left"
+    );
+    assert!(
+        c.scale_in("web", None)
+            .unwrap_err()
+            .to_string()
+            .contains("min_engines")
+    );
+    let d = desired(&c);
+    assert_eq!(d.virtual_services[0].primary, 4);
+}

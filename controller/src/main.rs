@@ -1,0 +1,185 @@
+//! `controller`: serves the operator and engine APIs over mutual TLS, keeps the desired state in
+//! an embedded database, and runs the health ticker. See the crate documentation for the tasks.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use controller::{
+    api::{OperatorService, lock},
+    cluster::{Cluster, Settings},
+    engines::EngineService,
+    health::HealthSettings,
+    store::RedbStore,
+    tls,
+};
+use lb_api::v1::{engine_api_server::EngineApiServer, operator_server::OperatorServer};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load balancer controller: desired state, placement, engine health"
+)]
+struct Args {
+    /// gRPC listen address (operator and engine APIs, health, reflection).
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// The embedded database (created if missing).
+    #[arg(long, default_value = "/var/lib/lb/controller.redb")]
+    db: PathBuf,
+    /// Directory with ca.pem, controller.pem and controller.key (`lbctl certs init`).
+    #[arg(long, default_value = "/etc/lb/pki")]
+    tls_dir: PathBuf,
+    /// Plain text, no client certificates, no roles: for a lab only.
+    #[arg(long)]
+    insecure: bool,
+    /// Engines heartbeat this often; the health ticker runs at the same interval.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// Heartbeats an engine may miss before it is failed.
+    #[arg(long, default_value_t = 3)]
+    max_missed: u32,
+    /// Failures within the flapping window that make an engine flapping.
+    #[arg(long, default_value_t = 3)]
+    flap_failures: usize,
+    #[arg(long, default_value_t = 300)]
+    flap_window_s: u64,
+    /// How long a flapping engine stays out of placement.
+    #[arg(long, default_value_t = 300)]
+    flap_hold_s: u64,
+    /// Virtual service ids handed out: 0..N (the engines' daemon.max_virtual_services).
+    #[arg(long, default_value_t = 64)]
+    max_virtual_services: u32,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("controller: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("controller: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.heartbeat_interval_ms > 0,
+        "--heartbeat-interval-ms must be above 0"
+    );
+    anyhow::ensure!(args.max_missed > 0, "--max-missed must be above 0");
+    if let Some(dir) = args.db.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = Arc::new(
+        RedbStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?,
+    );
+    let interval = Duration::from_millis(args.heartbeat_interval_ms);
+    let settings = Settings {
+        max_virtual_services: args.max_virtual_services,
+        health: HealthSettings {
+            interval,
+            max_missed: args.max_missed,
+            flap_failures: args.flap_failures,
+            flap_window: Duration::from_secs(args.flap_window_s),
+            flap_hold: Duration::from_secs(args.flap_hold_s),
+        },
+        ..Settings::default()
+    };
+    let cluster = Cluster::load(settings, store, Instant::now())?;
+    info!(
+        version = cluster.snapshot().version,
+        engines = cluster.persisted().engines.len(),
+        virtual_services = cluster.persisted().services.len(),
+        "state loaded"
+    );
+    let cluster = Arc::new(Mutex::new(cluster));
+
+    let ticker = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if let Err(e) = lock(&cluster).tick(Instant::now()) {
+                    warn!("health tick: {e}");
+                }
+            }
+        })
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<OperatorServer<OperatorService>>()
+        .await;
+    health_reporter
+        .set_serving::<EngineApiServer<EngineService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lb_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut server = tonic::transport::Server::builder();
+    if args.insecure {
+        warn!(
+            "PLAIN-TEXT MODE (--insecure): no TLS, no client certificates, anyone reaching {} can change the load balancer",
+            args.listen
+        );
+    } else {
+        let (cert, key) = tls::cert_path(&args.tls_dir, "controller");
+        server = server.tls_config(tls::server_config(
+            &args.tls_dir.join("ca.pem"),
+            &cert,
+            &key,
+        )?)?;
+    }
+    let operator = OperatorService {
+        cluster: cluster.clone(),
+        insecure: args.insecure,
+    };
+    let engines = EngineService {
+        cluster: cluster.clone(),
+        insecure: args.insecure,
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    info!(listen = %args.listen, "serving");
+    server
+        // Bounded requests: nothing the API takes is near this.
+        .add_service(OperatorServer::new(operator).max_decoding_message_size(4 << 20))
+        .add_service(EngineApiServer::new(engines).max_decoding_message_size(4 << 20))
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_shutdown(args.listen, async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+        .await?;
+    ticker.abort();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! What the controller persists, and where: the desired state (registered engines, pools, virtual
+//! services with their placement, the snapshot version) behind a small [`Store`] trait. [`RedbStore`]
+//! is the embedded default; a later store puts the same records on etcd for controller HA. Every
+//! change is written (and committed) before the call that made it is answered.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use lb_model::{MacAddr, PoolConfig, Protocol};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use serde::{Deserialize, Serialize};
+
+/// A registered engine: what it said of itself at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineRecord {
+    pub name: String,
+    /// The data plane's engine id (the engine's `daemon.engine_id`).
+    pub id: u32,
+    pub addresses: Vec<IpAddr>,
+    pub mac: MacAddr,
+    pub tags: BTreeMap<String, String>,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub config: PoolConfig,
+    pub resource_version: u64,
+}
+
+/// What an operator asks of a virtual service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub pool: String,
+    pub persistence_timeout_s: u32,
+    pub max_connections: u32,
+    pub min_engines: u32,
+    pub max_engines: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsRecord {
+    pub spec: VsSpec,
+    /// The data plane's virtual service id (keys rings and persistence on every engine).
+    pub id: u32,
+    /// Engine names, the primary first.
+    pub placement: Vec<String>,
+    pub resource_version: u64,
+}
+
+/// Everything persisted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persisted {
+    /// Version of the last snapshot pushed to engines.
+    pub version: u64,
+    /// The snapshot of that version (JSON of `lb_model::Desired`), so a restarted controller
+    /// pushes an identical one under the same version.
+    pub snapshot: String,
+    pub engines: BTreeMap<String, EngineRecord>,
+    pub pools: BTreeMap<String, PoolRecord>,
+    pub services: BTreeMap<String, VsRecord>,
+}
+
+/// One change to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Engine(EngineRecord),
+    Pool(PoolRecord),
+    DeletePool(String),
+    Service(VsRecord),
+    DeleteService(String),
+    Snapshot { version: u64, json: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Backend(String),
+    #[error("stored record {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub trait Store: Send + Sync {
+    fn load(&self) -> Result<Persisted, StoreError>;
+    /// Writes `writes` atomically: all or none.
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError>;
+}
+
+const ENGINES: TableDefinition<&str, &str> = TableDefinition::new("engines");
+const POOLS: TableDefinition<&str, &str> = TableDefinition::new("pools");
+const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The embedded store: one redb file, one JSON value per object.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = redb::Database::create(path).map_err(backend)?;
+        // Create the tables so that a fresh database reads as empty.
+        let tx = db.begin_write().map_err(backend)?;
+        for t in [ENGINES, POOLS, SERVICES, META] {
+            tx.open_table(t).map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn read_all<T: for<'de> Deserialize<'de>>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<&str, &str>,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let t = tx.open_table(table).map_err(backend)?;
+    let mut out = BTreeMap::new();
+    for row in t.iter().map_err(backend)? {
+        let (k, v) = row.map_err(backend)?;
+        let value = serde_json::from_str(v.value()).map_err(|e| StoreError::Corrupt {
+            key: format!("{}/{}", table.name(), k.value()),
+            reason: e.to_string(),
+        })?;
+        out.insert(k.value().to_owned(), value);
+    }
+    Ok(out)
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Persisted, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let meta = tx.open_table(META).map_err(backend)?;
+        let version = match meta.get("version").map_err(backend)? {
+            Some(v) => v.value().parse().map_err(|e| StoreError::Corrupt {
+                key: "meta/version".into(),
+                reason: format!("{e}"),
+            })?,
+            None => 0,
+        };
+        let snapshot = meta
+            .get("snapshot")
+            .map_err(backend)?
+            .map(|v| v.value().to_owned())
+            .unwrap_or_default();
+        Ok(Persisted {
+            version,
+            snapshot,
+            engines: read_all(&tx, ENGINES)?,
+            pools: read_all(&tx, POOLS)?,
+            services: read_all(&tx, SERVICES)?,
+        })
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        {
+            let mut engines = tx.open_table(ENGINES).map_err(backend)?;
+            let mut pools = tx.open_table(POOLS).map_err(backend)?;
+            let mut services = tx.open_table(SERVICES).map_err(backend)?;
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            for w in writes {
+                match w {
+                    Write::Engine(e) => {
+                        engines
+                            .insert(e.name.as_str(), json(e).as_str())
+                            .map_err(backend)?;
+                    }
+                    Write::Pool(p) => {
+                        pools
+                            .insert(p.config.name.as_str(), json(p).as_str())
+                            .map_err(backend)?;
+                    }
+                    Write::DeletePool(name) => {
+                        pools.remove(name.as_str()).map_err(backend)?;
+                    }
+                    Write::Service(s) => {
+                        services
+                            .insert(s.spec.name.as_str(), json(s).as_str())
+                            .map_err(backend)?;
+                    }
+                    Write::DeleteService(name) => {
+                        services.remove(name.as_str()).map_err(backend)?;
+                    }
+                    Write::Snapshot { version, json } => {
+                        meta.insert("version", version.to_string().as_str())
+                            .map_err(backend)?;
+                        meta.insert("snapshot", json.as_str()).map_err(backend)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+}
+
+/// A record as JSON (records are plain data: serialisation cannot fail).
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records serialise")
+}
+
+/// A store in memory (tests, and the simulator later).
+#[derive(Default)]
+pub struct MemStore {
+    state: std::sync::Mutex<Persisted>,
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Persisted, StoreError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone())
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for w in writes {
+            match w.clone() {
+                Write::Engine(e) => {
+                    s.engines.insert(e.name.clone(), e);
+                }
+                Write::Pool(p) => {
+                    s.pools.insert(p.config.name.clone(), p);
+                }
+                Write::DeletePool(n) => {
+                    s.pools.remove(&n);
+                }
+                Write::Service(v) => {
+                    s.services.insert(v.spec.name.clone(), v);
+                }
+                Write::DeleteService(n) => {
+                    s.services.remove(&n);
+                }
+                Write::Snapshot { version, json } => {
+                    s.version = version;
+                    s.snapshot = json;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(name: &str, id: u32) -> EngineRecord {
+        EngineRecord {
+            name: name.into(),
+            id,
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            mac: "02:00:00:00:00:01".parse().unwrap(),
+            tags: BTreeMap::from([("zone".into(), "a".into())]),
+            capacity: 2,
+        }
+    }
+
+    #[test]
+    fn redb_round_trips_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            assert_eq!(s.load().unwrap(), Persisted::default());
+            s.commit(&[
+                Write::Engine(engine("se1", 1)),
+                Write::Engine(engine("se2", 2)),
+                Write::Snapshot {
+                    version: 7,
+                    json: "{}".into(),
+                },
+            ])
+            .unwrap();
+            s.commit(&[Write::Engine(engine("se2", 3))]).unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let p = s.load().unwrap();
+        assert_eq!(p.version, 7);
+        assert_eq!(p.snapshot, "{}");
+        assert_eq!(p.engines.len(), 2);
+        assert_eq!(p.engines["se2"].id, 3);
+    }
+}
