@@ -143,8 +143,22 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         let p = store.load()?;
         let mut health = HealthManager::new(settings.health);
-        for name in p.engines.keys() {
-            health.track(name, now);
+        // Engines that were down in the last snapshot stay down until they heartbeat.
+        let down: BTreeSet<u32> = serde_json::from_str::<Desired>(&p.snapshot)
+            .map(|d| {
+                d.engines
+                    .iter()
+                    .filter(|e| e.state == EngineState::Down)
+                    .map(|e| e.id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (name, e) in &p.engines {
+            if down.contains(&e.id) {
+                health.track_failed(name, now);
+            } else {
+                health.track(name, now);
+            }
         }
         let snapshot = watch::Sender::new(Snapshot {
             version: p.version,

@@ -99,6 +99,19 @@ impl HealthManager {
         });
     }
 
+    /// Starts tracking `engine` as failed (it was down in the last snapshot before a restart): it is
+    /// healthy again at its first heartbeat.
+    pub fn track_failed(&mut self, engine: &str, now: Instant) {
+        self.engines.insert(
+            engine.to_owned(),
+            Tracked {
+                last_seen: now,
+                state: EngineHealth::Failed,
+                failures: VecDeque::new(),
+            },
+        );
+    }
+
     pub fn forget(&mut self, engine: &str) {
         self.engines.remove(engine);
     }

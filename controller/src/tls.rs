@@ -17,7 +17,7 @@ use rcgen::{
 };
 use tonic::{
     Request, Status,
-    transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig},
+    transport::{Certificate, Identity, ServerTlsConfig},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,13 +66,7 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     std::io::Write::write_all(&mut f, text.as_bytes()).map_err(err)
 }
 
-/// Files of the PKI in a directory: `ca.pem`, `controller.pem`/`.key`, `<kind>-<name>.pem`/`.key`.
-pub fn cert_path(dir: &Path, who: &str) -> (PathBuf, PathBuf) {
-    (
-        dir.join(format!("{who}.pem")),
-        dir.join(format!("{who}.key")),
-    )
-}
+pub use lb_api::tls::{cert_path, client_config};
 
 /// Writes a development CA and certificates into `dir`: the controller's for `controller_names`
 /// (DNS names or IP addresses), one per engine and per operator. Returns the files written.
@@ -144,13 +138,6 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerTlsConf
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(read(cert)?, read(key)?))
         .client_ca_root(Certificate::from_pem(read(ca)?)))
-}
-
-/// A client's TLS (an engine or lbctl): the controller's CA, its own certificate.
-pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig, TlsError> {
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(ca)?))
-        .identity(Identity::from_pem(read(cert)?, read(key)?)))
 }
 
 /// The common name of the peer's (verified) client certificate.

@@ -17,19 +17,21 @@ use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
 };
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use lb_daemon::{
-    config::Config,
+    config::{Config, ControllerConfig, Desired, EngineFile, ManagedFile},
     conntable::ConnTable,
     dataplane::Dataplane,
-    engine::Engine,
+    engine::{Applied as Applied_, Engine},
+    heartbeat::Sampler,
     links::SystemLinks,
+    managed::{self, Applied},
     metrics::{self, Metrics},
-    tables::{Changes, Tables},
+    tables::{Changes, Links, Tables},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -69,8 +71,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
-        Ok(c) => c,
+    let (config, managed) = match EngineFile::load(&args.config) {
+        Ok(EngineFile::Standalone(c)) => (c, None),
+        Ok(EngineFile::Managed(m)) => (start_config(&m), Some(m.controller)),
         Err(e) => {
             eprintln!("lb-daemon: {}: {e}", args.config.display());
             return ExitCode::from(2);
@@ -107,13 +110,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&args, config)) {
+    match runtime.block_on(run(&args, config, managed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             eprintln!("lb-daemon: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A managed engine starts from the last snapshot it applied (its data plane may still be steering
+/// with it), or with nothing to serve.
+fn start_config(m: &ManagedFile) -> Config {
+    match Applied::load(&m.controller.state_file) {
+        Some(a) => match Config::from_parts(m.daemon.clone(), a.desired) {
+            Ok(c) => {
+                info!(
+                    version = a.version,
+                    "starting from the last applied snapshot"
+                );
+                c
+            }
+            Err(e) => {
+                warn!("the saved snapshot no longer validates ({e}); starting empty");
+                m.initial()
+            }
+        },
+        None => m.initial(),
     }
 }
 
@@ -166,7 +190,7 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
+async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> anyhow::Result<()> {
     raise_fd_limit(config.proxy.max_open_files)?;
     let object = object(args.bpf_object.as_deref())?;
     let dp = Dataplane::load(&object, &config.daemon)?;
@@ -181,23 +205,57 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("metrics_listen {listen}"))?;
-    let mut server = tokio::spawn(metrics::serve(listener, metrics.clone(), conns));
+    let mut server = tokio::spawn(metrics::serve(listener, metrics.clone(), conns.clone()));
     info!(
         interface = %engine.config().daemon.interface,
         engine_id = engine.config().daemon.engine_id,
         virtual_services = engine.config().virtual_services.len(),
+        managed = managed.is_some(),
         %listen,
         "ready"
     );
+
+    let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel::<managed::Apply>(1);
+    let status = Arc::new(managed::Status::default());
+    if let Some(cfg) = managed.clone() {
+        if let Some(a) = Applied::load(&cfg.state_file) {
+            status.applied.store(a.version, Ordering::Relaxed);
+        }
+        let identity = identity(engine.config())?;
+        let sampler = Arc::new(Sampler::new(
+            engine.dataplane().counters.clone(),
+            engine.inventory(),
+            conns.clone(),
+        ));
+        let beat: Arc<dyn Fn() -> lb_api::v1::Heartbeat + Send + Sync> =
+            Arc::new(move || sampler.sample());
+        tokio::spawn(managed::run(cfg, identity, status.clone(), apply_tx, beat));
+    } else {
+        drop(apply_tx);
+    }
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
+            Some(a) = apply_rx.recv() => {
+                let result = apply_snapshot(&mut engine, &a, managed.as_ref());
+                match &result {
+                    Ok(Applied_::Unchanged) => metrics.snapshot("unchanged"),
+                    Ok(Applied_::Changed { .. }) => metrics.snapshot("applied"),
+                    Err(e) => {
+                        error!(version = a.version, "snapshot refused, still running the previous state: {e}");
+                        metrics.snapshot("refused");
+                    }
+                }
+                if result.is_ok() {
+                    status.applied.store(a.version, Ordering::Relaxed);
+                }
+                let _ = a.reply.send(result.map(|_| ()));
+            }
             _ = hup.recv() => {
-                let applied = Config::load(&args.config)
-                    .map_err(anyhow::Error::from)
+                let applied = reload_file(&args.config, &engine)
                     .and_then(|c| engine.apply(c).map_err(anyhow::Error::from));
                 match applied {
                     Ok(applied) => {
@@ -227,4 +285,60 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
         "stopped; the XDP program stays attached and steering with its pinned tables (`lb-daemon --detach` removes it)"
     );
     Ok(())
+}
+
+/// A SIGHUP: the file again. In managed mode only its host settings change; the desired state stays
+/// what the controller sent.
+fn reload_file(path: &Path, engine: &Engine) -> anyhow::Result<Config> {
+    Ok(match EngineFile::load(path)? {
+        EngineFile::Standalone(c) => c,
+        EngineFile::Managed(m) => Config::from_parts(m.daemon, engine.config().desired())?,
+    })
+}
+
+/// Applies a controller snapshot through the one apply path, and saves it as the state to start
+/// from next time.
+fn apply_snapshot(
+    engine: &mut Engine,
+    a: &managed::Apply,
+    cfg: Option<&ControllerConfig>,
+) -> Result<Applied_, String> {
+    let desired: Desired =
+        serde_json::from_str(&a.desired_json).map_err(|e| format!("the snapshot: {e}"))?;
+    let config = Config::from_parts(engine.config().daemon.clone(), desired.clone())
+        .map_err(|e| e.to_string())?;
+    let applied = engine.apply(config).map_err(|e| format!("{e:#}"))?;
+    if let Some(cfg) = cfg {
+        let saved = Applied {
+            version: a.version,
+            desired,
+        };
+        if let Err(e) = saved.save(&cfg.state_file) {
+            warn!(path = %cfg.state_file.display(), "saving the applied snapshot: {e}");
+        }
+    }
+    Ok(applied)
+}
+
+/// What this engine registers with: its id, and the addresses and MAC of its data interface.
+fn identity(config: &Config) -> anyhow::Result<managed::Identity> {
+    let iface = &config.daemon.interface;
+    let link = SystemLinks.link(iface)?;
+    let addresses = nix::ifaddrs::getifaddrs()?
+        .filter(|a| a.interface_name == *iface)
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    Ok(managed::Identity {
+        engine_id: config.daemon.engine_id,
+        addresses,
+        mac: lb_daemon::config::MacAddr(link.mac).to_string(),
+    })
 }

@@ -343,6 +343,8 @@ pub struct Metrics {
     registry: Registry,
     /// Configuration reloads by result (`ok`, `error`).
     pub reloads: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Controller snapshots by result (`applied`, `unchanged`, `refused`).
+    pub snapshots: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Metrics {
@@ -359,7 +361,21 @@ impl Metrics {
             "Configuration reloads (SIGHUP) by result",
             reloads.clone(),
         );
-        Metrics { registry, reloads }
+        let snapshots = Family::default();
+        registry.register(
+            "lb_controller_snapshots",
+            "Desired-state snapshots from the controller, by result (applied, unchanged, refused)",
+            snapshots.clone(),
+        );
+        Metrics {
+            registry,
+            reloads,
+            snapshots,
+        }
+    }
+
+    pub fn snapshot(&self, result: &'static str) {
+        self.snapshots.get_or_create(&[("result", result)]).inc();
     }
 
     pub fn reload(&self, ok: bool) {

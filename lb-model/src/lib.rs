@@ -365,6 +365,135 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
+/// `[controller]`: managed mode. The engine's file then holds only `[daemon]` and this; everything
+/// else comes from the controller's snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The controller's gRPC address, e.g. `https://10.0.0.5:7400`.
+    pub address: String,
+    /// This engine's name: must match its certificate (`engine-<name>.pem`, `CN=engine:<name>`).
+    pub name: String,
+    /// PKI directory: `ca.pem`, `engine-<name>.pem`, `engine-<name>.key`.
+    #[serde(default = "default_tls_dir")]
+    pub tls_dir: PathBuf,
+    /// Plain text to a controller started with `--insecure` (a lab only).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Placement tags this engine registers with.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Relative capacity (cores).
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    /// The last snapshot applied, so a restarted engine starts from it (the data plane keeps
+    /// steering with it) before the controller answers.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u32,
+}
+
+fn default_tls_dir() -> PathBuf {
+    PathBuf::from("/etc/lb/pki")
+}
+fn default_capacity() -> u32 {
+    1
+}
+fn default_state_file() -> PathBuf {
+    PathBuf::from("/var/lib/lb/desired.json")
+}
+fn default_heartbeat_ms() -> u32 {
+    1000
+}
+
+/// An engine's file in managed mode: the host's settings and its controller, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedFile {
+    pub daemon: DaemonConfig,
+    pub controller: ControllerConfig,
+}
+
+/// What an engine's file describes: the whole configuration (standalone), or the host and a
+/// controller (managed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineFile {
+    Standalone(Config),
+    Managed(ManagedFile),
+}
+
+impl EngineFile {
+    /// Parses and validates an engine's file; a `[controller]` section makes it managed.
+    pub fn parse(text: &str) -> Result<EngineFile, ConfigError> {
+        let value: toml::Table = toml::from_str(text)?;
+        if !value.contains_key("controller") {
+            return Config::parse(text).map(EngineFile::Standalone);
+        }
+        let file: ManagedFile = toml::from_str(text).map_err(|e| {
+            // A managed engine's file names no engines, pools or services: say so plainly.
+            for key in ["engines", "virtual_services", "pools", "proxy"] {
+                if value.contains_key(key) {
+                    return invalid(
+                        key,
+                        "managed mode (a [controller] section): this comes from the controller, not the file",
+                    );
+                }
+            }
+            ConfigError::Toml(e)
+        })?;
+        let c = &file.controller;
+        if !(c.address.starts_with("http://") || c.address.starts_with("https://")) {
+            return Err(invalid(
+                "controller.address",
+                format!("{:?} is not an http:// or https:// address", c.address),
+            ));
+        }
+        if c.name.is_empty() || c.name.len() > 63 {
+            return Err(invalid("controller.name", "must be 1 to 63 characters"));
+        }
+        if c.heartbeat_interval_ms == 0 {
+            return Err(invalid(
+                "controller.heartbeat_interval_ms",
+                "must be above 0",
+            ));
+        }
+        // The host settings pass the same checks as in a standalone file.
+        file.initial().validate()?;
+        Ok(EngineFile::Managed(file))
+    }
+
+    pub fn load(path: &Path) -> Result<EngineFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
+            path: path.to_owned(),
+            error,
+        })?;
+        EngineFile::parse(&text)
+    }
+}
+
+impl ManagedFile {
+    /// The configuration before any snapshot: this host alone, nothing to serve.
+    pub fn initial(&self) -> Config {
+        Config {
+            daemon: self.daemon.clone(),
+            proxy: ProxyConfig::default(),
+            engines: vec![EngineConfig {
+                id: self.daemon.engine_id,
+                mac: None,
+                mode: EngineMode::L2,
+                state: EngineState::Active,
+                interface: None,
+                address_v4: None,
+                address_v6: None,
+                mtu: None,
+            }],
+            pools: Vec::new(),
+            virtual_services: Vec::new(),
+        }
+    }
+}
+
 /// The desired state one engine applies: everything of [`Config`] but the host's own `[daemon]`
 /// settings. The TOML file carries it beside `[daemon]`; in managed mode the controller's snapshots
 /// carry it.

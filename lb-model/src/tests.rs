@@ -787,3 +787,33 @@ fn unknown_algorithm_is_a_parse_error() {
         "{err}"
     );
 }
+
+#[test]
+fn managed_files_hold_the_host_and_the_controller_only() {
+    let managed = "[daemon]\ninterface = \"eth0\"\nengine_id = 3\n\n[controller]\naddress = \"https://10.0.0.5:7400\"\nname = \"se3\"\ntags = { zone = \"a\" }\n";
+    let EngineFile::Managed(m) = EngineFile::parse(managed).unwrap() else {
+        panic!("a [controller] section makes it managed");
+    };
+    assert_eq!(m.controller.name, "se3");
+    assert_eq!(m.controller.heartbeat_interval_ms, 1000);
+    assert_eq!(m.initial().engines.len(), 1);
+    assert!(matches!(
+        EngineFile::parse(BASE).unwrap(),
+        EngineFile::Standalone(_)
+    ));
+    let with_vs = format!("{managed}\n[[virtual_services]]\nid = 0\n");
+    let err = EngineFile::parse(&with_vs).unwrap_err();
+    assert_eq!(err.field(), Some("virtual_services"), "{err}");
+    let bad = managed.replace("https://10.0.0.5:7400", "10.0.0.5:7400");
+    assert_eq!(
+        EngineFile::parse(&bad).unwrap_err().field(),
+        Some("controller.address")
+    );
+    let bad = managed.replace("engine_id = 3", "engine_id = 300");
+    assert!(
+        EngineFile::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("engines[0].id")
+    );
+}

@@ -227,10 +227,9 @@ async fn connect(cli: &Cli) -> Result<OperatorClient<Channel>, Failure> {
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
     if !cli.insecure {
-        let (cert, key) =
-            controller::tls::cert_path(&cli.tls_dir, &format!("operator-{}", cli.operator));
-        let tls = controller::tls::client_config(&cli.tls_dir.join("ca.pem"), &cert, &key)
-            .map_err(|e| usage(e.to_string()))?;
+        let tls =
+            controller::tls::client_config(&cli.tls_dir, &format!("operator-{}", cli.operator))
+                .map_err(usage)?;
         ep = ep.tls_config(tls).map_err(|e| unreachable(&e))?;
     }
     let channel = ep.connect().await.map_err(|e| unreachable(&e))?;

@@ -295,3 +295,25 @@ fn scale_out_in_and_migrate() {
     let d = desired(&c);
     assert_eq!(d.virtual_services[0].primary, 4);
 }
+
+#[test]
+fn a_restarted_controller_keeps_failed_engines_down_until_they_heartbeat() {
+    let start = Instant::now();
+    let (mut c, store) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    for s in 1..=6u64 {
+        let now = start + Duration::from_secs(s);
+        for e in ["se1", "se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+    }
+    let before = c.snapshot();
+    drop(c);
+    let later = start + Duration::from_secs(100);
+    let mut c = cluster(store, later);
+    assert_eq!(c.snapshot(), before, "no new version: se2 is still down");
+    assert_eq!(c.health("se2"), Some(EngineHealth::Failed));
+    c.heartbeat("se2", Observed::default(), later);
+    assert_eq!(c.health("se2"), Some(EngineHealth::Healthy));
+}

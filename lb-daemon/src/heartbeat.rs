@@ -1,0 +1,124 @@
+//! What an engine reports in its heartbeats: host CPU (from `/proc/stat`, since the last beat), the
+//! daemon's resident memory, packets per second its data plane steered (the BPF per-VS counters),
+//! proxied connections open now, and per pool how many backends are up.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use lb_api::v1 as pb;
+
+use crate::{conntable::ConnTable, dataplane::Counters, metrics::Inventory};
+
+#[derive(Default)]
+struct Last {
+    cpu: Option<(u64, u64)>,
+    packets: Option<(u64, Instant)>,
+}
+
+pub struct Sampler {
+    counters: Arc<Counters>,
+    inventory: Arc<RwLock<Inventory>>,
+    conns: Arc<ConnTable>,
+    last: Mutex<Last>,
+}
+
+/// (busy, total) jiffies of all CPUs.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle + iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+impl Sampler {
+    pub fn new(
+        counters: Arc<Counters>,
+        inventory: Arc<RwLock<Inventory>>,
+        conns: Arc<ConnTable>,
+    ) -> Self {
+        Sampler {
+            counters,
+            inventory,
+            conns,
+            last: Mutex::new(Last::default()),
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    pub fn sample(&self) -> pb::Heartbeat {
+        let now = Instant::now();
+        let inv = self
+            .inventory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let packets: u64 = inv
+            .virtual_services
+            .iter()
+            .filter_map(|(id, _)| self.counters.vs(*id).ok())
+            .map(|t| t.packets)
+            .sum();
+        let mut backends_up = HashMap::new();
+        let mut backends = HashMap::new();
+        for p in &inv.pools {
+            let up = p
+                .backends
+                .iter()
+                .filter(|b| b.enabled() && b.is_healthy())
+                .count();
+            backends_up.insert(p.name.clone(), u32::try_from(up).unwrap_or(u32::MAX));
+            backends.insert(
+                p.name.clone(),
+                u32::try_from(p.backends.len()).unwrap_or(u32::MAX),
+            );
+        }
+        drop(inv);
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cpu = cpu_jiffies();
+        let cpu_pct = match (last.cpu, cpu) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                100.0 * (b1.saturating_sub(b0)) as f64 / (t1 - t0) as f64
+            }
+            _ => 0.0,
+        };
+        let pps = match last.packets {
+            Some((p0, t0)) => {
+                let secs = now.duration_since(t0).as_secs_f64();
+                if secs > 0.0 {
+                    (packets.saturating_sub(p0) as f64 / secs) as u64
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        last.cpu = cpu;
+        last.packets = Some((packets, now));
+        pb::Heartbeat {
+            cpu_pct,
+            memory_bytes: rss_bytes(),
+            pps,
+            connections: self.conns.len() as u64,
+            backends_up,
+            backends,
+        }
+    }
+}
