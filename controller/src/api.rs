@@ -12,7 +12,7 @@ use lb_api::v1::{self as pb, operator_server::Operator};
 use lb_model::{
     Algorithm, BackendConfig, HealthCheckConfig, HealthCheckKind, PoolConfig, Protocol,
 };
-use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -48,6 +48,8 @@ pub struct OperatorService {
     pub cluster: Shared,
     /// Plain-text mode (`--insecure`): no certificates, no roles.
     pub insecure: bool,
+    /// Turns true when the controller stops: event streams end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl OperatorService {
@@ -573,19 +575,33 @@ impl Operator for OperatorService {
         req: Request<pb::Empty>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.check(&req)?;
-        let rx = lock(&self.cluster).events.subscribe();
-        let stream = BroadcastStream::new(rx).filter_map(|e| match e {
-            Ok(e) => Some(Ok(event_to_pb(e))),
-            // A watcher too slow to keep up misses events; it is told so once.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Ok(pb::Event {
-                    time_unix_ms: crate::events::unix_ms(std::time::SystemTime::now()),
-                    kind: "lagged".into(),
-                    objects: Vec::new(),
-                    reason: format!("{n} events were not delivered to this watcher"),
-                }))
+        let mut rx = lock(&self.cluster).events.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    () = tx.closed() => break,
+                    e = rx.recv() => e,
+                };
+                let msg = match e {
+                    Ok(e) => event_to_pb(e),
+                    // A watcher too slow to keep up misses events; it is told so.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => pb::Event {
+                        time_unix_ms: crate::events::unix_ms(std::time::SystemTime::now()),
+                        kind: "lagged".into(),
+                        objects: Vec::new(),
+                        reason: format!("{n} events were not delivered to this watcher"),
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
             }
         });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -38,6 +38,10 @@ pub struct Settings {
     pub native_max_engines: u32,
     /// An engine that has not ACKed the current version this long after it was sent is an anomaly.
     pub ack_timeout: Duration,
+    /// After the controller starts, how long an engine may take to reconnect before its silence
+    /// counts (engines retry with a backoff of up to 5 s): a controller restart alone fails no
+    /// engine and changes no snapshot.
+    pub startup_grace: Duration,
     pub health: HealthSettings,
 }
 
@@ -47,6 +51,7 @@ impl Default for Settings {
             max_virtual_services: 64,
             native_max_engines: 4,
             ack_timeout: Duration::from_secs(5),
+            startup_grace: Duration::from_secs(15),
             health: HealthSettings::default(),
         }
     }
@@ -133,9 +138,9 @@ pub fn obj(kind: &str, name: &str) -> String {
 }
 
 impl Cluster {
-    /// Loads the persisted state; every known engine is tracked as healthy from `now` (each gets
-    /// the full heartbeat allowance before it can fail), so a controller restart by itself changes
-    /// no snapshot.
+    /// Loads the persisted state; every known engine is tracked as healthy as if last heard from
+    /// `startup_grace` after `now`, so a controller restart by itself fails no engine and changes no
+    /// snapshot.
     pub fn load(
         settings: Settings,
         store: Arc<dyn Store>,
@@ -157,7 +162,7 @@ impl Cluster {
             if down.contains(&e.id) {
                 health.track_failed(name, now);
             } else {
-                health.track(name, now);
+                health.track(name, now + settings.startup_grace);
             }
         }
         let snapshot = watch::Sender::new(Snapshot {
@@ -953,12 +958,21 @@ impl Cluster {
                 mtu: None,
             });
         }
-        Config::from_parts(daemon, desired).map_err(|e| {
-            let field = e.field().unwrap_or("configuration").to_owned();
-            ClusterError::InvalidArgument {
-                field,
-                reason: e.to_string(),
+        Config::from_parts(daemon, desired).map_err(|e| match e {
+            // The model names fields by their place in the snapshot (`pools[2].backends[0].port`);
+            // the caller sent one object: name the field within it.
+            lb_model::ConfigError::Invalid { field, reason } => {
+                let field = match field.split_once("].") {
+                    Some((head, rest))
+                        if head.starts_with("pools[") || head.starts_with("virtual_services[") =>
+                    {
+                        rest.to_owned()
+                    }
+                    _ => field,
+                };
+                ClusterError::InvalidArgument { field, reason }
             }
+            other => invalid("configuration", other.to_string()),
         })?;
         Ok(())
     }

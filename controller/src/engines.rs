@@ -24,6 +24,8 @@ use crate::{
 pub struct EngineService {
     pub cluster: Shared,
     pub insecure: bool,
+    /// Turns true when the controller stops: sessions end, engines reconnect to the next one.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl EngineService {
@@ -126,6 +128,7 @@ impl EngineApi for EngineService {
         info!(engine = %name, applied = hello.applied_version, "engine session opened");
         let (tx, rx) = mpsc::channel::<Result<pb::ControllerMessage, Status>>(4);
         let cluster = self.cluster.clone();
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut sent_version = None;
             let mut nacked = None;
@@ -147,6 +150,7 @@ impl EngineApi for EngineService {
                     lock(&cluster).sent(&name, Instant::now());
                 }
                 tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
                     changed = snapshots.changed() => if changed.is_err() { break },
                     msg = inbound.next() => match msg {
                         Some(Ok(m)) => {

@@ -155,18 +155,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &key,
         )?)?;
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let operator = OperatorService {
         cluster: cluster.clone(),
         insecure: args.insecure,
+        shutdown: stop_rx.clone(),
     };
     let engines = EngineService {
         cluster: cluster.clone(),
         insecure: args.insecure,
+        shutdown: stop_rx,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     info!(listen = %args.listen, "serving");
-    server
+    let serve = server
         // Bounded requests: nothing the API takes is near this.
         .add_service(OperatorServer::new(operator).max_decoding_message_size(4 << 20))
         .add_service(EngineApiServer::new(engines).max_decoding_message_size(4 << 20))
@@ -177,8 +180,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-        })
-        .await?;
+            info!("stopping: ending engine sessions and event streams");
+            let _ = stop_tx.send(true);
+        });
+    serve.await?;
     ticker.abort();
     info!("stopped");
     Ok(())

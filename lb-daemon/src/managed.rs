@@ -4,7 +4,7 @@
 //!   session task (this module) ── Register ── Session stream:
 //!       → Hello { name, applied version }, then a Heartbeat every interval
 //!       ← Snapshot { version, desired } ──► engine loop (main): Engine::apply ──► Ack / Nack
-//!   reconnects with backoff (0.25 s doubling to 10 s) when the controller is away; the data
+//!   reconnects with backoff (0.25 s doubling to 5 s) when the controller is away; the data
 //!   plane and the proxy keep running exactly as they are meanwhile.
 //! ```
 //!
@@ -124,7 +124,7 @@ pub async fn run(
         }
         status.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

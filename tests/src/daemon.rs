@@ -131,6 +131,18 @@ pub struct ProxySection {
     pub max_open_files: Option<u64>,
 }
 
+/// `[controller]` (managed mode).
+#[derive(Clone, Debug, Serialize)]
+pub struct ControllerSection {
+    pub address: String,
+    pub name: String,
+    pub tls_dir: PathBuf,
+    pub state_file: PathBuf,
+    pub heartbeat_interval_ms: u32,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
 /// `[[pools]]`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Pool {
@@ -350,6 +362,64 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Starts `lb-daemon` in managed mode: a file with `daemon` (its `pin_dir` replaced by `pins`)
+    /// and `[controller]` only; waits like [`Daemon::start`].
+    pub fn start_managed(
+        lab: &Lab,
+        ns: &Ns,
+        mut daemon: DaemonSection,
+        controller: &ControllerSection,
+        pins: Arc<PinDir>,
+        bin: &Path,
+        object: &Path,
+    ) -> Result<Self> {
+        #[derive(Serialize)]
+        struct File<'a> {
+            daemon: &'a DaemonSection,
+            controller: &'a ControllerSection,
+        }
+        pins.path().clone_into(&mut daemon.pin_dir);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("lb-daemon-m{}-", daemon.engine_id))
+            .tempdir()?;
+        let conf_path = dir.path().join("lb.toml");
+        std::fs::write(
+            &conf_path,
+            toml::to_string(&File {
+                daemon: &daemon,
+                controller,
+            })?,
+        )?;
+        let conf_s = conf_path.to_str().context("non-UTF-8 path")?;
+        let proc = lab.spawn(
+            ns,
+            &[
+                bin.to_str().context("non-UTF-8 path")?,
+                "--config",
+                conf_s,
+                "--bpf-object",
+                object.to_str().context("non-UTF-8 path")?,
+            ],
+            &Output::File(dir.path().join("daemon.log")),
+        )?;
+        let d = Self {
+            ns: ns.clone(),
+            proc,
+            config: Config {
+                daemon,
+                proxy: None,
+                engines: Vec::new(),
+                virtual_services: Vec::new(),
+                pools: Vec::new(),
+            },
+            dir,
+            pins,
+        };
+        d.wait_ready(START_TIMEOUT)
+            .with_context(|| format!("managed lb-daemon in {ns}; log:\n{}", d.log_tail(30)))?;
+        Ok(d)
     }
 
     /// Starts the daemon of the engine host `host` (namespace `ns`) on a fresh pin directory named

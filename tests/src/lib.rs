@@ -23,6 +23,7 @@
 pub mod baselines;
 pub mod client;
 pub mod cmd;
+pub mod controller_lab;
 pub mod daemon;
 pub mod engine;
 pub mod fixtures;
@@ -48,6 +49,22 @@ pub fn workspace_root() -> PathBuf {
 pub fn daemon_bin() -> PathBuf {
     std::env::var_os("LB_DAEMON_BIN").map_or_else(
         || workspace_root().join("target/debug/lb-daemon"),
+        PathBuf::from,
+    )
+}
+
+/// The controller binary: `$LB_CONTROLLER_BIN`, default `<workspace>/target/debug/controller`.
+pub fn controller_bin() -> PathBuf {
+    std::env::var_os("LB_CONTROLLER_BIN").map_or_else(
+        || workspace_root().join("target/debug/controller"),
+        PathBuf::from,
+    )
+}
+
+/// The CLI: `$LB_LBCTL_BIN`, default `<workspace>/target/debug/lbctl`.
+pub fn lbctl_bin() -> PathBuf {
+    std::env::var_os("LB_LBCTL_BIN").map_or_else(
+        || workspace_root().join("target/debug/lbctl"),
         PathBuf::from,
     )
 }

@@ -161,7 +161,8 @@ fn build() -> anyhow::Result<()> {
 
 fn test(args: &[OsString]) -> anyhow::Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "-p", "lb-daemon"]))?;
+    // The end-to-end tests run these binaries.
+    run(cargo().args(["build", "-p", "lb-daemon", "-p", "controller"]))?;
     run(cargo()
         .args(["test", "--workspace"])
         .args(args)

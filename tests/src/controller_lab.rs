@@ -1,0 +1,294 @@
+//! The proxy topology run by a controller: the namespaces of [`crate::proxy_lab`] (client, backends
+//! with nginx, engines) without standalone daemons, a controller namespace `ctl` on the segment
+//! (`10.77.0.250`, gRPC on 7400, mutual TLS with a PKI made by `lbctl certs init`), and `lb-daemon`
+//! in managed mode on every engine. Everything is driven the way an operator would: `lbctl`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::daemon::{ControllerSection, Daemon, DaemonSection, PinDir};
+use crate::lab::{Ns, Output, Proc};
+use crate::netns::in_ns;
+use crate::proxy_lab::{Options, ProxyLab};
+
+pub const CONTROLLER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 250);
+pub const CONTROLLER_PORT: u16 = 7400;
+
+/// What `lbctl` answered.
+#[derive(Debug)]
+pub struct Lbctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Lbctl {
+    pub fn json(&self) -> Result<Value> {
+        ensure!(
+            self.code == 0,
+            "lbctl failed ({}): {}",
+            self.code,
+            self.stderr
+        );
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("lbctl output {:?}", self.stdout))
+    }
+}
+
+pub struct ControllerLab {
+    // Drop order: daemons, controller, the directories, the topology.
+    daemons: BTreeMap<u8, Daemon>,
+    controller: Option<Proc>,
+    pub ctl: Ns,
+    state: TempDir,
+    pub pki: PathBuf,
+    pub heartbeat_ms: u64,
+    pub max_missed: u32,
+    pub lab: ProxyLab,
+}
+
+impl ControllerLab {
+    /// Builds the topology, the PKI, starts the controller and a managed daemon on every engine,
+    /// and waits until every engine is connected.
+    pub fn build(prefix: &str) -> Result<Self> {
+        let lab = ProxyLab::build(&Options {
+            lab_prefix: prefix.to_owned(),
+            daemons: false,
+            ..Options::default()
+        })?;
+        let ctl = lab.lab.add_ns("ctl")?;
+        lab.lab
+            .attach(&ctl, "eth0", &format!("{CONTROLLER_ADDR}/24"))?;
+        let state = tempfile::Builder::new().prefix("lb-ctl-").tempdir()?;
+        let pki = state.path().join("pki");
+        let mut args: Vec<String> = vec![
+            "certs".into(),
+            "init".into(),
+            "--dir".into(),
+            pki.display().to_string(),
+            "--controller-name".into(),
+            CONTROLLER_ADDR.to_string(),
+            "--controller-name".into(),
+            "127.0.0.1".into(),
+            "--operator".into(),
+            "admin".into(),
+        ];
+        for e in &lab.engines {
+            args.extend(["--engine".into(), e.name.clone()]);
+        }
+        let out = Command::new(crate::lbctl_bin()).args(&args).output()?;
+        ensure!(
+            out.status.success(),
+            "lbctl certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut this = Self {
+            daemons: BTreeMap::new(),
+            controller: None,
+            ctl,
+            state,
+            pki,
+            heartbeat_ms: 1000,
+            max_missed: 3,
+            lab,
+        };
+        this.start_controller()?;
+        let ids: Vec<u8> = this.lab.engines.iter().map(|e| e.id).collect();
+        for id in ids {
+            this.start_daemon(id)?;
+        }
+        this.wait(Duration::from_secs(20), "every engine connected", |l| {
+            let engines = l.lbctl(&["engines"])?.json()?;
+            let arr = engines.as_array().context("an array")?;
+            Ok(arr.len() == l.lab.engines.len()
+                && arr.iter().all(|e| e["connected"] == Value::Bool(true)))
+        })?;
+        Ok(this)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.state.path().join("controller.redb")
+    }
+
+    pub fn start_controller(&mut self) -> Result<()> {
+        ensure!(self.controller.is_none(), "the controller runs already");
+        let bin = crate::controller_bin();
+        ensure!(
+            bin.exists(),
+            "{} not built (cargo build -p controller)",
+            bin.display()
+        );
+        let listen = format!("0.0.0.0:{CONTROLLER_PORT}");
+        let db = self.db();
+        let p = self.lab.lab.spawn(
+            &self.ctl,
+            &[
+                bin.to_str().context("path")?,
+                "--listen",
+                &listen,
+                "--db",
+                db.to_str().context("path")?,
+                "--tls-dir",
+                self.pki.to_str().context("path")?,
+                "--heartbeat-interval-ms",
+                &self.heartbeat_ms.to_string(),
+                "--max-missed",
+                &self.max_missed.to_string(),
+                "--max-virtual-services",
+                "4",
+            ],
+            &Output::File(self.state.path().join("controller.log")),
+        )?;
+        self.controller = Some(p);
+        self.wait(Duration::from_secs(10), "the controller answers", |l| {
+            Ok(l.lbctl(&["engines"])?.code == 0)
+        })?;
+        Ok(())
+    }
+
+    /// SIGTERM to the controller; true when it exited cleanly.
+    pub fn stop_controller(&mut self) -> bool {
+        self.controller
+            .take()
+            .and_then(|p| p.stop(Duration::from_secs(10)))
+            .is_some_and(|s| s.success())
+    }
+
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("controller.log")).unwrap_or_default()
+    }
+
+    fn start_daemon(&mut self, id: u8) -> Result<()> {
+        let engine = self
+            .lab
+            .engines
+            .iter()
+            .find(|e| e.id == id)
+            .context("no such engine")?;
+        let pins = Arc::new(PinDir::new(&format!(
+            "{}-{}",
+            self.lab.lab.base(),
+            engine.name
+        ))?);
+        let daemon = DaemonSection::lab("eth0", id, pins.path());
+        let controller = ControllerSection {
+            address: format!("https://{CONTROLLER_ADDR}:{CONTROLLER_PORT}"),
+            name: engine.name.clone(),
+            tls_dir: self.pki.clone(),
+            state_file: self
+                .state
+                .path()
+                .join(format!("{}-desired.json", engine.name)),
+            heartbeat_interval_ms: u32::try_from(self.heartbeat_ms).unwrap_or(1000),
+            tags: BTreeMap::new(),
+        };
+        let d = Daemon::start_managed(
+            &self.lab.lab,
+            &engine.ns.clone(),
+            daemon,
+            &controller,
+            pins,
+            &crate::daemon_bin(),
+            &crate::xdp_object(),
+        )?;
+        self.daemons.insert(id, d);
+        Ok(())
+    }
+
+    pub fn daemon(&self, id: u8) -> Option<&Daemon> {
+        self.daemons.get(&id)
+    }
+
+    /// SIGKILL to engine `id`'s daemon (its data plane stays).
+    pub fn kill_daemon(&mut self, id: u8) -> Result<()> {
+        let d = self.daemons.remove(&id).context("no daemon there")?;
+        d.proc().kill();
+        Ok(())
+    }
+
+    /// `lbctl --json ARGS` in the controller's namespace, as operator `admin`.
+    pub fn lbctl(&self, args: &[&str]) -> Result<Lbctl> {
+        self.lbctl_as(&self.pki, "admin", args)
+    }
+
+    /// `lbctl` with the PKI directory `pki` and operator certificate `operator`.
+    pub fn lbctl_as(&self, pki: &Path, operator: &str, args: &[&str]) -> Result<Lbctl> {
+        let bin = crate::lbctl_bin();
+        let out = in_ns(self.ctl.name(), || {
+            Ok(Command::new(&bin)
+                .args([
+                    "--controller",
+                    &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
+                    "--tls-dir",
+                    pki.to_str().context("path")?,
+                    "--operator",
+                    operator,
+                    "--json",
+                ])
+                .args(args)
+                .output()?)
+        })?;
+        Ok(Lbctl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Polls `f` every 100 ms until it says yes; an error after `timeout`, naming `what`.
+    pub fn wait(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            match f(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => last.clear(),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{what}: not within {timeout:?} ({last}); controller log:\n{}",
+                    tail(&self.controller_log(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every engine in `ids` runs the same version, > 0, and none reports an error.
+    pub fn applied_everywhere(&self, ids: &[u8]) -> Result<Option<u64>> {
+        let engines = self.lbctl(&["engines"])?.json()?;
+        let mut versions = Vec::new();
+        for e in engines.as_array().context("an array")? {
+            let id = u8::try_from(e["id"].as_u64().context("id")?)?;
+            if ids.contains(&id) {
+                if e["last_error"].as_str().is_some_and(|s| !s.is_empty()) {
+                    return Ok(None);
+                }
+                versions.push(e["applied_version"].as_u64().context("version")?);
+            }
+        }
+        Ok((versions.len() == ids.len()
+            && versions.windows(2).all(|w| w[0] == w[1])
+            && versions.first().is_some_and(|v| *v > 0))
+        .then(|| versions[0]))
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,291 @@
+//! End to end: one controller, three managed engines, nginx backends, a client — driven with lbctl.
+//!
+//! A virtual service created with lbctl is placed, pushed, ACKed and serves; a pool no engine can
+//! reach is NACKed (an anomaly) while the engines keep serving; the controller stopped under load
+//! costs nothing and, restarted, changes nothing; a killed secondary is failed within
+//! `interval × (max_missed + 1)`, dropped from the snapshot, and new connections all succeed;
+//! certificates of the wrong role or CA are refused.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::client::NewConnections;
+use lb_tests::controller_lab::ControllerLab;
+use lb_tests::daemon::metric_sum;
+use lb_tests::require_root;
+use serde_json::Value;
+
+/// Moves the VIP to the placement's primary (the lab's engines start with se1 answering ARP):
+/// answering ARP for the VIP is the failover work's, here the test does it.
+fn vip_to_primary(l: &ControllerLab, primary: &str) {
+    let vip = format!("{}/32", l.lab.vip());
+    for e in &l.lab.engines {
+        let (add, del) = if e.name == primary {
+            ("eth0", "lo")
+        } else {
+            ("lo", "eth0")
+        };
+        let _ = l.lab.lab.ip(&e.ns, &["addr", "del", &vip, "dev", del]);
+        let _ = l.lab.lab.ip(&e.ns, &["addr", "add", &vip, "dev", add]);
+    }
+    l.lab
+        .lab
+        .ip(l.lab.client(0), &["neigh", "flush", "dev", "eth0"])
+        .unwrap();
+}
+
+fn snapshots(l: &ControllerLab, id: u8, result: &str) -> f64 {
+    let text = l.daemon(id).expect("a daemon").metrics().unwrap();
+    metric_sum(
+        &text,
+        "lb_controller_snapshots_total",
+        &[("result", result)],
+    )
+}
+
+#[test]
+#[allow(clippy::too_many_lines)]
+fn controller_places_pushes_survives_and_fails_engines() {
+    if !require_root() {
+        return;
+    }
+    let mut l = ControllerLab::build("lbtc").expect("build the controller lab");
+    let all = [1u8, 2, 3];
+
+    // Create a pool and a virtual service on all three engines.
+    let backends: Vec<String> = l
+        .lab
+        .backends
+        .iter()
+        .map(|b| format!("--backend={}", b.http()))
+        .collect();
+    let mut args = vec![
+        "pool",
+        "create",
+        "web",
+        "--check",
+        "http",
+        "--check-interval-ms",
+        "300",
+        "--check-timeout-ms",
+        "200",
+    ];
+    args.extend(backends.iter().map(String::as_str));
+    let pool = l.lbctl(&args).unwrap().json().unwrap();
+    assert_eq!(pool["resource_version"], 1);
+    let vip = l.lab.vip().to_string();
+    let vs = l
+        .lbctl(&[
+            "vs",
+            "create",
+            "web",
+            "--vip",
+            &vip,
+            "--port",
+            "80",
+            "--pool",
+            "web",
+            "--min-engines",
+            "3",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    let placement: Vec<&str> = vs["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["engine"].as_str().unwrap())
+        .collect();
+    assert_eq!(placement.len(), 3, "{vs}");
+    assert_eq!(vs["placement"][0]["role"], "primary");
+    vip_to_primary(&l, placement[0]);
+    let version = {
+        let mut v = 0;
+        l.wait(
+            Duration::from_secs(15),
+            "every engine applied the snapshot",
+            |l| {
+                v = l.applied_everywhere(&all)?.unwrap_or(0);
+                Ok(v > 0)
+            },
+        )
+        .unwrap();
+        v
+    };
+    for id in all {
+        assert!(
+            snapshots(&l, id, "applied") >= 1.0,
+            "engine {id} applied a snapshot"
+        );
+    }
+    let r = l.lab.load(300).unwrap();
+    println!("300 requests through the controller-made service: {r}");
+    if r.errors > 0 {
+        for (id, m) in l.lab.metrics().unwrap_or_default() {
+            for line in m.lines().filter(|x| {
+                (x.contains("refused") || x.contains("failures") || x.contains("drain"))
+                    && !x.starts_with('#')
+            }) {
+                println!("engine {id}: {line}");
+            }
+        }
+    }
+    assert_eq!(r.errors, 0, "{r}");
+    assert_eq!(r.per_engine.len(), 3, "every backend served: {r}");
+    let served = l
+        .lab
+        .metric_per_engine("lb_proxy_connections_total", &[("vs", "web")])
+        .unwrap();
+    assert!(
+        served.values().all(|n| *n > 0.0),
+        "every engine proxied: {served:?}"
+    );
+    let shown = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
+    assert_eq!(shown["health"]["engines_serving"], 3, "{shown}");
+
+    // A pool whose backend no engine can route to: every engine NACKs; it is an anomaly; the
+    // engines keep serving what they ran.
+    let bad = l
+        .lbctl(&["pool", "create", "unroutable", "--backend", "10.99.0.1:80"])
+        .unwrap();
+    assert_eq!(bad.code, 0, "the controller accepts it: {}", bad.stderr);
+    l.wait(Duration::from_secs(10), "a NACK anomaly", |l| {
+        let a = l.lbctl(&["anomalies"])?.json()?;
+        Ok(a.as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["kind"] == "nack" && x["reason"].as_str().unwrap_or("").contains("unreachable")
+            })
+        }))
+    })
+    .unwrap();
+    let r = l.lab.load(90).unwrap();
+    assert_eq!(r.errors, 0, "the engines serve their previous state: {r}");
+    assert_eq!(l.lbctl(&["pool", "delete", "unroutable"]).unwrap().code, 0);
+    l.wait(Duration::from_secs(10), "the NACK cleared", |l| {
+        let a = l.lbctl(&["anomalies"])?.json()?;
+        Ok(!a
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["kind"] == "nack")))
+    })
+    .unwrap();
+    let version = l
+        .wait(Duration::from_secs(10), "applied after the delete", |l| {
+            Ok(l.applied_everywhere(&all)?.is_some_and(|v| v > version))
+        })
+        .map(|_| l.applied_everywhere(&all).unwrap().unwrap())
+        .unwrap();
+
+    // The controller away for a while under load: nothing fails. Restarted: same state, nothing
+    // re-applied anywhere.
+    let applied_before: Vec<f64> = all.iter().map(|id| snapshots(&l, *id, "applied")).collect();
+    let load = NewConnections::start(l.lab.client(0), l.lab.vip_http(), Duration::from_millis(20));
+    assert!(l.stop_controller(), "the controller stops cleanly");
+    std::thread::sleep(Duration::from_secs(20));
+    l.start_controller().unwrap();
+    l.wait(Duration::from_secs(20), "the engines reconnected", |l| {
+        let e = l.lbctl(&["engines"])?.json()?;
+        Ok(e.as_array()
+            .is_some_and(|a| a.iter().all(|e| e["connected"] == Value::Bool(true))))
+    })
+    .unwrap();
+    let during = load.finish().unwrap();
+    println!("new connections while the controller was away and back: {during}");
+    assert_eq!(during.errors, 0, "{during}");
+    assert!(during.ok() > 200, "{during}");
+    assert_eq!(
+        l.applied_everywhere(&all).unwrap(),
+        Some(version),
+        "same version everywhere"
+    );
+    let applied_after: Vec<f64> = all.iter().map(|id| snapshots(&l, *id, "applied")).collect();
+    assert_eq!(
+        applied_before, applied_after,
+        "no engine re-applied anything"
+    );
+    let again = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
+    assert_eq!(again["placement"], vs["placement"], "placement intact");
+    assert_eq!(again["resource_version"], vs["resource_version"]);
+
+    // Security: an engine's certificate on the operator API; a certificate of another CA.
+    let fake = tempfile::tempdir().unwrap();
+    std::fs::copy(l.pki.join("ca.pem"), fake.path().join("ca.pem")).unwrap();
+    std::fs::copy(
+        l.pki.join("engine-se1.pem"),
+        fake.path().join("operator-x.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        l.pki.join("engine-se1.key"),
+        fake.path().join("operator-x.key"),
+    )
+    .unwrap();
+    let denied = l.lbctl_as(fake.path(), "x", &["engines"]).unwrap();
+    assert_eq!(denied.code, 17, "PermissionDenied: {}", denied.stderr);
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(lb_tests::lbctl_bin())
+        .args(["certs", "init", "--dir"])
+        .arg(other.path())
+        .args(["--controller-name", "127.0.0.1", "--operator", "admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::copy(l.pki.join("ca.pem"), other.path().join("ca.pem")).unwrap();
+    let foreign = l.lbctl_as(other.path(), "admin", &["engines"]).unwrap();
+    assert_ne!(
+        foreign.code, 0,
+        "a client certificate of another CA is refused"
+    );
+    println!(
+        "another CA's certificate: exit {} ({})",
+        foreign.code,
+        foreign.stderr.trim()
+    );
+
+    // A secondary's daemon dies: failed within interval × (max_missed + 1) (plus polling),
+    // dropped from the snapshot, and new connections all succeed.
+    let victim_name = placement[2].to_owned();
+    let victim = l
+        .lab
+        .engines
+        .iter()
+        .find(|e| e.name == victim_name)
+        .unwrap()
+        .id;
+    let killed = Instant::now();
+    l.kill_daemon(victim).unwrap();
+    l.wait(Duration::from_secs(10), "the secondary failed", |l| {
+        let e = l.lbctl(&["engine", &victim_name])?.json()?;
+        Ok(e["state"] == "failed")
+    })
+    .unwrap();
+    let detect = killed.elapsed();
+    let bound = Duration::from_millis(l.heartbeat_ms * u64::from(l.max_missed + 1));
+    println!(
+        "secondary {victim_name} failed {detect:?} after its daemon was killed (bound {bound:?})"
+    );
+    assert!(detect <= bound + Duration::from_millis(1500), "{detect:?}");
+    let events = l.lbctl(&["events"]).unwrap().stdout;
+    assert!(
+        events.contains(&format!("engine/{victim_name}"))
+            && events.contains("failed: no heartbeat"),
+        "a health event: {events}"
+    );
+    let rest: Vec<u8> = all.iter().copied().filter(|i| *i != victim).collect();
+    l.wait(
+        Duration::from_secs(10),
+        "the survivors applied the snapshot without it",
+        |l| Ok(l.applied_everywhere(&rest)?.is_some_and(|v| v > version)),
+    )
+    .unwrap();
+    let shown = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
+    let placed: Vec<&str> = shown["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["engine"].as_str().unwrap())
+        .collect();
+    assert!(!placed.contains(&victim_name.as_str()), "{shown}");
+    let r = l.lab.load(200).unwrap();
+    println!("200 new connections after the failure: {r}");
+    assert_eq!(r.errors, 0, "{r}");
+}
