@@ -817,3 +817,12 @@ fn managed_files_hold_the_host_and_the_controller_only() {
             .contains("engines[0].id")
     );
 }
+
+#[test]
+fn managed_example_file_parses() {
+    let text = include_str!("../../deploy/lb.managed.example.toml");
+    assert!(matches!(
+        EngineFile::parse(text).unwrap(),
+        EngineFile::Managed(_)
+    ));
+}

@@ -1,5 +1,5 @@
 //! The proxy topology run by a controller: the namespaces of [`crate::proxy_lab`] (client, backends
-//! with nginx, engines) without standalone daemons, a controller namespace `ctl` on the segment
+//! with nginx, four engines) without standalone daemons, a controller namespace `ctl` on the segment
 //! (`10.77.0.250`, gRPC on 7400, mutual TLS with a PKI made by `lbctl certs init`), and `lb-daemon`
 //! in managed mode on every engine. Everything is driven the way an operator would: `lbctl`.
 
@@ -18,6 +18,7 @@ use crate::daemon::{ControllerSection, Daemon, DaemonSection, PinDir};
 use crate::lab::{Ns, Output, Proc};
 use crate::netns::in_ns;
 use crate::proxy_lab::{Options, ProxyLab};
+use crate::steering::EngineSpec;
 
 pub const CONTROLLER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 250);
 pub const CONTROLLER_PORT: u16 = 7400;
@@ -61,6 +62,9 @@ impl ControllerLab {
     pub fn build(prefix: &str) -> Result<Self> {
         let lab = ProxyLab::build(&Options {
             lab_prefix: prefix.to_owned(),
+            engines: (1..=4)
+                .map(|i| EngineSpec::new(&format!("se{i}"), i))
+                .collect(),
             daemons: false,
             ..Options::default()
         })?;
@@ -205,6 +209,18 @@ impl ControllerLab {
 
     pub fn daemon(&self, id: u8) -> Option<&Daemon> {
         self.daemons.get(&id)
+    }
+
+    /// [`crate::daemon::metric_sum`] of `name` with `labels`, per running managed daemon.
+    pub fn metric_per_engine(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<BTreeMap<u8, f64>> {
+        self.daemons
+            .iter()
+            .map(|(id, d)| Ok((*id, crate::daemon::metric_sum(&d.metrics()?, name, labels))))
+            .collect()
     }
 
     /// SIGKILL to engine `id`'s daemon (its data plane stays).

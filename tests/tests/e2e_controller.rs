@@ -1,9 +1,10 @@
-//! End to end: one controller, three managed engines, nginx backends, a client — driven with lbctl.
+//! End to end: one controller, four managed engines, nginx backends, a client — driven with lbctl.
 //!
-//! A virtual service created with lbctl is placed, pushed, ACKed and serves; a pool no engine can
+//! A virtual service asking for three engines, created with lbctl, is placed, pushed, ACKed and
+//! serves; a pool no engine can
 //! reach is NACKed (an anomaly) while the engines keep serving; the controller stopped under load
 //! costs nothing and, restarted, changes nothing; a killed secondary is failed within
-//! `interval × (max_missed + 1)`, dropped from the snapshot, and new connections all succeed;
+//! `interval × (max_missed + 1)`, replaced by the spare engine (N+M), and new connections all succeed;
 //! certificates of the wrong role or CA are refused.
 
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ fn controller_places_pushes_survives_and_fails_engines() {
         return;
     }
     let mut l = ControllerLab::build("lbtc").expect("build the controller lab");
-    let all = [1u8, 2, 3];
+    let all = [1u8, 2, 3, 4];
 
     // Create a pool and a virtual service on all three engines.
     let backends: Vec<String> = l
@@ -133,12 +134,27 @@ fn controller_places_pushes_survives_and_fails_engines() {
     assert_eq!(r.errors, 0, "{r}");
     assert_eq!(r.per_engine.len(), 3, "every backend served: {r}");
     let served = l
-        .lab
         .metric_per_engine("lb_proxy_connections_total", &[("vs", "web")])
         .unwrap();
-    assert!(
-        served.values().all(|n| *n > 0.0),
-        "every engine proxied: {served:?}"
+    let placed_ids: Vec<u8> = placement
+        .iter()
+        .map(|n| l.lab.engines.iter().find(|e| e.name == *n).unwrap().id)
+        .collect();
+    for id in &placed_ids {
+        assert!(
+            served.get(id).is_some_and(|n| *n > 0.0),
+            "engine {id} proxied: {served:?}"
+        );
+    }
+    let spare = all
+        .iter()
+        .copied()
+        .find(|i| !placed_ids.contains(i))
+        .unwrap();
+    assert_eq!(
+        served.get(&spare).copied().unwrap_or(0.0),
+        0.0,
+        "the spare serves nothing"
     );
     let shown = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
     assert_eq!(shown["health"]["engines_serving"], 3, "{shown}");
@@ -242,7 +258,7 @@ fn controller_places_pushes_survives_and_fails_engines() {
     );
 
     // A secondary's daemon dies: failed within interval × (max_missed + 1) (plus polling),
-    // dropped from the snapshot, and new connections all succeed.
+    // dropped from the snapshot, the spare engine takes its place, and new connections all succeed.
     let victim_name = placement[2].to_owned();
     let victim = l
         .lab
@@ -285,7 +301,22 @@ fn controller_places_pushes_survives_and_fails_engines() {
         .map(|p| p["engine"].as_str().unwrap())
         .collect();
     assert!(!placed.contains(&victim_name.as_str()), "{shown}");
+    let spare_name = format!("se{spare}");
+    assert!(
+        placed.contains(&spare_name.as_str()),
+        "the spare replaced it: {shown}"
+    );
+    let before = l
+        .metric_per_engine("lb_proxy_connections_total", &[("vs", "web")])
+        .unwrap();
     let r = l.lab.load(200).unwrap();
     println!("200 new connections after the failure: {r}");
     assert_eq!(r.errors, 0, "{r}");
+    let after = l
+        .metric_per_engine("lb_proxy_connections_total", &[("vs", "web")])
+        .unwrap();
+    assert!(
+        after.get(&spare).copied().unwrap_or(0.0) > before.get(&spare).copied().unwrap_or(0.0),
+        "the replacement takes new connections: {after:?}"
+    );
 }
