@@ -36,7 +36,7 @@ pub struct Settings {
     pub max_virtual_services: u32,
     /// Engines a virtual service may scale to natively (beyond it: BGP/ECMP, not yet available).
     pub native_max_engines: u32,
-    /// An engine that has not ACKed the current version this long after it was sent is an anomaly.
+    /// An engine that has not `ACKed` the current version this long after it was sent is an anomaly.
     pub ack_timeout: Duration,
     /// After the controller starts, how long an engine may take to reconnect before its silence
     /// counts (engines retry with a backoff of up to 5 s): a controller restart alone fails no
@@ -326,7 +326,7 @@ impl Cluster {
 
     fn heartbeat_at(&mut self, engine: &str, now: Instant) {
         if let Some(t) = self.health.heartbeat(engine, now) {
-            self.on_health(t);
+            self.on_health(&t);
         }
     }
 
@@ -357,10 +357,10 @@ impl Cluster {
         self.heartbeat_at(engine, now);
     }
 
-    pub fn nack(&mut self, engine: &str, version: u64, error: String, now: Instant) {
+    pub fn nack(&mut self, engine: &str, version: u64, error: &str, now: Instant) {
         let o = self.observed.entry(engine.to_owned()).or_default();
         let repeat = o.nack.as_ref().is_some_and(|(v, _)| *v == version);
-        o.nack = Some((version, error.clone()));
+        o.nack = Some((version, error.to_owned()));
         if !repeat {
             self.events.emit(
                 "config_refused",
@@ -374,7 +374,7 @@ impl Cluster {
     /// Once per health interval: engine health, re-placement around failed engines, anomalies.
     pub fn tick(&mut self, now: Instant) -> Result<(), ClusterError> {
         for t in self.health.tick(now) {
-            self.on_health(t);
+            self.on_health(&t);
         }
         self.replace_failed()?;
         self.refresh()?;
@@ -382,8 +382,8 @@ impl Cluster {
         Ok(())
     }
 
-    fn on_health(&mut self, t: Transition) {
-        let (engine, reason) = match &t {
+    fn on_health(&mut self, t: &Transition) {
+        let (engine, reason) = match t {
             Transition::Failed { engine, silent } => (
                 engine,
                 format!("failed: no heartbeat for {:.1} s", silent.as_secs_f64()),
@@ -457,6 +457,7 @@ impl Cluster {
         Ok(())
     }
 
+    #[allow(clippy::too_many_lines)]
     fn update_anomalies(&mut self, now: Instant) {
         let mut found: Vec<Anomaly> = Vec::new();
         let version = self.p.version;
@@ -501,18 +502,17 @@ impl Cluster {
                 .iter()
                 .filter(|e| self.health.state(e).is_some_and(EngineHealth::is_healthy))
                 .count();
-            if let Some(primary) = vs.placement.first() {
-                if !self
+            if let Some(primary) = vs.placement.first()
+                && !self
                     .health
                     .state(primary)
                     .is_some_and(EngineHealth::is_healthy)
-                {
-                    found.push(Anomaly {
-                        kind: "primary_failed",
-                        object: obj("vs", &vs.spec.name),
-                        reason: format!("its primary {primary} is failed"),
-                    });
-                }
+            {
+                found.push(Anomaly {
+                    kind: "primary_failed",
+                    object: obj("vs", &vs.spec.name),
+                    reason: format!("its primary {primary} is failed"),
+                });
             }
             if healthy < vs.spec.min_engines as usize {
                 found.push(Anomaly {
@@ -561,16 +561,15 @@ impl Cluster {
             }
         }
         for (k, a) in found {
-            match self.anomalies.get_mut(&k) {
-                Some((old, _)) => *old = a,
-                None => {
-                    self.events.emit(
-                        "anomaly_raised",
-                        std::slice::from_ref(&a.object),
-                        format!("{}: {}", a.kind, a.reason),
-                    );
-                    self.anomalies.insert(k, (a, now_ms));
-                }
+            if let Some((old, _)) = self.anomalies.get_mut(&k) {
+                *old = a
+            } else {
+                self.events.emit(
+                    "anomaly_raised",
+                    std::slice::from_ref(&a.object),
+                    format!("{}: {}", a.kind, a.reason),
+                );
+                self.anomalies.insert(k, (a, now_ms));
             }
         }
     }
@@ -857,12 +856,12 @@ impl Cluster {
     ) -> Result<VsRecord, ClusterError> {
         let mut rec = self.vs(name)?;
         let primary = rec.placement.first().cloned().unwrap_or_default();
-        if let Some(f) = from {
-            if f != primary {
-                return Err(ClusterError::FailedPrecondition(format!(
-                    "{f:?} is not the primary of {name:?} ({primary})"
-                )));
-            }
+        if let Some(f) = from
+            && f != primary
+        {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "{f:?} is not the primary of {name:?} ({primary})"
+            )));
         }
         let target = match to {
             Some(t) if rec.placement.iter().any(|p| p == t) => t.to_owned(),

@@ -2,7 +2,7 @@
 //! controller pushes snapshots and the engine sends heartbeats, ACKs and NACKs.
 //!
 //! A session sends the current snapshot at once (a reconnecting engine that runs it already ACKs
-//! without applying anything), then every new version. A NACKed version is not sent again: the
+//! without applying anything), then every new version. A `NACKed` version is not sent again: the
 //! engine keeps its previous state and the NACK stays an anomaly until a new version comes.
 
 use std::{pin::Pin, time::Instant};
@@ -174,7 +174,7 @@ impl EngineApi for EngineService {
     }
 }
 
-/// One message of an engine; returns the version it NACKed, if it did.
+/// One message of an engine; returns the version it `NACKed`, if it did.
 fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
     let now = Instant::now();
     let mut c = lock(cluster);
@@ -202,7 +202,7 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
         }
         engine_message::Msg::Nack(n) => {
             let error: String = n.error.chars().take(4096).collect();
-            c.nack(name, n.version, error, now);
+            c.nack(name, n.version, &error, now);
             Some(n.version)
         }
         engine_message::Msg::Hello(_) => None,

@@ -207,12 +207,12 @@ mod tests {
         let mut out = Vec::new();
         let mut ms = from;
         while ms <= to {
-            if beat(ms) {
-                if let Some(t) = h.heartbeat("se1", at(start, ms)) {
-                    out.push((ms, t));
-                }
+            if beat(ms)
+                && let Some(t) = h.heartbeat("se1", at(start, ms))
+            {
+                out.push((ms, t));
             }
-            if ms % 1000 == 0 {
+            if ms.is_multiple_of(1000) {
                 out.extend(h.tick(at(start, ms)).into_iter().map(|t| (ms, t)));
             }
             ms += 100;

@@ -54,7 +54,7 @@ struct Args {
     /// How long a flapping engine stays out of placement.
     #[arg(long, default_value_t = 300)]
     flap_hold_s: u64,
-    /// Virtual service ids handed out: 0..N (the engines' daemon.max_virtual_services).
+    /// Virtual service ids handed out: 0..N (the engines' `daemon.max_virtual_services`).
     #[arg(long, default_value_t = 64)]
     max_virtual_services: u32,
 }
@@ -84,6 +84,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+#[allow(clippy::too_many_lines)]
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.heartbeat_interval_ms > 0,

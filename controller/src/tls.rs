@@ -175,6 +175,8 @@ mod tests {
 
     #[test]
     fn pki_files_and_names() {
+        use std::os::unix::fs::PermissionsExt;
+
         let dir = tempfile::tempdir().unwrap();
         let files = init_pki(
             dir.path(),
@@ -196,7 +198,6 @@ mod tests {
                 .unwrap(),
             "engine:se1"
         );
-        use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("operator-admin.key"))
             .unwrap()
             .permissions()

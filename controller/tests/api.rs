@@ -94,6 +94,7 @@ fn pool(name: &str, weight: u32) -> pb::Pool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn bad_input_gets_statuses_and_the_state_stays_consistent() {
     let c = start();
     let mut op = client(&c, &c.pki, "operator-admin").await.unwrap();

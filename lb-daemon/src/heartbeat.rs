@@ -60,7 +60,11 @@ impl Sampler {
         }
     }
 
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     pub fn sample(&self) -> pb::Heartbeat {
         let now = Instant::now();
         let inv = self

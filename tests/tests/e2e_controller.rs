@@ -1,8 +1,8 @@
 //! End to end: one controller, four managed engines, nginx backends, a client — driven with lbctl.
 //!
-//! A virtual service asking for three engines, created with lbctl, is placed, pushed, ACKed and
+//! A virtual service asking for three engines, created with lbctl, is placed, pushed, `ACKed` and
 //! serves; a pool no engine can
-//! reach is NACKed (an anomaly) while the engines keep serving; the controller stopped under load
+//! reach is `NACKed` (an anomaly) while the engines keep serving; the controller stopped under load
 //! costs nothing and, restarted, changes nothing; a killed secondary is failed within
 //! `interval × (max_missed + 1)`, replaced by the spare engine (N+M), and new connections all succeed;
 //! certificates of the wrong role or CA are refused.
@@ -151,10 +151,9 @@ fn controller_places_pushes_survives_and_fails_engines() {
         .copied()
         .find(|i| !placed_ids.contains(i))
         .unwrap();
-    assert_eq!(
-        served.get(&spare).copied().unwrap_or(0.0),
-        0.0,
-        "the spare serves nothing"
+    assert!(
+        served.get(&spare).copied().unwrap_or(0.0) < 1.0,
+        "the spare serves nothing: {served:?}"
     );
     let shown = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
     assert_eq!(shown["health"]["engines_serving"], 3, "{shown}");

@@ -224,7 +224,7 @@ fn a_restarted_controller_keeps_the_version_and_snapshot() {
     c.create_vs(spec("web", 80, 2)).unwrap();
     let before = c.snapshot();
     drop(c);
-    let c = cluster(store, now + Duration::from_secs(60));
+    let c = cluster(store, now + Duration::from_mins(1));
     assert_eq!(c.snapshot(), before);
     assert_eq!(c.persisted().services["web"].placement, ["se1", "se2"]);
 }
@@ -236,7 +236,7 @@ fn acks_nacks_and_anomalies() {
     let v = c.snapshot().version;
     c.connected("se1", 0, start);
     c.sent("se1", start);
-    c.nack("se1", v, "interface eth9: no such interface".into(), start);
+    c.nack("se1", v, "interface eth9: no such interface", start);
     c.tick(start).unwrap();
     let a = c.anomalies();
     assert!(
