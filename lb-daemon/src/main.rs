@@ -241,6 +241,9 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
         tokio::select! {
             Some(a) = apply_rx.recv() => {
                 let result = apply_snapshot(&mut engine, &a, managed.as_ref());
+                if let Ok(applied) = &result {
+                    metrics.applied(applied);
+                }
                 match &result {
                     Ok(Applied_::Unchanged) => metrics.snapshot("unchanged"),
                     Ok(Applied_::Changed { .. }) => metrics.snapshot("applied"),
@@ -259,6 +262,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                     .and_then(|c| engine.apply(c).map_err(anyhow::Error::from));
                 match applied {
                     Ok(applied) => {
+                        metrics.applied(&applied);
                         info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }

@@ -345,6 +345,8 @@ pub struct Metrics {
     pub reloads: Family<[(&'static str, &'static str); 1], Counter>,
     /// Controller snapshots by result (`applied`, `unchanged`, `refused`).
     pub snapshots: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Map entries written by applies after the start, by map: what a change cost the data plane.
+    pub map_writes: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Metrics {
@@ -367,10 +369,28 @@ impl Metrics {
             "Desired-state snapshots from the controller, by result (applied, unchanged, refused)",
             snapshots.clone(),
         );
+        let map_writes = Family::default();
+        registry.register(
+            "lb_dataplane_map_writes",
+            "Map entries written by configuration changes after the start, by map (only differences are written)",
+            map_writes.clone(),
+        );
         Metrics {
             registry,
             reloads,
             snapshots,
+            map_writes,
+        }
+    }
+
+    /// Counts what an apply wrote.
+    pub fn applied(&self, applied: &crate::engine::Applied) {
+        if let crate::engine::Applied::Changed { writes } = applied {
+            for (map, _, n) in writes {
+                self.map_writes
+                    .get_or_create(&[("map", *map)])
+                    .inc_by(*n as u64);
+            }
         }
     }
 

@@ -65,6 +65,7 @@ impl ControllerLab {
             engines: (1..=4)
                 .map(|i| EngineSpec::new(&format!("se{i}"), i))
                 .collect(),
+            backends: 4,
             daemons: false,
             ..Options::default()
         })?;

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::client::NewConnections;
+use lb_tests::client::{HeldConnection, NewConnections};
 use lb_tests::controller_lab::ControllerLab;
 use lb_tests::daemon::metric_sum;
 use lb_tests::require_root;
@@ -53,9 +53,8 @@ fn controller_places_pushes_survives_and_fails_engines() {
     let all = [1u8, 2, 3, 4];
 
     // Create a pool and a virtual service on all three engines.
-    let backends: Vec<String> = l
-        .lab
-        .backends
+    // Three of the four backends; the fourth joins with a pool update later.
+    let backends: Vec<String> = l.lab.backends[..3]
         .iter()
         .map(|b| format!("--backend={}", b.http()))
         .collect();
@@ -157,6 +156,70 @@ fn controller_places_pushes_survives_and_fails_engines() {
     );
     let shown = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
     assert_eq!(shown["health"]["engines_serving"], 3, "{shown}");
+
+    // The pool changes under held connections (a backend added, one disabled): engines apply it
+    // without a single map write, and the connections in flight are unaffected.
+    let held_on = |name: &str, held: &[(HeldConnection, String)]| {
+        held.iter().filter(|(_, n)| n == name).count()
+    };
+    let mut held: Vec<(HeldConnection, String)> = Vec::new();
+    while held.len() < 60 && held_on("be1", &held) < 3 {
+        let mut c = HeldConnection::open(l.lab.client(0), l.lab.vip_http(), Duration::from_secs(3))
+            .unwrap();
+        let n = c.get().unwrap();
+        held.push((c, n));
+    }
+    assert!(held_on("be1", &held) >= 3, "held connections on be1");
+    let writes = |l: &ControllerLab| -> f64 {
+        l.metric_per_engine("lb_dataplane_map_writes_total", &[])
+            .unwrap()
+            .values()
+            .sum()
+    };
+    let writes_before = writes(&l);
+    assert!(writes_before > 0.0, "the service's creation wrote the maps");
+    let be1 = l.lab.backends[0].http().to_string();
+    let mut args = vec!["pool".to_owned(), "update".into(), "web".into()];
+    args.extend(
+        l.lab
+            .backends
+            .iter()
+            .map(|b| format!("--backend={}", b.http())),
+    );
+    args.push(format!("--disable={be1}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let updated = l.lbctl(&args).unwrap().json().unwrap();
+    assert_eq!(updated["resource_version"], 2, "{updated}");
+    let prev = version;
+    l.wait(Duration::from_secs(10), "the pool update applied", |l| {
+        Ok(l.applied_everywhere(&all)?.is_some_and(|v| v > prev))
+    })
+    .unwrap();
+    let version = l.applied_everywhere(&all).unwrap().unwrap();
+    for (i, (c, name)) in held.iter_mut().enumerate() {
+        let now = c
+            .get()
+            .unwrap_or_else(|e| panic!("held connection {i} on {name}: {e:#}"));
+        assert_eq!(&now, name, "held connection {i} moved");
+    }
+    let r = l.lab.load(200).unwrap();
+    println!("after adding be4 and disabling be1: {r}");
+    assert_eq!(r.errors, 0, "{r}");
+    assert_eq!(
+        r.per_engine.get("be1"),
+        None,
+        "no new connection to the disabled backend: {r}"
+    );
+    assert!(
+        r.per_engine.get("be4").is_some_and(|n| *n > 0),
+        "the new backend serves: {r}"
+    );
+    assert_eq!(
+        writes(&l),
+        writes_before,
+        "a pool change writes no map entry"
+    );
+    drop(held);
 
     // A pool whose backend no engine can route to: every engine NACKs; it is an anomaly; the
     // engines keep serving what they ran.

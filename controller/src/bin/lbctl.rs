@@ -112,6 +112,12 @@ struct PoolFields {
     check_timeout_ms: Option<u32>,
     #[arg(long)]
     check_path: Option<String>,
+    /// ADDRESS:PORT of a backend to take out of service (no new connections); repeat.
+    #[arg(long = "disable")]
+    disable: Vec<String>,
+    /// ADDRESS:PORT of a backend to put back in service; repeat.
+    #[arg(long = "enable")]
+    enable: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -272,6 +278,17 @@ fn apply_pool(p: &mut pb::Pool, f: PoolFields) -> Result<(), Failure> {
     }
     if let Some(a) = f.algorithm {
         p.algorithm = a;
+    }
+    for (list, enabled) in [(&f.disable, false), (&f.enable, true)] {
+        for target in list {
+            let t = backend(target)?;
+            let b = p
+                .backends
+                .iter_mut()
+                .find(|b| b.address == t.address && b.port == t.port)
+                .ok_or_else(|| usage(format!("{target}: no such backend in the pool")))?;
+            b.enabled = Some(enabled);
+        }
     }
     if let Some(kind) = f.check {
         p.health_check = Some(pb::HealthCheck {
