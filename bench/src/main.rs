@@ -1,5 +1,6 @@
 //! `lb-bench`: benchmarks, run by `cargo xtask bench <what>`. Results go to `bench/results/`.
 
+mod control;
 mod e2e;
 mod machine;
 mod relay;
@@ -23,6 +24,8 @@ enum What {
     E2e(e2e::Options),
     /// The TCP proxy's relay (copy, splice, tokio-uring) on loopback against a direct connection.
     Relay(relay::Options),
+    /// The control plane: change-to-ACK latency on every engine, the controller's CPU and memory.
+    Control(control::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         What::Xdp(opts) => xdp::run(&opts),
         What::E2e(opts) => e2e::run(&opts),
         What::Relay(opts) => relay::run(&opts),
+        What::Control(opts) => control::run(&opts),
     }
 }

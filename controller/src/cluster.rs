@@ -17,8 +17,8 @@ use std::{
 };
 
 use lb_model::{
-    Config, DaemonConfig, Desired, EngineConfig, EngineMode, EngineState, Member, PoolConfig,
-    ProxyConfig, VirtualServiceConfig,
+    Config, DaemonConfig, Desired, EngineConfig, EngineState, Member, PoolConfig, ProxyConfig,
+    VirtualServiceConfig,
 };
 use tokio::sync::watch;
 
@@ -562,7 +562,7 @@ impl Cluster {
         }
         for (k, a) in found {
             if let Some((old, _)) = self.anomalies.get_mut(&k) {
-                *old = a
+                *old = a;
             } else {
                 self.events.emit(
                     "anomaly_raised",
@@ -946,16 +946,7 @@ impl Cluster {
         let mut desired = desired;
         if desired.engines.is_empty() {
             // No engine registered yet: check pools and services against a stand-in host.
-            desired.engines.push(EngineConfig {
-                id: 0,
-                mac: None,
-                mode: EngineMode::L2,
-                state: EngineState::Active,
-                interface: None,
-                address_v4: None,
-                address_v6: None,
-                mtu: None,
-            });
+            desired.engines.push(EngineConfig::l2(0, None));
         }
         Config::from_parts(daemon, desired).map_err(|e| match e {
             // The model names fields by their place in the snapshot (`pools[2].backends[0].port`);
@@ -984,18 +975,12 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
         .engines
         .values()
         .map(|e| EngineConfig {
-            id: e.id,
-            mac: Some(e.mac),
-            mode: EngineMode::L2,
             state: if healthy(&e.name) {
                 EngineState::Active
             } else {
                 EngineState::Down
             },
-            interface: None,
-            address_v4: None,
-            address_v6: None,
-            mtu: None,
+            ..EngineConfig::l2(e.id, Some(e.mac))
         })
         .collect();
     let id_of = |name: &str| p.engines.get(name).map(|e| e.id);

@@ -135,7 +135,8 @@ async fn session(
     apply: &mpsc::Sender<Apply>,
     heartbeat: &Arc<dyn Fn() -> pb::Heartbeat + Send + Sync>,
 ) -> Result<(), String> {
-    let mut client = EngineApiClient::new(channel(cfg).await?);
+    // A snapshot of thousands of services is megabytes of JSON.
+    let mut client = EngineApiClient::new(channel(cfg).await?).max_decoding_message_size(256 << 20);
     client
         .register(RegisterRequest {
             name: cfg.name.clone(),

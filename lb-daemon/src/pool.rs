@@ -97,24 +97,24 @@ pub struct Pool {
 impl Pool {
     /// A pool of fresh backends (healthy, no connections), `index` = position in `cfg.backends`.
     pub fn new(cfg: &PoolConfig) -> Pool {
-        let backends = cfg
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let index = u32::try_from(i).expect("backend count fits u32");
-                Arc::new(Backend::new(index, b.socket_addr(), b.weight, b.enabled))
-            })
-            .collect();
-        Pool::with_backends(cfg.name.clone(), cfg.algorithm, backends)
+        Pool::build(cfg, std::collections::HashMap::new())
     }
 
     /// The pool `cfg` describes, edited from `old`: a backend whose address and port `old` has is the
     /// same object with its new position, weight and enabled flag, so its health, counters and open
     /// connections carry over an edit of the pool; others are new.
     pub fn carry_over(cfg: &PoolConfig, old: &Pool) -> Pool {
-        let mut previous: std::collections::HashMap<std::net::SocketAddr, Arc<Backend>> =
-            old.backends.iter().map(|b| (b.addr, b.clone())).collect();
+        Pool::build(
+            cfg,
+            old.backends.iter().map(|b| (b.addr, b.clone())).collect(),
+        )
+    }
+
+    /// The pool `cfg` describes, reusing the backends of `previous` by address.
+    fn build(
+        cfg: &PoolConfig,
+        mut previous: std::collections::HashMap<std::net::SocketAddr, Arc<Backend>>,
+    ) -> Pool {
         let backends = cfg
             .backends
             .iter()

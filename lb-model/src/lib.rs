@@ -193,6 +193,22 @@ pub struct EngineConfig {
     pub mtu: Option<u16>,
 }
 
+impl EngineConfig {
+    /// An active engine on the segment (`mac`: required unless it is the host itself).
+    pub fn l2(id: u32, mac: Option<MacAddr>) -> Self {
+        EngineConfig {
+            id,
+            mac,
+            mode: EngineMode::L2,
+            state: EngineState::Active,
+            interface: None,
+            address_v4: None,
+            address_v6: None,
+            mtu: None,
+        }
+    }
+}
+
 /// The smallest tunnel path MTU: IPv4 hosts must accept 576-byte packets (RFC 791).
 pub const MIN_TUNNEL_MTU_V4: u16 = 576;
 /// With an IPv6 endpoint: 1280 bytes (RFC 8200) plus the 40-byte outer header.
@@ -478,16 +494,7 @@ impl ManagedFile {
         Config {
             daemon: self.daemon.clone(),
             proxy: ProxyConfig::default(),
-            engines: vec![EngineConfig {
-                id: self.daemon.engine_id,
-                mac: None,
-                mode: EngineMode::L2,
-                state: EngineState::Active,
-                interface: None,
-                address_v4: None,
-                address_v6: None,
-                mtu: None,
-            }],
+            engines: vec![EngineConfig::l2(self.daemon.engine_id, None)],
             pools: Vec::new(),
             virtual_services: Vec::new(),
         }

@@ -208,6 +208,50 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// Moves the VIP to the placement's primary `name` (on its `eth0`; on `lo` everywhere else) and
+    /// flushes the client's neighbour cache. The lab's engines start with se1 answering ARP; taking
+    /// the VIP on promotion belongs to failover, here the lab does it.
+    pub fn vip_to_primary(&self, primary: &str) -> Result<()> {
+        let vip = format!("{}/32", self.lab.vip());
+        for e in &self.lab.engines {
+            let (add, del) = if e.name == primary {
+                ("eth0", "lo")
+            } else {
+                ("lo", "eth0")
+            };
+            let _ = self.lab.lab.ip(&e.ns, &["addr", "del", &vip, "dev", del]);
+            let _ = self.lab.lab.ip(&e.ns, &["addr", "add", &vip, "dev", add]);
+        }
+        for c in &self.lab.clients {
+            self.lab.lab.ip(&c.ns, &["neigh", "flush", "dev", "eth0"])?;
+        }
+        Ok(())
+    }
+
+    /// `lbctl ARGS` as operator `admin`, human output.
+    pub fn lbctl_text(&self, args: &[&str]) -> Result<String> {
+        let bin = crate::lbctl_bin();
+        let pki = self.pki.clone();
+        let out = in_ns(self.ctl.name(), || {
+            Ok(Command::new(&bin)
+                .args([
+                    "--controller",
+                    &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
+                    "--tls-dir",
+                    pki.to_str().context("path")?,
+                ])
+                .args(args)
+                .output()?)
+        })?;
+        ensure!(
+            out.status.success(),
+            "lbctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn daemon(&self, id: u8) -> Option<&Daemon> {
         self.daemons.get(&id)
     }

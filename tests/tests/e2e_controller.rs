@@ -15,25 +15,6 @@ use lb_tests::daemon::metric_sum;
 use lb_tests::require_root;
 use serde_json::Value;
 
-/// Moves the VIP to the placement's primary (the lab's engines start with se1 answering ARP):
-/// answering ARP for the VIP is the failover work's, here the test does it.
-fn vip_to_primary(l: &ControllerLab, primary: &str) {
-    let vip = format!("{}/32", l.lab.vip());
-    for e in &l.lab.engines {
-        let (add, del) = if e.name == primary {
-            ("eth0", "lo")
-        } else {
-            ("lo", "eth0")
-        };
-        let _ = l.lab.lab.ip(&e.ns, &["addr", "del", &vip, "dev", del]);
-        let _ = l.lab.lab.ip(&e.ns, &["addr", "add", &vip, "dev", add]);
-    }
-    l.lab
-        .lab
-        .ip(l.lab.client(0), &["neigh", "flush", "dev", "eth0"])
-        .unwrap();
-}
-
 fn snapshots(l: &ControllerLab, id: u8, result: &str) -> f64 {
     let text = l.daemon(id).expect("a daemon").metrics().unwrap();
     metric_sum(
@@ -98,7 +79,7 @@ fn controller_places_pushes_survives_and_fails_engines() {
         .collect();
     assert_eq!(placement.len(), 3, "{vs}");
     assert_eq!(vs["placement"][0]["role"], "primary");
-    vip_to_primary(&l, placement[0]);
+    l.vip_to_primary(placement[0]).unwrap();
     let version = {
         let mut v = 0;
         l.wait(
@@ -214,10 +195,10 @@ fn controller_places_pushes_survives_and_fails_engines() {
         r.per_engine.get("be4").is_some_and(|n| *n > 0),
         "the new backend serves: {r}"
     );
-    assert_eq!(
-        writes(&l),
-        writes_before,
-        "a pool change writes no map entry"
+    assert!(
+        (writes(&l) - writes_before).abs() < 0.5,
+        "a pool change writes no map entry ({writes_before} before, {} after)",
+        writes(&l)
     );
     drop(held);
 

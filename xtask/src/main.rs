@@ -61,6 +61,8 @@ enum Bench {
     E2e,
     /// The TCP proxy's relay kinds on loopback (`bench/results/relay.md`).
     Relay,
+    /// The control plane: change-to-ACK latency, controller CPU and memory (release controller).
+    Control,
 }
 
 impl Bench {
@@ -69,6 +71,7 @@ impl Bench {
             Bench::Xdp => "xdp",
             Bench::E2e => "e2e",
             Bench::Relay => "relay",
+            Bench::Control => "control",
         }
     }
 }
@@ -172,7 +175,7 @@ fn test(args: &[OsString]) -> anyhow::Result<()> {
 
 fn lab(args: &[OsString]) -> anyhow::Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "-p", "lb-daemon"]))?;
+    run(cargo().args(["build", "-p", "lb-daemon", "-p", "controller"]))?;
     run(cargo()
         .args(["run", "-p", "lb-tests", "--bin", "lb-lab", "--"])
         .args(args)
@@ -187,6 +190,10 @@ fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
         .args(["run", "--release", "-p", "lb-bench", "--", what.name()])
         .args(args)
         .env("LB_XDP_OBJECT", xdp_object());
+    if matches!(what, Bench::Control) {
+        run(cargo().args(["build", "--release", "-p", "controller"]))?;
+        bench.env("LB_CONTROLLER_BIN", target_dir().join("release/controller"));
+    }
     if matches!(what, Bench::E2e) {
         // The daemon under test is the release build.
         run(cargo().args(["build", "--release", "-p", "lb-daemon"]))?;
