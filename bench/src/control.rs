@@ -283,13 +283,18 @@ async fn measure(opts: &Options) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let acks = Arc::new(Acks::default());
+    // Set when the measurement is over: the sessions' ends are the controller stopping, not news.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let start_engines = |from: u32, to: u32| {
         for i in from..=to {
             let acks = acks.clone();
             let pki = pki.clone();
+            let done = done.clone();
             tokio::spawn(async move {
                 if let Err(e) = engine(addr, pki, i, acks).await {
-                    eprintln!("sim{i}: {e:#}");
+                    if !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("sim{i}: {e:#}");
+                    }
                 }
             });
         }
@@ -388,6 +393,7 @@ async fn measure(opts: &Options) -> Result<()> {
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
     println!("wrote {}", out.join("control.json").display());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(ctl);
     Ok(())
 }
