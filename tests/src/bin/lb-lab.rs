@@ -118,7 +118,7 @@ fn run(args: &Args) -> Result<bool> {
     let even = 100.0 / placement.len() as f64;
     for e in &l.lab.engines {
         let n = per_engine.get(&e.id).copied().unwrap_or(0.0);
-        let share = if total > 0.0 { 100.0 * n / total } else { 0.0 };
+        let share = if total > 0.0 { (100.0 * n / total).abs() } else { 0.0 };
         let want = if placement.contains(&e.name) {
             even
         } else {
@@ -130,6 +130,8 @@ fn run(args: &Args) -> Result<bool> {
             ok = false;
             "  <-- off"
         };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = n.max(0.0) as u64;
         println!("{:<8} {n:>8} {share:>7.1}% {want:>6.1}%{mark}", e.name);
     }
     println!();
