@@ -211,8 +211,26 @@ async fn bad_input_gets_statuses_and_the_state_stays_consistent() {
             .is_empty()
     );
 
-    // 100 concurrent updates against the same resource version: exactly one wins.
+    // A watcher sees the change as an event: time, kind, objects, reason.
+    let mut watch = op.watch_events(pb::Empty {}).await.unwrap().into_inner();
     op.create_pool(pool("web", 1)).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .expect("the stream is open");
+    assert_eq!(
+        (e.kind.as_str(), e.objects.as_slice()),
+        ("placement", ["pool/web".to_owned()].as_slice())
+    );
+    assert_eq!(e.reason, "created");
+    assert!(
+        e.time_unix_ms > 1_700_000_000_000,
+        "a wall-clock time: {}",
+        e.time_unix_ms
+    );
+
+    // 100 concurrent updates against the same resource version: exactly one wins.
     let mut tasks = Vec::new();
     for w in 0..100u32 {
         let mut op = op.clone();

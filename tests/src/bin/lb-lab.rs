@@ -118,7 +118,11 @@ fn run(args: &Args) -> Result<bool> {
     let even = 100.0 / placement.len() as f64;
     for e in &l.lab.engines {
         let n = per_engine.get(&e.id).copied().unwrap_or(0.0);
-        let share = if total > 0.0 { (100.0 * n / total).abs() } else { 0.0 };
+        let share = if total > 0.0 {
+            (100.0 * n / total).abs()
+        } else {
+            0.0
+        };
         let want = if placement.contains(&e.name) {
             even
         } else {
