@@ -291,10 +291,10 @@ async fn measure(opts: &Options) -> Result<()> {
             let pki = pki.clone();
             let done = done.clone();
             tokio::spawn(async move {
-                if let Err(e) = engine(addr, pki, i, acks).await {
-                    if !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        eprintln!("sim{i}: {e:#}");
-                    }
+                if let Err(e) = engine(addr, pki, i, acks).await
+                    && !done.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    eprintln!("sim{i}: {e:#}");
                 }
             });
         }

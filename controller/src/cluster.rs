@@ -179,6 +179,17 @@ impl Cluster {
             events: Events::default(),
             snapshot,
         };
+        if c.p.peer_key.is_empty() {
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| ClusterError::Store("no randomness for the peer key".into()))?;
+            let hex = key.iter().fold(String::new(), |mut s, b| {
+                use std::fmt::Write as _;
+                let _ = write!(s, "{b:02x}");
+                s
+            });
+            c.commit(vec![Write::PeerKey(hex)])?;
+        }
         c.refresh()?;
         Ok(c)
     }
@@ -234,6 +245,7 @@ impl Cluster {
                     self.p.version = version;
                     self.p.snapshot = json;
                 }
+                Write::PeerKey(k) => self.p.peer_key = k,
             }
         }
         Ok(())
@@ -980,6 +992,11 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
             } else {
                 EngineState::Down
             },
+            // Its address on the segment: where its peers probe it.
+            address_v4: e.addresses.iter().find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            }),
             ..EngineConfig::l2(e.id, Some(e.mac))
         })
         .collect();
@@ -1015,6 +1032,8 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
         engines,
         virtual_services,
         pools: p.pools.values().map(|r| r.config.clone()).collect(),
+        peers: (!p.peer_key.is_empty())
+            .then(|| lb_model::PeersConfig::with_key(p.peer_key.clone())),
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Persisted {
     /// The snapshot of that version (JSON of `lb_model::Desired`), so a restarted controller
     /// pushes an identical one under the same version.
     pub snapshot: String,
+    /// The engines' peer-probe key (hex), made once.
+    pub peer_key: String,
     pub engines: BTreeMap<String, EngineRecord>,
     pub pools: BTreeMap<String, PoolRecord>,
     pub services: BTreeMap<String, VsRecord>,
@@ -74,6 +76,7 @@ pub enum Write {
     Service(VsRecord),
     DeleteService(String),
     Snapshot { version: u64, json: String },
+    PeerKey(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,9 +153,15 @@ impl Store for RedbStore {
             .map_err(backend)?
             .map(|v| v.value().to_owned())
             .unwrap_or_default();
+        let peer_key = meta
+            .get("peer_key")
+            .map_err(backend)?
+            .map(|v| v.value().to_owned())
+            .unwrap_or_default();
         Ok(Persisted {
             version,
             snapshot,
+            peer_key,
             engines: read_all(&tx, ENGINES)?,
             pools: read_all(&tx, POOLS)?,
             services: read_all(&tx, SERVICES)?,
@@ -193,6 +202,9 @@ impl Store for RedbStore {
                         meta.insert("version", version.to_string().as_str())
                             .map_err(backend)?;
                         meta.insert("snapshot", json.as_str()).map_err(backend)?;
+                    }
+                    Write::PeerKey(key) => {
+                        meta.insert("peer_key", key.as_str()).map_err(backend)?;
                     }
                 }
             }
@@ -247,6 +259,7 @@ impl Store for MemStore {
                     s.version = version;
                     s.snapshot = json;
                 }
+                Write::PeerKey(k) => s.peer_key = k,
             }
         }
         Ok(())

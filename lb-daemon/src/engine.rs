@@ -12,12 +12,15 @@
 //! A configuration whose tables and proxy settings equal the current ones applies as
 //! [`Applied::Unchanged`]: nothing is written.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, RwLock},
+};
 
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, EngineState},
     conntable::ConnTable,
     dataplane::{Dataplane, DataplaneError},
     links::SystemLinks,
@@ -59,6 +62,8 @@ pub enum ApplyError {
 /// This engine's applied state.
 pub struct Engine {
     config: Config,
+    /// Engines the peer probes found silent: down in the data plane whatever the configuration says.
+    peer_down: BTreeSet<u32>,
     tables: Tables,
     dp: Dataplane,
     proxy: Proxy,
@@ -83,6 +88,7 @@ impl Engine {
         let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
         Ok(Engine {
             config,
+            peer_down: BTreeSet::new(),
             tables,
             dp,
             proxy,
@@ -109,7 +115,12 @@ impl Engine {
     /// midway, the previous tables and proxy configuration are put back.
     pub fn apply(&mut self, config: Config) -> Result<Applied, ApplyError> {
         restart_only(&self.config, &config)?;
-        let tables = Tables::plan(&config, &SystemLinks)?;
+        self.peer_down.retain(|id| {
+            config
+                .engine(*id)
+                .is_some_and(|e| e.state == EngineState::Active)
+        });
+        let tables = Tables::plan(&overlay(&config, &self.peer_down), &SystemLinks)?;
         let changes = Changes::between(Some(&self.tables), &tables);
         if changes.is_empty() && config == self.config {
             return Ok(Applied::Unchanged);
@@ -148,6 +159,55 @@ impl Engine {
         info!(?writes, "configuration applied");
         Ok(Applied::Changed { writes })
     }
+}
+
+impl Engine {
+    /// A peer found silent (`down`) or answering again: only the data plane changes (its entry,
+    /// and the rings without it); the proxy and the configuration stay.
+    pub fn set_peer_down(&mut self, id: u32, down: bool) -> Result<Applied, ApplyError> {
+        let changed = if down {
+            self.peer_down.insert(id)
+        } else {
+            self.peer_down.remove(&id)
+        };
+        if !changed {
+            return Ok(Applied::Unchanged);
+        }
+        let planned = Tables::plan(&overlay(&self.config, &self.peer_down), &SystemLinks)?;
+        let diff = Changes::between(Some(&self.tables), &planned);
+        let dp = &mut self.dp;
+        tokio::task::block_in_place(|| dp.apply(&diff))
+            .map_err(|e| ApplyError::RolledBack(Box::new(e)))?;
+        let writes = diff
+            .steps()
+            .iter()
+            .map(|w| {
+                let (map, what) = w.what();
+                (map, what, w.len())
+            })
+            .collect();
+        self.tables = planned;
+        Ok(Applied::Changed { writes })
+    }
+
+    /// Engines the peer probes hold down.
+    pub fn peers_down(&self) -> &BTreeSet<u32> {
+        &self.peer_down
+    }
+}
+
+/// `config` with the engines of `down` down (where the configuration has them active).
+fn overlay(config: &Config, down: &BTreeSet<u32>) -> Config {
+    if down.is_empty() {
+        return config.clone();
+    }
+    let mut c = config.clone();
+    for e in &mut c.engines {
+        if down.contains(&e.id) && e.state == EngineState::Active {
+            e.state = EngineState::Down;
+        }
+    }
+    c
 }
 
 /// Host settings that size or place the maps, or bind the metrics endpoint: a running engine

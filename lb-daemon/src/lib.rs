@@ -10,6 +10,7 @@ pub mod heartbeat;
 pub mod links;
 pub mod managed;
 pub mod metrics;
+pub mod peers;
 pub mod pool;
 pub mod proxy;
 pub mod tables;

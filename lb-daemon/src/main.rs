@@ -31,6 +31,7 @@ use lb_daemon::{
     links::SystemLinks,
     managed::{self, Applied},
     metrics::{self, Metrics},
+    peers::{self, PeerCounters, PeerEvent, Plan},
     tables::{Changes, Links, Tables},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -190,6 +191,7 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)]
 async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> anyhow::Result<()> {
     raise_fd_limit(config.proxy.max_open_files)?;
     let object = object(args.bpf_object.as_deref())?;
@@ -197,10 +199,15 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let conns = Arc::new(ConnTable::default());
     let mut engine = Engine::start(dp, config, conns.clone())?;
 
+    let peer_counters = Arc::new(PeerCounters::default());
     let metrics = Arc::new(Metrics::new(
         engine.dataplane().counters.clone(),
         engine.inventory(),
+        peer_counters.clone(),
     ));
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(Plan::of(engine.config()));
+    let (peer_tx, mut peer_rx) = tokio::sync::mpsc::channel::<PeerEvent>(64);
+    tokio::spawn(peers::run(plan_rx, peer_tx, peer_counters));
     let listen = engine.config().daemon.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -254,6 +261,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 }
                 if result.is_ok() {
                     status.applied.store(a.version, Ordering::Relaxed);
+                    plan_tx.send_if_modified(|p| replace(p, Plan::of(engine.config())));
                 }
                 let _ = a.reply.send(result.map(|_| ()));
             }
@@ -263,6 +271,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 match applied {
                     Ok(applied) => {
                         metrics.applied(&applied);
+                        plan_tx.send_if_modified(|p| replace(p, Plan::of(engine.config())));
                         info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }
@@ -270,6 +279,19 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                         error!("reload refused, still running the previous configuration: {e:#}");
                         metrics.reload(false);
                     }
+                }
+            }
+            Some(ev) = peer_rx.recv() => {
+                let (id, down) = match ev {
+                    PeerEvent::Down(id) => (id, true),
+                    PeerEvent::Up(id) => (id, false),
+                };
+                match engine.set_peer_down(id, down) {
+                    Ok(applied) => {
+                        metrics.applied(&applied);
+                        info!(engine = id, down, ?applied, "peer state in the data plane");
+                    }
+                    Err(e) => error!(engine = id, down, "marking the peer in the data plane: {e}"),
                 }
             }
             _ = term.recv() => break,
@@ -289,6 +311,15 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
         "stopped; the XDP program stays attached and steering with its pinned tables (`lb-daemon --detach` removes it)"
     );
     Ok(())
+}
+
+/// Sets `slot` to `new`; true if it changed.
+fn replace<T: PartialEq>(slot: &mut T, new: T) -> bool {
+    if *slot == new {
+        return false;
+    }
+    *slot = new;
+    true
 }
 
 /// A SIGHUP: the file again. In managed mode only its host settings change; the desired state stays

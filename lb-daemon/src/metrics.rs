@@ -58,6 +58,60 @@ impl Inventory {
     }
 }
 
+/// The peer probes' counters.
+struct PeerCollector(Arc<crate::peers::PeerCounters>);
+
+impl fmt::Debug for PeerCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerCollector")
+    }
+}
+
+impl Collector for PeerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let c = &self.0;
+        for (name, help, v) in [
+            (
+                "lb_peer_probes_sent",
+                "Liveness probes sent to secondaries",
+                &c.sent,
+            ),
+            (
+                "lb_peer_probes_answered",
+                "Liveness probes of other engines answered",
+                &c.answered,
+            ),
+            (
+                "lb_peer_probe_replies",
+                "Answers to this engine's probes",
+                &c.replies,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v.load(Relaxed)).encode(m)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "lb_peer_probes_refused",
+            "Datagrams on the probe port refused, by reason (length, magic, kind, mac)",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in crate::peers::Refused::ALL {
+            ConstCounter::new(c.refused[r as usize].load(Relaxed))
+                .encode(m.encode_family(&[("reason", r.label())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "lb_peer_transitions",
+            "Secondaries found silent (down) or answering again (up)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(c.downs.load(Relaxed)).encode(m.encode_family(&[("to", "down")])?)?;
+        ConstCounter::new(c.ups.load(Relaxed)).encode(m.encode_family(&[("to", "up")])?)?;
+        Ok(())
+    }
+}
+
 /// Reads the BPF counters on each scrape.
 struct DataplaneCollector {
     counters: Arc<Counters>,
@@ -350,8 +404,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(counters: Arc<Counters>, inventory: Arc<RwLock<Inventory>>) -> Self {
+    pub fn new(
+        counters: Arc<Counters>,
+        inventory: Arc<RwLock<Inventory>>,
+        peers: Arc<crate::peers::PeerCounters>,
+    ) -> Self {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(PeerCollector(peers)));
         registry.register_collector(Box::new(DataplaneCollector {
             counters,
             inventory: inventory.clone(),

@@ -83,6 +83,66 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     #[serde(default)]
     pub virtual_services: Vec<VirtualServiceConfig>,
+    /// Peer liveness between engines (none: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
+}
+
+/// `[peers]`: liveness probes between the engines of a virtual service, independent of the
+/// controller. The primary probes its secondaries (their `engines[].address_v4`) every
+/// `interval_ms`; one silent for `down_after` intervals gets no new flows (its entry is down in the
+/// data plane) until it answers `up_after` probes in a row. Probes are authenticated with `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// HMAC-SHA256 key shared by the engines: at least 32 hexadecimal digits.
+    pub key: String,
+    #[serde(default = "default_peer_interval_ms")]
+    pub interval_ms: u32,
+    #[serde(default = "default_peer_down_after")]
+    pub down_after: u32,
+    #[serde(default = "default_peer_up_after")]
+    pub up_after: u32,
+    /// UDP port every engine answers probes on.
+    #[serde(default = "default_peer_port")]
+    pub port: u16,
+}
+
+fn default_peer_interval_ms() -> u32 {
+    50
+}
+fn default_peer_down_after() -> u32 {
+    3
+}
+fn default_peer_up_after() -> u32 {
+    3
+}
+fn default_peer_port() -> u16 {
+    7401
+}
+
+impl PeersConfig {
+    /// Probes with `key` and the default timings.
+    pub fn with_key(key: String) -> Self {
+        PeersConfig {
+            key,
+            interval_ms: default_peer_interval_ms(),
+            down_after: default_peer_down_after(),
+            up_after: default_peer_up_after(),
+            port: default_peer_port(),
+        }
+    }
+
+    /// The key's bytes (validated: even length, hexadecimal, at least 16 bytes).
+    pub fn key_bytes(&self) -> Option<Vec<u8>> {
+        if !self.key.len().is_multiple_of(2) || self.key.len() < 32 {
+            return None;
+        }
+        (0..self.key.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(self.key.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
 }
 
 /// `[daemon]`: this host.
@@ -497,6 +557,7 @@ impl ManagedFile {
             engines: vec![EngineConfig::l2(self.daemon.engine_id, None)],
             pools: Vec::new(),
             virtual_services: Vec::new(),
+            peers: None,
         }
     }
 }
@@ -515,6 +576,8 @@ pub struct Desired {
     pub virtual_services: Vec<VirtualServiceConfig>,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
 }
 
 impl Config {
@@ -526,6 +589,7 @@ impl Config {
             engines: desired.engines,
             virtual_services: desired.virtual_services,
             pools: desired.pools,
+            peers: desired.peers,
         };
         config.validate()?;
         Ok(config)
@@ -538,6 +602,7 @@ impl Config {
             engines: self.engines.clone(),
             virtual_services: self.virtual_services.clone(),
             pools: self.pools.clone(),
+            peers: self.peers.clone(),
         }
     }
 
@@ -573,7 +638,38 @@ impl Config {
         self.validate_daemon()?;
         self.validate_engines()?;
         self.validate_virtual_services()?;
-        self.validate_proxy()
+        self.validate_proxy()?;
+        self.validate_peers()
+    }
+
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        let Some(p) = &self.peers else {
+            return Ok(());
+        };
+        if p.key_bytes().is_none() {
+            return Err(invalid(
+                "peers.key",
+                "must be at least 32 hexadecimal digits (16 bytes), an even number of them",
+            ));
+        }
+        if !(10..=10_000).contains(&p.interval_ms) {
+            return Err(invalid(
+                "peers.interval_ms",
+                format!("{} is out of range 10..=10000", p.interval_ms),
+            ));
+        }
+        for (field, v) in [
+            ("peers.down_after", p.down_after),
+            ("peers.up_after", p.up_after),
+        ] {
+            if !(1..=100).contains(&v) {
+                return Err(invalid(field, format!("{v} is out of range 1..=100")));
+            }
+        }
+        if p.port == 0 {
+            return Err(invalid("peers.port", "must not be 0"));
+        }
+        Ok(())
     }
 
     fn validate_daemon(&self) -> Result<(), ConfigError> {

@@ -52,7 +52,7 @@ fn lbctl(l: &ControllerLab, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-#[allow(clippy::cast_precision_loss)]
+#[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
 fn run(args: &Args) -> Result<bool> {
     println!(
         "lb-lab: building the lab: a controller, 4 managed engines, 4 nginx backends, a client"
