@@ -228,6 +228,51 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// `lbctl vs create web` on the lab's VIP, port 80, pool `web` (made by the caller), on
+    /// `min_engines` engines; moves the VIP to the primary it was placed on and waits until every
+    /// engine applied the snapshot. Returns the service as lbctl shows it.
+    pub fn create_web_service(&self, min_engines: u32) -> Result<Value> {
+        let vip = self.lab.vip().to_string();
+        let min = min_engines.to_string();
+        let vs = self
+            .lbctl(&[
+                "vs",
+                "create",
+                "web",
+                "--vip",
+                &vip,
+                "--port",
+                "80",
+                "--pool",
+                "web",
+                "--min-engines",
+                &min,
+            ])?
+            .json()?;
+        let placement = placement(&vs);
+        ensure!(
+            placement.len() == min_engines as usize,
+            "placed on {placement:?}"
+        );
+        self.vip_to_primary(&placement[0])?;
+        let ids: Vec<u8> = self.lab.engines.iter().map(|e| e.id).collect();
+        self.wait(
+            Duration::from_secs(20),
+            "every engine applied the snapshot",
+            |l| Ok(l.applied_everywhere(&ids)?.is_some()),
+        )?;
+        Ok(vs)
+    }
+
+    /// The engine id of engine `name`.
+    pub fn id_of(&self, name: &str) -> Option<u8> {
+        self.lab
+            .engines
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.id)
+    }
+
     /// `lbctl ARGS` as operator `admin`, human output.
     pub fn lbctl_text(&self, args: &[&str]) -> Result<String> {
         let bin = crate::lbctl_bin();
@@ -347,6 +392,18 @@ impl ControllerLab {
             && versions.first().is_some_and(|v| *v > 0))
         .then(|| versions[0]))
     }
+}
+
+/// The engines of a virtual service as lbctl shows it, the primary first.
+pub fn placement(vs: &Value) -> Vec<String> {
+    vs["placement"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["engine"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn tail(text: &str, n: usize) -> String {

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::client::{HeldConnection, NewConnections};
-use lb_tests::controller_lab::ControllerLab;
+use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::require_root;
 use serde_json::Value;
@@ -53,46 +53,10 @@ fn controller_places_pushes_survives_and_fails_engines() {
     args.extend(backends.iter().map(String::as_str));
     let pool = l.lbctl(&args).unwrap().json().unwrap();
     assert_eq!(pool["resource_version"], 1);
-    let vip = l.lab.vip().to_string();
-    let vs = l
-        .lbctl(&[
-            "vs",
-            "create",
-            "web",
-            "--vip",
-            &vip,
-            "--port",
-            "80",
-            "--pool",
-            "web",
-            "--min-engines",
-            "3",
-        ])
-        .unwrap()
-        .json()
-        .unwrap();
-    let placement: Vec<&str> = vs["placement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["engine"].as_str().unwrap())
-        .collect();
-    assert_eq!(placement.len(), 3, "{vs}");
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
     assert_eq!(vs["placement"][0]["role"], "primary");
-    l.vip_to_primary(placement[0]).unwrap();
-    let version = {
-        let mut v = 0;
-        l.wait(
-            Duration::from_secs(15),
-            "every engine applied the snapshot",
-            |l| {
-                v = l.applied_everywhere(&all)?.unwrap_or(0);
-                Ok(v > 0)
-            },
-        )
-        .unwrap();
-        v
-    };
+    let version = l.applied_everywhere(&all).unwrap().unwrap();
     for id in all {
         assert!(
             snapshots(&l, id, "applied") >= 1.0,
@@ -101,16 +65,6 @@ fn controller_places_pushes_survives_and_fails_engines() {
     }
     let r = l.lab.load(300).unwrap();
     println!("300 requests through the controller-made service: {r}");
-    if r.errors > 0 {
-        for (id, m) in l.lab.metrics().unwrap_or_default() {
-            for line in m.lines().filter(|x| {
-                (x.contains("refused") || x.contains("failures") || x.contains("drain"))
-                    && !x.starts_with('#')
-            }) {
-                println!("engine {id}: {line}");
-            }
-        }
-    }
     assert_eq!(r.errors, 0, "{r}");
     assert_eq!(r.per_engine.len(), 3, "every backend served: {r}");
     let served = l
@@ -302,7 +256,7 @@ fn controller_places_pushes_survives_and_fails_engines() {
 
     // A secondary's daemon dies: failed within interval × (max_missed + 1) (plus polling),
     // dropped from the snapshot, the spare engine takes its place, and new connections all succeed.
-    let victim_name = placement[2].to_owned();
+    let victim_name = placement[2].clone();
     let victim = l
         .lab
         .engines

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::client::one_request;
-use lb_tests::controller_lab::ControllerLab;
+use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::enter;
 use lb_tests::require_root;
@@ -29,38 +29,8 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
         .collect();
     args.extend(backends.iter().map(String::as_str));
     assert_eq!(l.lbctl(&args).unwrap().code, 0);
-    let vip = l.lab.vip().to_string();
-    let vs = l
-        .lbctl(&[
-            "vs",
-            "create",
-            "web",
-            "--vip",
-            &vip,
-            "--port",
-            "80",
-            "--pool",
-            "web",
-            "--min-engines",
-            "3",
-        ])
-        .unwrap()
-        .json()
-        .unwrap();
-    let placement: Vec<String> = vs["placement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["engine"].as_str().unwrap().to_owned())
-        .collect();
-    l.vip_to_primary(&placement[0]).unwrap();
-    let ids: Vec<u8> = l.lab.engines.iter().map(|e| e.id).collect();
-    l.wait(
-        Duration::from_secs(15),
-        "every engine applied the snapshot",
-        |l| Ok(l.applied_everywhere(&ids)?.is_some()),
-    )
-    .unwrap();
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
     let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
     let primary = id_of(&placement[0]);
     let victim = id_of(&placement[2]);

@@ -13,10 +13,9 @@
 //! `LB_DAEMON_BIN`, `LB_CONTROLLER_BIN`, `LB_LBCTL_BIN` and `LB_XDP_OBJECT` override the paths.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lb_tests::controller_lab::ControllerLab;
+use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_lines;
 
 #[derive(clap::Parser)]
@@ -72,37 +71,11 @@ fn run(args: &Args) -> Result<bool> {
         .collect();
     pool.extend(backends.iter().map(String::as_str));
     lbctl(&l, &pool)?;
-    let vip = l.lab.vip().to_string();
-    lbctl(
-        &l,
-        &[
-            "vs",
-            "create",
-            "web",
-            "--vip",
-            &vip,
-            "--port",
-            "80",
-            "--pool",
-            "web",
-            "--min-engines",
-            "3",
-        ],
-    )?;
-    let vs = l.lbctl(&["vs", "get", "web"])?.json()?;
-    let placement: Vec<String> = vs["placement"]
-        .as_array()
-        .context("placement")?
-        .iter()
-        .filter_map(|p| p["engine"].as_str().map(str::to_owned))
-        .collect();
-    l.vip_to_primary(&placement[0])?;
-    let ids: Vec<u8> = l.lab.engines.iter().map(|e| e.id).collect();
-    l.wait(
-        Duration::from_secs(20),
-        "every engine applied the snapshot",
-        |l| Ok(l.applied_everywhere(&ids)?.is_some()),
-    )?;
+    println!(
+        "$ lbctl vs create web --vip {} --port 80 --pool web --min-engines 3",
+        l.lab.vip()
+    );
+    let placement = placement(&l.create_web_service(3)?);
     println!();
     lbctl(&l, &["engines"])?;
     println!();
