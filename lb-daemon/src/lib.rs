@@ -1,5 +1,6 @@
 //! The load balancer daemon: configuration, data-plane control and the control plane around it.
 
+pub mod announce;
 pub mod backend;
 pub mod config;
 pub mod conntable;
