@@ -700,6 +700,7 @@ impl Cluster {
             spec,
             id,
             placement,
+            epoch: 0,
             resource_version: 1,
         };
         self.put_vs(rec, "created")
@@ -895,6 +896,7 @@ impl Cluster {
         };
         rec.placement.retain(|p| *p != target && *p != primary);
         rec.placement.insert(0, target.clone());
+        rec.epoch += 1;
         rec.resource_version += 1;
         self.events.emit(
             "scaling",
@@ -1019,6 +1021,7 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
                 port: v.spec.port,
                 protocol: v.spec.protocol,
                 primary,
+                epoch: v.epoch,
                 persistence_timeout_s: v.spec.persistence_timeout_s,
                 engines: members,
                 pool: Some(v.spec.pool.clone()),

@@ -47,8 +47,12 @@ pub struct VsRecord {
     pub spec: VsSpec,
     /// The data plane's virtual service id (keys rings and persistence on every engine).
     pub id: u32,
-    /// Engine names, the primary first.
+    /// Engine names, the primary first, then the order in which they take over the primary role.
     pub placement: Vec<String>,
+    /// Generation of the primary role (`lb_model::VirtualServiceConfig::epoch`): bumped whenever
+    /// the primary changes.
+    #[serde(default)]
+    pub epoch: u64,
     pub resource_version: u64,
 }
 

@@ -102,10 +102,22 @@ reasons! {
     DropTooBigNoDf = 28 => "drop_too_big_no_df",
     /// Dropped: too big for the tunnel, and this CPU's ICMP too-big replies are over their rate.
     DropTooBigRateLimited = 29 => "drop_too_big_rate_limited",
+    /// A peer's data-plane echo probe, answered here (`XDP_TX`): this host's data plane is alive,
+    /// whatever its daemon is doing.
+    PeerEchoAnswered = 30 => "peer_echo_answered",
+    /// Dropped: a data-plane echo probe over this CPU's rate.
+    DropPeerEchoRateLimited = 31 => "drop_peer_echo_rate_limited",
+    /// Dropped, handed to the daemon: a packet of a flow this primary does not know (a TCP segment
+    /// without SYN, or a UDP datagram right after a promotion). The daemon asks the other engines
+    /// who owns it and records the answer; the client's next packet goes there.
+    OwnerAsked = 32 => "owner_asked",
+    /// An unknown flow placed by the ring without asking: this CPU's owner queries are over their
+    /// rate, or the queue to the daemon is full.
+    OwnerQueryOverflow = 33 => "owner_query_overflow",
 }
 
 /// Size of the `REASONS` map.
-pub const REASON_COUNT: u32 = 30;
+pub const REASON_COUNT: u32 = 34;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);
 
 /// Transmit failures after the XDP verdict, counted from the kernel's `xdp` tracepoints (the index of

@@ -51,6 +51,13 @@ pub const VS_F_PERSIST: u32 = 1 << 1;
 /// and new connections are to be refused at once (the stack resets them), not held back for a
 /// listener to come back as while a daemon restarts.
 pub const VS_F_REFUSE_NEW: u32 = 1 << 2;
+/// A TCP segment without SYN of a flow the connection table does not know is handed to the daemon
+/// (the `OWNER_QUERIES` ring buffer) and dropped, instead of being placed by the ring: the daemon
+/// asks the other engines who owns it. Set where this engine steers a service with peers.
+pub const VS_F_ASK_OWNER: u32 = 1 << 3;
+/// The same for UDP datagrams of unknown flows: set only for a while after a promotion, when the
+/// surviving engines' sessions are not yet in this engine's table.
+pub const VS_F_ASK_OWNER_UDP: u32 = 1 << 4;
 
 /// Value of the VS table (an array indexed by virtual service id). The VIP table maps a
 /// (VIP, port, protocol) to the id; a connection-table hit finds the service here directly and
@@ -218,11 +225,42 @@ const _: () = assert!(size_of::<Engine>() == 40);
 pub struct Globals {
     /// Outer source address of IPv4 tunnel packets.
     pub tunnel_src_v4_be: u32,
-    pub _pad: u32,
+    /// UDP port of the peer probes (network order; 0: none): data-plane echo probes to it are
+    /// answered by the XDP program itself.
+    pub peer_port_be: u16,
+    pub _pad: u16,
     /// Outer source address of IPv6 tunnel packets.
     pub tunnel_src_v6_be: [u32; 4],
 }
 const _: () = assert!(size_of::<Globals>() == 24);
+
+/// A flow the data plane asks the daemon about (a record of the `OWNER_QUERIES` ring buffer).
+/// IPv4 addresses use word 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerQuery {
+    pub vs_id: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub src_be: [u32; 4],
+    pub dst_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(size_of::<OwnerQuery>() == 44);
+
+/// Bytes of the `OWNER_QUERIES` ring buffer (a power of two, a multiple of the page size): about
+/// 5000 queries waiting for the daemon at most; beyond that, unknown flows are placed by the ring.
+pub const OWNER_QUERY_RING_BYTES: u32 = 1 << 18;
+
+/// Length of a data-plane echo probe's UDP payload (see the daemon's `peers` module).
+pub const PEER_ECHO_LEN: usize = 44;
+/// First bytes of every peer message.
+pub const PEER_MAGIC: [u8; 4] = *b"LBP2";
+/// Message kinds the data plane knows: an echo request, which it turns into an echo reply.
+pub const PEER_KIND_ECHO: u8 = 2;
+pub const PEER_KIND_ECHO_REPLY: u8 = 3;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -237,6 +275,7 @@ mod pod {
     unsafe impl aya::Pod for super::PersistEntry {}
     unsafe impl aya::Pod for super::Engine {}
     unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for super::OwnerQuery {}
     unsafe impl aya::Pod for crate::TrafficCounters {}
     unsafe impl aya::Pod for crate::TxErrorFilter {}
 }

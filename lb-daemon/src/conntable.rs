@@ -143,6 +143,19 @@ impl ConnTable {
         self.map.get(key).map(|c| c.snapshot())
     }
 
+    pub fn contains(&self, key: &FlowKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The clients (address and port) of every connection to `vip` over `protocol`.
+    pub fn clients_of(&self, vip: SocketAddr, protocol: Protocol) -> Vec<SocketAddr> {
+        self.map
+            .iter()
+            .filter(|c| c.key.vip == vip && c.key.protocol == protocol)
+            .map(|c| c.key.client)
+            .collect()
+    }
+
     /// Every connection, optionally only those of one virtual service.
     pub fn list(&self, virtual_service: Option<&str>) -> Vec<ConnSnapshot> {
         self.map

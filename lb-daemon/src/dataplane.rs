@@ -18,7 +18,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, xdp::XdpMapError},
+    maps::{
+        Array, DevMap, HashMap, MapData, MapError, MapInfo, PerCpuArray, RingBuf, xdp::XdpMapError,
+    },
     programs::{
         ProgramError, TracePoint, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -149,6 +151,10 @@ pub struct Dataplane {
     pub persist: HashMap<MapData, PersistKey, PersistEntry>,
     /// Shared with the metrics endpoint.
     pub counters: Arc<Counters>,
+    /// Flows of unknown owner the program hands up (taken by the owner-query task).
+    pub owner_queries: Option<RingBuf<MapData>>,
+    /// The attachment was taken over from a previous daemon (the data plane was steering).
+    adopted: bool,
     max_vs: u32,
 }
 
@@ -409,6 +415,8 @@ impl Dataplane {
                 tx_errors_watched: OnceLock::new(),
             }),
             tx_error_filter: take!("TX_ERROR_FILTER"),
+            owner_queries: Some(take!("OWNER_QUERIES")),
+            adopted: false,
             ebpf,
             link: None,
             max_vs,
@@ -474,6 +482,7 @@ impl Dataplane {
                 old_program = old,
                 "took over the pinned XDP link: program replaced atomically"
             );
+            self.adopted = true;
             fd_link
         } else {
             let id = prog
@@ -549,6 +558,12 @@ impl Dataplane {
             id: info.id(),
             tag: format!("{:016x}", info.tag()),
         })
+    }
+
+    /// Whether [`Dataplane::attach`] took over a pinned attachment (the data plane was steering
+    /// before this daemon started).
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The pin directory this data plane holds.

@@ -13,10 +13,11 @@
 //! [`Applied::Unchanged`]: nothing is written.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
 };
 
+use lb_common::{VS_F_ASK_OWNER_UDP, VS_F_PRIMARY};
 use tracing::{info, warn};
 
 use crate::{
@@ -59,11 +60,53 @@ pub enum ApplyError {
     },
 }
 
+/// What this engine's own view of its peers changes in its data plane, over the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// Engines whose daemons the peer probes found silent: down in the data plane (no new flows;
+    /// rings re-hashed around them) whatever the configuration says.
+    pub down: BTreeSet<u32>,
+    /// Virtual service id → its primary as the engines decided ([`crate::roles`]), where it
+    /// differs from the configuration.
+    pub primaries: BTreeMap<u32, u32>,
+    /// Virtual services whose unknown UDP flows are asked about (just after a promotion).
+    pub ask_udp: BTreeSet<u32>,
+}
+
+impl Overlay {
+    /// `config` as this engine's data plane is to see it.
+    fn apply(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        for e in &mut c.engines {
+            if self.down.contains(&e.id) && e.state == EngineState::Active {
+                e.state = EngineState::Down;
+            }
+        }
+        for vs in &mut c.virtual_services {
+            if let Some(p) = self.primaries.get(&vs.id) {
+                vs.primary = *p;
+            }
+        }
+        c
+    }
+
+    fn tables(&self, config: &Config) -> Result<Tables, PlanError> {
+        let mut t = Tables::plan(&self.apply(config), &SystemLinks)?;
+        for id in &self.ask_udp {
+            if let Some(vs) = t.vs.get_mut(id)
+                && vs.flags & VS_F_PRIMARY != 0
+            {
+                vs.flags |= VS_F_ASK_OWNER_UDP;
+            }
+        }
+        Ok(t)
+    }
+}
+
 /// This engine's applied state.
 pub struct Engine {
     config: Config,
-    /// Engines the peer probes found silent: down in the data plane whatever the configuration says.
-    peer_down: BTreeSet<u32>,
+    overlay: Overlay,
     tables: Tables,
     dp: Dataplane,
     proxy: Proxy,
@@ -88,7 +131,7 @@ impl Engine {
         let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
         Ok(Engine {
             config,
-            peer_down: BTreeSet::new(),
+            overlay: Overlay::default(),
             tables,
             dp,
             proxy,
@@ -104,6 +147,10 @@ impl Engine {
         &self.dp
     }
 
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
     /// What the metrics endpoint lists, refreshed by every apply.
     pub fn inventory(&self) -> Arc<RwLock<Inventory>> {
         self.inventory.clone()
@@ -115,12 +162,7 @@ impl Engine {
     /// midway, the previous tables and proxy configuration are put back.
     pub fn apply(&mut self, config: Config) -> Result<Applied, ApplyError> {
         restart_only(&self.config, &config)?;
-        self.peer_down.retain(|id| {
-            config
-                .engine(*id)
-                .is_some_and(|e| e.state == EngineState::Active)
-        });
-        let tables = Tables::plan(&overlay(&config, &self.peer_down), &SystemLinks)?;
+        let tables = self.overlay.tables(&config)?;
         let changes = Changes::between(Some(&self.tables), &tables);
         if changes.is_empty() && config == self.config {
             return Ok(Applied::Unchanged);
@@ -162,18 +204,13 @@ impl Engine {
 }
 
 impl Engine {
-    /// A peer found silent (`down`) or answering again: only the data plane changes (its entry,
-    /// and the rings without it); the proxy and the configuration stay.
-    pub fn set_peer_down(&mut self, id: u32, down: bool) -> Result<Applied, ApplyError> {
-        let changed = if down {
-            self.peer_down.insert(id)
-        } else {
-            self.peer_down.remove(&id)
-        };
-        if !changed {
+    /// This engine's view of its peers changed (a peer's daemon went silent or answers again, a
+    /// role moved): only the data plane changes; the proxy and the configuration stay.
+    pub fn set_overlay(&mut self, overlay: Overlay) -> Result<Applied, ApplyError> {
+        if overlay == self.overlay {
             return Ok(Applied::Unchanged);
         }
-        let planned = Tables::plan(&overlay(&self.config, &self.peer_down), &SystemLinks)?;
+        let planned = overlay.tables(&self.config)?;
         let diff = Changes::between(Some(&self.tables), &planned);
         let dp = &mut self.dp;
         tokio::task::block_in_place(|| dp.apply(&diff))
@@ -187,27 +224,13 @@ impl Engine {
             })
             .collect();
         self.tables = planned;
+        self.overlay = overlay;
         Ok(Applied::Changed { writes })
     }
 
-    /// Engines the peer probes hold down.
-    pub fn peers_down(&self) -> &BTreeSet<u32> {
-        &self.peer_down
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
     }
-}
-
-/// `config` with the engines of `down` down (where the configuration has them active).
-fn overlay(config: &Config, down: &BTreeSet<u32>) -> Config {
-    if down.is_empty() {
-        return config.clone();
-    }
-    let mut c = config.clone();
-    for e in &mut c.engines {
-        if down.contains(&e.id) && e.state == EngineState::Active {
-            e.state = EngineState::Down;
-        }
-    }
-    c
 }
 
 /// Host settings that size or place the maps, or bind the metrics endpoint: a running engine

@@ -27,11 +27,13 @@ use lb_daemon::{
     conntable::ConnTable,
     dataplane::Dataplane,
     engine::{Applied as Applied_, Engine},
+    failover::{Ends, Failover, FailoverCounters},
     heartbeat::Sampler,
     links::SystemLinks,
     managed::{self, Applied},
     metrics::{self, Metrics},
-    peers::{self, PeerCounters, PeerEvent, Plan},
+    owners::{self, ConnTables, OwnerPlan},
+    peers::{self, View},
     tables::{Changes, Links, Tables},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -199,15 +201,63 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let conns = Arc::new(ConnTable::default());
     let mut engine = Engine::start(dp, config, conns.clone())?;
 
-    let peer_counters = Arc::new(PeerCounters::default());
+    let failover_counters = Arc::new(FailoverCounters::default());
     let metrics = Arc::new(Metrics::new(
         engine.dataplane().counters.clone(),
         engine.inventory(),
-        peer_counters.clone(),
+        failover_counters.clone(),
     ));
-    let (plan_tx, plan_rx) = tokio::sync::watch::channel(Plan::of(engine.config()));
-    let (peer_tx, mut peer_rx) = tokio::sync::mpsc::channel::<PeerEvent>(64);
-    tokio::spawn(peers::run(plan_rx, peer_tx, peer_counters));
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
+    let (view_tx, mut view_rx) = tokio::sync::watch::channel(View::new());
+    let (sender_tx, sender_rx) = tokio::sync::watch::channel(None);
+    let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(1024);
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
+    let (owner_plan_tx, owner_plan_rx) = tokio::sync::watch::channel(OwnerPlan::default());
+    tokio::spawn(peers::run(
+        peers::Channels {
+            plan: plan_rx,
+            view: view_tx,
+            owners: incoming_tx,
+            sender: sender_tx,
+        },
+        failover_counters.peers.clone(),
+    ));
+    let pin_dir = engine.config().daemon.pin_dir.clone();
+    match (
+        engine.dataplane_mut().owner_queries.take(),
+        ConnTables::open(&pin_dir),
+    ) {
+        (Some(queries), Ok(tables)) => {
+            tokio::spawn(owners::run(
+                owners::Channels {
+                    plan: owner_plan_rx,
+                    sender: sender_rx,
+                    incoming: incoming_rx,
+                    commands: commands_rx,
+                },
+                queries,
+                tables,
+                conns.clone(),
+                failover_counters.owners.clone(),
+            ));
+        }
+        (_, Err(e)) => {
+            warn!("owner queries off: opening the pinned connection tables: {e:#}");
+        }
+        (None, _) => warn!("owner queries off: the data plane has no query ring"),
+    }
+    let mut failover = Failover::new(
+        &engine,
+        Ends {
+            view: view_rx.clone(),
+            plan: plan_tx,
+            owner_plan: owner_plan_tx,
+            commands: commands_tx,
+        },
+        failover_counters.clone(),
+    )
+    .await;
+    failover.refresh(&mut engine).await;
     let listen = engine.config().daemon.metrics_listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -245,7 +295,16 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
+        let deadline = failover.next_deadline();
         tokio::select! {
+            changed = view_rx.changed() => {
+                if changed.is_ok() {
+                    failover.refresh(&mut engine).await;
+                }
+            }
+            () = sleep_until(deadline), if deadline.is_some() => {
+                failover.refresh(&mut engine).await;
+            }
             Some(a) = apply_rx.recv() => {
                 let result = apply_snapshot(&mut engine, &a, managed.as_ref());
                 if let Ok(applied) = &result {
@@ -261,7 +320,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 }
                 if result.is_ok() {
                     status.applied.store(a.version, Ordering::Relaxed);
-                    plan_tx.send_if_modified(|p| replace(p, Plan::of(engine.config())));
+                    failover.refresh(&mut engine).await;
                 }
                 let _ = a.reply.send(result.map(|_| ()));
             }
@@ -271,7 +330,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 match applied {
                     Ok(applied) => {
                         metrics.applied(&applied);
-                        plan_tx.send_if_modified(|p| replace(p, Plan::of(engine.config())));
+                        failover.refresh(&mut engine).await;
                         info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }
@@ -279,19 +338,6 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                         error!("reload refused, still running the previous configuration: {e:#}");
                         metrics.reload(false);
                     }
-                }
-            }
-            Some(ev) = peer_rx.recv() => {
-                let (id, down) = match ev {
-                    PeerEvent::Down(id) => (id, true),
-                    PeerEvent::Up(id) => (id, false),
-                };
-                match engine.set_peer_down(id, down) {
-                    Ok(applied) => {
-                        metrics.applied(&applied);
-                        info!(engine = id, down, ?applied, "peer state in the data plane");
-                    }
-                    Err(e) => error!(engine = id, down, "marking the peer in the data plane: {e}"),
                 }
             }
             _ = term.recv() => break,
@@ -313,13 +359,12 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     Ok(())
 }
 
-/// Sets `slot` to `new`; true if it changed.
-fn replace<T: PartialEq>(slot: &mut T, new: T) -> bool {
-    if *slot == new {
-        return false;
+/// Sleeps until `t` (forever without one).
+async fn sleep_until(t: Option<std::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
-    *slot = new;
-    true
 }
 
 /// A SIGHUP: the file again. In managed mode only its host settings change; the desired state stays

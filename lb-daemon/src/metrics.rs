@@ -58,8 +58,8 @@ impl Inventory {
     }
 }
 
-/// The peer probes' counters.
-struct PeerCollector(Arc<crate::peers::PeerCounters>);
+/// The failover counters: peer probes, roles, announcements, owner queries.
+struct PeerCollector(Arc<crate::failover::FailoverCounters>);
 
 impl fmt::Debug for PeerCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,13 +68,20 @@ impl fmt::Debug for PeerCollector {
 }
 
 impl Collector for PeerCollector {
+    #[allow(clippy::too_many_lines)]
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let c = &self.0;
+        let fo = &self.0;
+        let (c, o, a) = (&fo.peers, &fo.owners, &fo.announce);
         for (name, help, v) in [
             (
                 "lb_peer_probes_sent",
-                "Liveness probes sent to secondaries",
+                "Liveness probes sent to peers (to their daemons)",
                 &c.sent,
+            ),
+            (
+                "lb_peer_echoes_sent",
+                "Echo probes sent to peers (answered by their data planes)",
+                &c.echoes_sent,
             ),
             (
                 "lb_peer_probes_answered",
@@ -83,8 +90,78 @@ impl Collector for PeerCollector {
             ),
             (
                 "lb_peer_probe_replies",
-                "Answers to this engine's probes",
+                "Answers of peers' daemons to this engine's probes",
                 &c.replies,
+            ),
+            (
+                "lb_peer_echo_replies",
+                "Echoes that came back from peers' data planes",
+                &c.echo_replies,
+            ),
+            (
+                "lb_promotions",
+                "Times this engine took the primary role of a virtual service",
+                &fo.promotions,
+            ),
+            (
+                "lb_demotions",
+                "Times this engine gave up the primary role to a higher epoch",
+                &fo.demotions,
+            ),
+            (
+                "lb_garp_sent",
+                "Gratuitous ARP announcements sent for VIPs",
+                &a.garp_sent,
+            ),
+            (
+                "lb_unsolicited_na_sent",
+                "Unsolicited neighbour advertisements sent for VIPs",
+                &a.na_sent,
+            ),
+            (
+                "lb_announce_errors",
+                "Announcements that could not be sent",
+                &a.send_errors,
+            ),
+            (
+                "lb_owner_queries_asked",
+                "Flows of unknown owner this engine asked its peers about",
+                &o.asked,
+            ),
+            (
+                "lb_owner_queries_answered",
+                "Asked flows an engine said it owns",
+                &o.answered,
+            ),
+            (
+                "lb_owner_queries_unowned",
+                "Asked flows no engine owns (given to this engine)",
+                &o.unowned,
+            ),
+            (
+                "lb_owner_queries_unanswered",
+                "Asked flows some peer did not answer about in time",
+                &o.unanswered,
+            ),
+            (
+                "lb_owner_queries_overflow",
+                "Flows not asked about: too many waiting",
+                &o.overflow,
+            ),
+            (
+                "lb_owner_queries_served",
+                "Owner queries of other engines answered",
+                &o.queries_answered,
+            ),
+            (
+                "lb_flows_bulk_loaded",
+                "Flows written into the connection table from surviving engines' lists",
+                &o.bulk_loaded,
+            ),
+            (
+                "lb_flows_pushed",
+                "Flows sent to a new primary",
+                &o.bulk_sent,
             ),
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -92,7 +169,7 @@ impl Collector for PeerCollector {
         }
         let mut m = encoder.encode_descriptor(
             "lb_peer_probes_refused",
-            "Datagrams on the probe port refused, by reason (length, magic, kind, mac)",
+            "Datagrams on the peer port refused, by reason (length, magic, kind, mac, body, stranger)",
             None,
             MetricType::Counter,
         )?;
@@ -102,12 +179,19 @@ impl Collector for PeerCollector {
         }
         let mut m = encoder.encode_descriptor(
             "lb_peer_transitions",
-            "Secondaries found silent (down) or answering again (up)",
+            "Peers' daemons (signal=daemon) or data planes (signal=dataplane) found silent (down) or answering again (up)",
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(c.downs.load(Relaxed)).encode(m.encode_family(&[("to", "down")])?)?;
-        ConstCounter::new(c.ups.load(Relaxed)).encode(m.encode_family(&[("to", "up")])?)?;
+        for (signal, to, v) in [
+            ("daemon", "down", &c.downs),
+            ("daemon", "up", &c.ups),
+            ("dataplane", "down", &c.dataplane_downs),
+            ("dataplane", "up", &c.dataplane_ups),
+        ] {
+            ConstCounter::new(v.load(Relaxed))
+                .encode(m.encode_family(&[("signal", signal), ("to", to)])?)?;
+        }
         Ok(())
     }
 }
@@ -407,10 +491,15 @@ impl Metrics {
     pub fn new(
         counters: Arc<Counters>,
         inventory: Arc<RwLock<Inventory>>,
-        peers: Arc<crate::peers::PeerCounters>,
+        failover: Arc<crate::failover::FailoverCounters>,
     ) -> Self {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(PeerCollector(peers)));
+        registry.register(
+            "lb_owner_query_seconds",
+            "Time from an owner query to its answer",
+            failover.owners.latency.clone(),
+        );
+        registry.register_collector(Box::new(PeerCollector(failover)));
         registry.register_collector(Box::new(DataplaneCollector {
             counters,
             inventory: inventory.clone(),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     ENGINE_ACTIVE, ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals,
-    RING_SIZE, VS_F_PERSIST, VS_F_PRIMARY, VS_F_REFUSE_NEW, VipKey, VsEntry,
+    RING_SIZE, VS_F_ASK_OWNER, VS_F_PERSIST, VS_F_PRIMARY, VS_F_REFUSE_NEW, VipKey, VsEntry,
     addr::{ip_be, v4_be, v6_be},
     maglev::{self, Member},
     vip_port_bit,
@@ -90,12 +90,14 @@ fn tunnel_mtu(
 
 impl Tables {
     /// Plans the maps for a validated `config`.
+    #[allow(clippy::too_many_lines)]
     pub fn plan(config: &Config, links: &dyn Links) -> Result<Tables, PlanError> {
         let d = &config.daemon;
         let main = links.link(&d.interface)?;
         let mut t = Tables {
             globals: Globals {
                 tunnel_src_v4_be: d.tunnel_source_v4.map_or(0, v4_be),
+                peer_port_be: config.peers.as_ref().map_or(0, |p| p.port.to_be()),
                 _pad: 0,
                 tunnel_src_v6_be: d.tunnel_source_v6.map_or([0; 4], v6_be),
             },
@@ -149,6 +151,9 @@ impl Tables {
             }
             if vs.draining {
                 flags |= VS_F_REFUSE_NEW;
+            }
+            if vs.is_primary_here(d.engine_id) && config.peers.is_some() && vs.engines.len() > 1 {
+                flags |= VS_F_ASK_OWNER;
             }
             let key = VipKey {
                 addr_be,

@@ -11,6 +11,7 @@
 #![no_main]
 
 mod counters;
+mod echo;
 mod forward;
 mod icmp;
 mod maps;
@@ -66,6 +67,8 @@ fn is_drop(reason: Reason) -> bool {
             | Reason::DropNoListener
             | Reason::DropTooBigNoDf
             | Reason::DropTooBigRateLimited
+            | Reason::DropPeerEchoRateLimited
+            | Reason::OwnerAsked
     )
 }
 
@@ -103,6 +106,11 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
             Reason::PassTruncated
         });
     };
+    if v4 && ip.proto == PROTO_UDP {
+        if let Some(verdict) = echo::answer(ctx, l2.len, &ip, ports) {
+            return Ok(verdict);
+        }
+    }
     if !vip_port(ip.proto, ports[1]) {
         return Err(Reason::PassNotVip);
     }

@@ -5,12 +5,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     ConnEntry, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, Engine, FlowV4,
-    FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey, REASON_COUNT, RING_SIZE,
-    TX_ERROR_COUNT, TrafficCounters, TxErrorFilter, VIP_PORT_WORDS, VipKey, VsEntry,
+    FlowV6, Globals, MAX_ENGINES, OWNER_QUERY_RING_BYTES, PersistEntry, PersistKey, REASON_COUNT,
+    RING_SIZE, TX_ERROR_COUNT, TrafficCounters, TxErrorFilter, VIP_PORT_WORDS, VipKey, VsEntry,
 };
 
 /// LRU lists per CPU, hash table shared: inserts never contend on a global LRU lock (the point of
@@ -70,6 +70,18 @@ pub static STATE_LAYOUT: Array<u32> = Array::pinned(1, 0);
 /// Rate limit of ICMP too-big replies (per CPU): the theoretical arrival time of the next one.
 #[map]
 pub static TOO_BIG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Rate limit of data-plane echo answers (per CPU): the theoretical arrival time of the next one.
+#[map]
+pub static PEER_ECHO_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flows of unknown owner handed to the daemon (`lb_common::OwnerQuery` records).
+#[map]
+pub static OWNER_QUERIES: RingBuf = RingBuf::with_byte_size(OWNER_QUERY_RING_BYTES, 0);
+
+/// Rate limit of owner queries (per CPU): the theoretical arrival time of the next one.
+#[map]
+pub static OWNER_QUERY_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Data-plane wide settings (one entry).
 #[map]

@@ -10,15 +10,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_MODE_LOCAL, ENGINE_NONE, Engine, FlowV4,
-    FlowV6, PersistEntry, PersistKey, RING_SIZE, Reason, VS_F_PERSIST, VS_F_PRIMARY, VipKey,
-    VsEntry,
+    ConnEntry, ENGINE_ACTIVE, ENGINE_DRAINING, ENGINE_MODE_LOCAL, ENGINE_NONE, Engine, FAMILY_V4,
+    FAMILY_V6, FlowV4, FlowV6, OwnerQuery, PROTO_UDP, PersistEntry, PersistKey, RING_SIZE, Reason,
+    VS_F_ASK_OWNER, VS_F_ASK_OWNER_UDP, VS_F_PERSIST, VS_F_PRIMARY, VipKey, VsEntry,
     hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
 };
 
 use crate::{
     counters::count,
-    maps::{CONN_V4, CONN_V6, ENGINES, PERSIST, RING, VIPS, VS},
+    maps::{CONN_V4, CONN_V6, ENGINES, OWNER_QUERIES, OWNER_QUERY_RATE, PERSIST, RING, VIPS, VS},
 };
 
 /// The engine a packet goes to.
@@ -121,8 +121,40 @@ fn place(
     Ok((id, e))
 }
 
+/// Owner queries per CPU: one every `QUERY_INTERVAL_NS`, bursts of up to `QUERY_BURST`.
+const QUERY_INTERVAL_NS: u64 = 20_000;
+const QUERY_BURST: u64 = 1024;
+
+/// Hands `q` to the daemon if this CPU is within its query rate and the queue has room.
+#[inline(always)]
+fn ask_owner(q: &OwnerQuery) -> bool {
+    let Some(tat) = OWNER_QUERY_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a per-CPU array slot; only this CPU writes it while this program runs.
+    let t = unsafe { (*tat).max(now) };
+    if t - now > QUERY_BURST * QUERY_INTERVAL_NS
+        || OWNER_QUERIES.output::<OwnerQuery>(q, 0).is_err()
+    {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { *tat = t + QUERY_INTERVAL_NS };
+    true
+}
+
+/// Whether an unknown flow of `vs` is to be asked about rather than placed: a TCP segment without
+/// SYN (`VS_F_ASK_OWNER`), a UDP datagram right after a promotion (`VS_F_ASK_OWNER_UDP`).
+#[inline(always)]
+fn ask_about(vs: &VsEntry, non_syn: bool, proto: u8) -> bool {
+    (non_syn && vs.flags & VS_F_ASK_OWNER != 0)
+        || (proto == PROTO_UDP && vs.flags & VS_F_ASK_OWNER_UDP != 0)
+}
+
 macro_rules! owner_fn {
-    ($name:ident, $flow:ty, $table:ident, $hash:ident, $client:expr) => {
+    ($name:ident, $flow:ty, $table:ident, $hash:ident, $client:expr, $query:expr) => {
         /// The owner of `flow` (to `vip`), recording it when new and `mode` is `Record`.
         /// `syn`/`non_syn` describe a TCP segment (both false for UDP and ICMP lookups).
         #[inline(always)]
@@ -181,6 +213,12 @@ macro_rules! owner_fn {
             if non_syn {
                 count(Reason::TcpNonSynMiss);
             }
+            if mode == Mode::Record && ask_about(&vs, non_syn, flow.proto) {
+                if ask_owner(&$query(flow, vs_id)) {
+                    return Err(Reason::OwnerAsked);
+                }
+                count(Reason::OwnerQueryOverflow);
+            }
             let (id, e) = place(vs_id, &vs, $hash(flow), &client, mode)?;
             if mode == Mode::Record {
                 let _ = $table.insert(
@@ -203,11 +241,40 @@ macro_rules! owner_fn {
     };
 }
 
-owner_fn!(owner_v4, FlowV4, CONN_V4, flow_hash_v4, |f: &FlowV4| [
-    f.src_be, 0, 0, 0
-]);
-owner_fn!(owner_v6, FlowV6, CONN_V6, flow_hash_v6, |f: &FlowV6| f
-    .src_be);
+owner_fn!(
+    owner_v4,
+    FlowV4,
+    CONN_V4,
+    flow_hash_v4,
+    |f: &FlowV4| [f.src_be, 0, 0, 0],
+    |f: &FlowV4, vs_id| OwnerQuery {
+        vs_id,
+        family: FAMILY_V4,
+        proto: f.proto,
+        _pad: 0,
+        src_be: [f.src_be, 0, 0, 0],
+        dst_be: [f.dst_be, 0, 0, 0],
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+    }
+);
+owner_fn!(
+    owner_v6,
+    FlowV6,
+    CONN_V6,
+    flow_hash_v6,
+    |f: &FlowV6| f.src_be,
+    |f: &FlowV6, vs_id| OwnerQuery {
+        vs_id,
+        family: FAMILY_V6,
+        proto: f.proto,
+        _pad: 0,
+        src_be: f.src_be,
+        dst_be: f.dst_be,
+        sport_be: f.sport_be,
+        dport_be: f.dport_be,
+    }
+);
 
 /// Ring slots after a flow's own that are tried for a flow this host cannot take. Maglev
 /// interleaves the engines' slots, so another engine is almost always a few slots on; the walk is

@@ -22,7 +22,8 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
     },
     helpers::bpf_xdp_adjust_head,

@@ -168,6 +168,16 @@ pub struct DaemonConfig {
     pub conn_table_size: u32,
     #[serde(default = "default_persist_entries")]
     pub persist_table_size: u32,
+    /// The daemon puts each VIP on `interface` where this engine is the primary (so it answers
+    /// ARP / ND for it, and announces it with gratuitous ARP / unsolicited NA when it takes it
+    /// over) and on `lo` elsewhere, and sets `arp_ignore=1` / `arp_announce=2` on `interface`.
+    /// Off: the operator places the addresses (an engine then cannot take over a VIP by itself).
+    #[serde(default)]
+    pub manage_vip_addresses: bool,
+    /// Directory for this engine's own state files: the primary roles it took by promotion
+    /// (`roles-<engine_id>.json`), so a restarted daemon carries on as it was.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// Outer source address of IP-in-IP packets (needed when an engine tunnels over IPv4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_source_v4: Option<Ipv4Addr>,
@@ -189,6 +199,8 @@ impl DaemonConfig {
             max_virtual_services: default_max_vs(),
             conn_table_size: default_conn_entries(),
             persist_table_size: default_persist_entries(),
+            manage_vip_addresses: false,
+            state_dir: default_state_dir(),
             tunnel_source_v4: None,
             tunnel_source_v6: None,
         }
@@ -197,6 +209,13 @@ impl DaemonConfig {
 
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/lb")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/lb")
+}
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9100))
@@ -321,6 +340,11 @@ pub struct VirtualServiceConfig {
     pub protocol: Protocol,
     /// Engine id that steers this VIP (answers ARP / NDP).
     pub primary: u32,
+    /// Generation of the primary role: bumped by every change of primary (a promotion by the
+    /// engines, a migration by the controller). Engines follow the highest epoch they hear of, so an
+    /// old primary coming back with a lower one rejoins as a secondary.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// `> 0`: source-IP persistence with this idle timeout in seconds.
     #[serde(default)]
     pub persistence_timeout_s: u32,
@@ -344,6 +368,19 @@ impl VirtualServiceConfig {
     /// Whether the host with engine id `self_id` steers this virtual service.
     pub fn is_primary_here(&self, self_id: u32) -> bool {
         self.primary == self_id
+    }
+
+    /// The order in which engines take over the primary role: the primary, then the other engines
+    /// as `engines` lists them.
+    pub fn succession(&self) -> Vec<u32> {
+        std::iter::once(self.primary)
+            .chain(
+                self.engines
+                    .iter()
+                    .map(|m| m.id)
+                    .filter(|id| *id != self.primary),
+            )
+            .collect()
     }
 }
 

@@ -55,6 +55,10 @@ pub struct DaemonSection {
     pub tunnel_source_v4: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel_source_v6: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub manage_vip_addresses: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl DaemonSection {
@@ -72,6 +76,8 @@ impl DaemonSection {
             persist_table_size: 4096,
             tunnel_source_v4: None,
             tunnel_source_v6: None,
+            manage_vip_addresses: false,
+            state_dir: None,
         }
     }
 }
@@ -208,6 +214,8 @@ impl Config {
 #[derive(Debug)]
 pub struct PinDir {
     path: PathBuf,
+    /// The daemon's `state_dir` (saved roles): a host's files that outlive its daemon, like its pins.
+    state: tempfile::TempDir,
 }
 
 impl PinDir {
@@ -220,11 +228,18 @@ impl PinDir {
             let _ = std::fs::remove_dir(&path);
             return Err(e);
         }
-        Ok(Self { path })
+        let state = tempfile::Builder::new()
+            .prefix(&format!("lb-state-{label}-"))
+            .tempdir()?;
+        Ok(Self { path, state })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
     }
 }
 
@@ -286,6 +301,7 @@ impl Daemon {
             );
         }
         pins.path().clone_into(&mut config.daemon.pin_dir);
+        config.daemon.state_dir = Some(pins.state_dir().to_owned());
         let dir = tempfile::Builder::new()
             .prefix(&format!("lb-daemon-{}-", config.daemon.engine_id))
             .tempdir()?;
@@ -381,6 +397,7 @@ impl Daemon {
             controller: &'a ControllerSection,
         }
         pins.path().clone_into(&mut daemon.pin_dir);
+        daemon.state_dir = Some(pins.state_dir().to_owned());
         let dir = tempfile::Builder::new()
             .prefix(&format!("lb-daemon-m{}-", daemon.engine_id))
             .tempdir()?;
@@ -483,6 +500,7 @@ impl Daemon {
     /// `result="error"` series, an exit or no reload at all is an error (with the log's tail).
     pub fn reload(&mut self, mut config: Config) -> Result<()> {
         self.pins.path().clone_into(&mut config.daemon.pin_dir);
+        config.daemon.state_dir = Some(self.pins.state_dir().to_owned());
         match self.send_reload(&config)? {
             ReloadOutcome::Applied => {
                 self.config = config;
@@ -499,6 +517,7 @@ impl Daemon {
     /// log lines the reload added. [`Daemon::config`] stays the configuration that runs.
     pub fn reload_refused(&mut self, mut config: Config) -> Result<String> {
         self.pins.path().clone_into(&mut config.daemon.pin_dir);
+        config.daemon.state_dir = Some(self.pins.state_dir().to_owned());
         let before = std::fs::read_to_string(self.log_path())
             .unwrap_or_default()
             .len();
@@ -602,6 +621,7 @@ pub fn start_expecting_failure(
     timeout: Duration,
 ) -> Result<FailedStart> {
     pins.path().clone_into(&mut config.daemon.pin_dir);
+    config.daemon.state_dir = Some(pins.state_dir().to_owned());
     let dir = tempfile::Builder::new()
         .prefix(&format!("lb-daemon-bad-{}-", config.daemon.engine_id))
         .tempdir()?;

@@ -1709,7 +1709,7 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::PassIcmp
         | Reason::PassIpv6Ext
         | Reason::Local => Some(&[xdp::PASS]),
-        Reason::TxL2 | Reason::IcmpTooBigSent => Some(&[xdp::TX]),
+        Reason::TxL2 | Reason::IcmpTooBigSent | Reason::PeerEchoAnswered => Some(&[xdp::TX]),
         Reason::RedirectL2 => Some(&[xdp::REDIRECT]),
         Reason::TxTunnel => Some(&[xdp::TX, xdp::REDIRECT]),
         Reason::DropTruncated
@@ -1721,7 +1721,9 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::DropRedirect
         | Reason::DropNoListener
         | Reason::DropTooBigNoDf
-        | Reason::DropTooBigRateLimited => Some(&[xdp::DROP]),
+        | Reason::DropTooBigRateLimited
+        | Reason::DropPeerEchoRateLimited
+        | Reason::OwnerAsked => Some(&[xdp::DROP]),
         Reason::ConnHit
         | Reason::ConnNew
         | Reason::ConnOwnerDown
@@ -1729,7 +1731,8 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::PersistHit
         | Reason::IcmpSteered
         | Reason::SynToDraining
-        | Reason::PlacedAwayNoListener => None,
+        | Reason::PlacedAwayNoListener
+        | Reason::OwnerQueryOverflow => None,
     }
 }
 

@@ -1,0 +1,331 @@
+//! Failover on this engine: the peers' view ([`crate::peers`]) and the roles ([`crate::roles`])
+//! turned into the data plane's overlay, the VIP addresses and announcements
+//! ([`crate::announce`]), and the owner-query task's plan ([`crate::owners`]).
+//!
+//! ```text
+//!   peer view changes ─┐
+//!   config applied ────┼─► roles.decide ─► overlay (peers down, primaries, ask-UDP) ─► maps
+//!   start hold ends ───┤                 ├► VIP on the interface (primary) or lo, GARP / NA
+//!   ask-UDP expires ───┘                 ├► claims in the probes, owner plan
+//!                                        └► a new primary elsewhere: push it our flows
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    announce::{self, AnnounceCounters, VipAddresses},
+    config::Config,
+    engine::{Engine, Overlay},
+    owners::{Command, OwnerCounters, OwnerPlan, Service},
+    peers::{PeerCounters, Plan, View},
+    roles::{self, Change, Roles},
+};
+
+/// How long unknown UDP flows are asked about after a promotion.
+pub const ASK_UDP_FOR: Duration = Duration::from_secs(10);
+
+/// Every failover counter, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct FailoverCounters {
+    pub peers: Arc<PeerCounters>,
+    pub owners: Arc<OwnerCounters>,
+    pub announce: Arc<AnnounceCounters>,
+    pub promotions: AtomicU64,
+    pub demotions: AtomicU64,
+}
+
+pub struct Failover {
+    roles: Roles,
+    /// Off without `[peers]`: the configuration's primaries stand.
+    enabled: bool,
+    view: watch::Receiver<View>,
+    plan: watch::Sender<Option<Plan>>,
+    owner_plan: watch::Sender<OwnerPlan>,
+    commands: mpsc::Sender<Command>,
+    vips: Option<VipAddresses>,
+    announcing: BTreeMap<IpAddr, JoinHandle<()>>,
+    /// (peer, virtual service) claims below this engine's epoch already answered with announcements.
+    stale_claims: BTreeSet<(u32, u32)>,
+    ask_udp: BTreeMap<u32, Instant>,
+    hold_until: Option<Instant>,
+    counters: Arc<FailoverCounters>,
+}
+
+/// The channels [`Failover`] drives.
+pub struct Ends {
+    pub view: watch::Receiver<View>,
+    pub plan: watch::Sender<Option<Plan>>,
+    pub owner_plan: watch::Sender<OwnerPlan>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+impl Failover {
+    pub async fn new(engine: &Engine, ends: Ends, counters: Arc<FailoverCounters>) -> Failover {
+        let config = engine.config();
+        let d = &config.daemon;
+        let adopted = engine.dataplane().adopted();
+        let roles = Roles::new(
+            d.engine_id,
+            Some(roles::file_of(&d.state_dir, d.engine_id)),
+            adopted,
+        );
+        let hold_until = (!adopted).then(|| {
+            let (interval, down_after) = config
+                .peers
+                .as_ref()
+                .map_or((50, 3), |p| (p.interval_ms, p.down_after));
+            Instant::now() + Duration::from_millis(u64::from(interval) * u64::from(down_after + 2))
+        });
+        let vips = if d.manage_vip_addresses {
+            match VipAddresses::new(&d.interface).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    error!(
+                        "managing the VIP addresses: {e}; this engine will not take or give up VIPs"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Failover {
+            roles,
+            enabled: config.peers.is_some(),
+            view: ends.view,
+            plan: ends.plan,
+            owner_plan: ends.owner_plan,
+            commands: ends.commands,
+            vips,
+            announcing: BTreeMap::new(),
+            stale_claims: BTreeSet::new(),
+            ask_udp: BTreeMap::new(),
+            hold_until,
+            counters,
+        }
+    }
+
+    /// When the next timer is due (the start hold, an ask-UDP window).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.hold_until
+            .into_iter()
+            .chain(self.ask_udp.values().copied())
+            .min()
+    }
+
+    pub fn view_changed(&mut self) -> &mut watch::Receiver<View> {
+        &mut self.view
+    }
+
+    /// Re-decides everything and brings the data plane, the addresses and the tasks in line.
+    #[allow(clippy::too_many_lines)]
+    pub async fn refresh(&mut self, engine: &mut Engine) {
+        let now = Instant::now();
+        if self.hold_until.is_some_and(|t| t <= now) {
+            self.hold_until = None;
+            self.roles.end_hold();
+            info!("start hold over: taking the roles this engine has");
+        }
+        self.ask_udp.retain(|_, t| *t > now);
+        let config = engine.config().clone();
+        let view = self.view.borrow_and_update().clone();
+        let self_id = config.daemon.engine_id;
+        let changes = if self.enabled {
+            self.roles.decide(&config, &view)
+        } else {
+            Vec::new()
+        };
+        for c in &changes {
+            match *c {
+                Change::Promoted { vs_id, epoch } => {
+                    self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                    let desired = config.virtual_services.iter().find(|v| v.id == vs_id);
+                    let took_over =
+                        desired.is_some_and(|v| v.primary != self_id || v.epoch != epoch);
+                    if took_over {
+                        warn!(
+                            vs_id,
+                            epoch,
+                            "PROMOTED: this engine is now the primary (the previous one is gone)"
+                        );
+                        self.ask_udp.insert(vs_id, now + ASK_UDP_FOR);
+                    } else {
+                        info!(vs_id, epoch, "primary");
+                    }
+                }
+                Change::Demoted { vs_id, to, epoch } => {
+                    self.counters.demotions.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        vs_id,
+                        primary = to,
+                        epoch,
+                        "DEMOTED: another engine holds a higher epoch; rejoining as a secondary"
+                    );
+                    self.ask_udp.remove(&vs_id);
+                }
+                Change::Followed {
+                    vs_id,
+                    primary,
+                    epoch,
+                } => {
+                    info!(
+                        vs_id,
+                        primary, epoch, "following a new primary; pushing it the flows held here"
+                    );
+                    let _ = self
+                        .commands
+                        .try_send(Command::PushFlows { vs_id, primary });
+                }
+            }
+        }
+        let primaries = if self.enabled {
+            self.roles.primaries(&config)
+        } else {
+            BTreeMap::new()
+        };
+        let overlay = Overlay {
+            down: view
+                .iter()
+                .filter(|(_, s)| !s.daemon_up)
+                .map(|(id, _)| *id)
+                .collect(),
+            primaries: primaries.clone(),
+            ask_udp: self.ask_udp.keys().copied().collect(),
+        };
+        match engine.set_overlay(overlay) {
+            Ok(applied) => {
+                if matches!(applied, crate::engine::Applied::Changed { .. }) {
+                    info!(?applied, "peer view in the data plane");
+                }
+            }
+            Err(e) => error!("applying the peer view to the data plane: {e}"),
+        }
+        self.plan.send_if_modified(|p| {
+            let new = Plan::of(&config, self.roles.claims());
+            if *p == new {
+                return false;
+            }
+            *p = new;
+            true
+        });
+        let targets = Plan::of(&config, Vec::new())
+            .map(|p| p.targets)
+            .unwrap_or_default();
+        let services = config
+            .virtual_services
+            .iter()
+            .map(|vs| {
+                let primary = primaries.get(&vs.id).copied().unwrap_or(vs.primary) == self_id;
+                let peers = vs
+                    .succession()
+                    .into_iter()
+                    .filter(|id| *id != self_id && view.get(id).is_some_and(|s| s.daemon_up))
+                    .filter_map(|id| targets.get(&id).map(|a| (id, *a)))
+                    .collect::<Vec<(u32, SocketAddr)>>();
+                (
+                    vs.id,
+                    Service {
+                        vip: SocketAddr::new(vs.vip, vs.port),
+                        protocol: vs.protocol,
+                        peers,
+                        primary,
+                    },
+                )
+            })
+            .collect();
+        self.owner_plan.send_if_modified(|p| {
+            let new = OwnerPlan { self_id, services };
+            if *p == new {
+                return false;
+            }
+            *p = new;
+            true
+        });
+        self.place_vips(&config, &primaries, &view, &changes).await;
+    }
+
+    /// The VIP of each virtual service on the interface where this engine steers it, on `lo`
+    /// elsewhere; announcements on every promotion, and again when a peer still claims a VIP this
+    /// engine took at a higher epoch (it may have answered ARP meanwhile).
+    async fn place_vips(
+        &mut self,
+        config: &Config,
+        primaries: &BTreeMap<u32, u32>,
+        view: &View,
+        changes: &[Change],
+    ) {
+        let Some(vips) = &self.vips else { return };
+        let self_id = config.daemon.engine_id;
+        let mut steering: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        for vs in &config.virtual_services {
+            let primary = primaries.get(&vs.id).copied().unwrap_or(vs.primary) == self_id;
+            *steering.entry(vs.vip).or_default() |= primary;
+        }
+        for (vip, on_interface) in &steering {
+            if let Err(e) = vips.place(*vip, *on_interface).await {
+                error!(%vip, on_interface, "placing the VIP address: {e}");
+            }
+        }
+        let mut announce_for: BTreeSet<IpAddr> = BTreeSet::new();
+        for c in changes {
+            if let Change::Promoted { vs_id, .. } = c
+                && let Some(vs) = config.virtual_services.iter().find(|v| v.id == *vs_id)
+            {
+                announce_for.insert(vs.vip);
+            }
+        }
+        let mut stale_now = BTreeSet::new();
+        for vs in &config.virtual_services {
+            let Some(mine) = self.roles.role(vs.id).filter(|r| r.primary == self_id) else {
+                continue;
+            };
+            for (peer, status) in view {
+                if status
+                    .claims
+                    .iter()
+                    .any(|c| c.vs_id == vs.id && c.epoch < mine.epoch)
+                {
+                    stale_now.insert((*peer, vs.id));
+                    if !self.stale_claims.contains(&(*peer, vs.id)) {
+                        warn!(
+                            engine = peer,
+                            vs_id = vs.id,
+                            "a peer still claims this VIP at a lower epoch: announcing again"
+                        );
+                        announce_for.insert(vs.vip);
+                    }
+                }
+            }
+        }
+        self.stale_claims = stale_now;
+        for vip in announce_for {
+            if steering.get(&vip) != Some(&true) {
+                continue;
+            }
+            if let Some(old) = self.announcing.remove(&vip) {
+                old.abort();
+            }
+            let h = announce::announce(
+                vips.ifindex(),
+                vips.mac(),
+                vip,
+                self.counters.announce.clone(),
+            );
+            self.announcing.insert(vip, h);
+        }
+    }
+}

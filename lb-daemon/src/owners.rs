@@ -1,0 +1,486 @@
+//! "Who owns this flow?" — how a new primary learns the flows the surviving engines own, so that
+//! their connections never notice the failover.
+//!
+//! - **Bulk load.** An engine that sees a new primary for a virtual service (a [`Change::Followed`]
+//!   from [`crate::roles`]) sends it every flow its proxy holds for that service (`Owned`
+//!   messages, seq 0). The new primary writes them into its connection table: most flows hit at
+//!   once.
+//! - **Query.** For a flow the primary's table does not know — a TCP segment without SYN, or (for
+//!   a while after a promotion) a UDP datagram — the XDP program hands the 5-tuple to this task
+//!   (the `OWNER_QUERIES` ring buffer) and drops the packet. The task asks every engine of the
+//!   service whose daemon answers (`Query`), each says which of the flows are its own (`Owned`,
+//!   the query's seq), and the answer goes into the connection table: the client's
+//!   retransmission reaches the owner. A flow no engine owns is given to this engine: TCP is then
+//!   reset by its stack (the connection is lost), UDP starts a new session here.
+//!
+//! Cost to a surviving flow: at most one retransmission (the dropped segment), no reset. Bounds:
+//! the data plane rate-limits queries per CPU and the ring buffer is fixed in size (beyond either,
+//! flows are placed by the ring, counted `owner_query_overflow`); this task keeps at most
+//! [`MAX_PENDING`] flows waiting and gives each [`QUERY_TIMEOUT`] for answers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
+use lb_common::{ConnEntry, FAMILY_V4, FlowV4, FlowV6, OwnerQuery};
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::Protocol,
+    conntable::{ConnTable, FlowKey},
+    peers::{Incoming, Kind, MAX_BODY, Sender},
+};
+
+/// Flows waiting for answers at most.
+pub const MAX_PENDING: usize = 4096;
+/// How long the engines have to answer a query.
+pub const QUERY_TIMEOUT: Duration = Duration::from_millis(100);
+const FLOW_LEN: usize = 18;
+/// Flows per message.
+pub const FLOWS_PER_MESSAGE: usize = (MAX_BODY - 4) / FLOW_LEN;
+const _: () = assert!(4 + FLOWS_PER_MESSAGE * FLOW_LEN <= MAX_BODY);
+
+/// A virtual service as the owner queries see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    /// The other engines of the service whose daemons answer, with their peer addresses.
+    pub peers: Vec<(u32, SocketAddr)>,
+    /// This engine steers it.
+    pub primary: bool,
+}
+
+/// What the task works from (the engine refreshes it on every change of roles or peers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerPlan {
+    pub self_id: u32,
+    pub services: BTreeMap<u32, Service>,
+}
+
+/// Something this task is told to do besides answering.
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    /// `primary` is the new primary of `vs_id`: send it the flows held here.
+    PushFlows { vs_id: u32, primary: u32 },
+}
+
+#[derive(Debug)]
+pub struct OwnerCounters {
+    pub asked: AtomicU64,
+    pub answered: AtomicU64,
+    pub unowned: AtomicU64,
+    pub unanswered: AtomicU64,
+    pub overflow: AtomicU64,
+    pub bulk_loaded: AtomicU64,
+    pub bulk_sent: AtomicU64,
+    pub queries_answered: AtomicU64,
+    /// Seconds from a flow's query to its answer.
+    pub latency: Histogram,
+}
+
+impl Default for OwnerCounters {
+    fn default() -> Self {
+        OwnerCounters {
+            asked: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            unowned: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
+            bulk_loaded: AtomicU64::new(0),
+            bulk_sent: AtomicU64::new(0),
+            queries_answered: AtomicU64::new(0),
+            latency: Histogram::new([
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+            ]),
+        }
+    }
+}
+
+/// A flow of a virtual service, by its client (the VIP side is the service's).
+pub type Client = SocketAddr;
+
+fn encode_flows(vs_id: u32, flows: &[Client]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + flows.len() * FLOW_LEN);
+    b.extend_from_slice(&vs_id.to_be_bytes());
+    for c in flows {
+        let ip = match c.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        b.extend_from_slice(&ip.octets());
+        b.extend_from_slice(&c.port().to_be_bytes());
+    }
+    b
+}
+
+fn decode_flows(body: &[u8]) -> Option<(u32, Vec<Client>)> {
+    if body.len() < 4 || !(body.len() - 4).is_multiple_of(FLOW_LEN) {
+        return None;
+    }
+    let vs_id = u32::from_be_bytes(body[..4].try_into().ok()?);
+    let flows = body[4..]
+        .chunks_exact(FLOW_LEN)
+        .map(|f| {
+            let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(&f[..16]).expect("16 bytes"));
+            let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            SocketAddr::new(ip, u16::from_be_bytes([f[16], f[17]]))
+        })
+        .collect();
+    Some((vs_id, flows))
+}
+
+/// The client side of an owner query record.
+fn client_of(q: &OwnerQuery) -> Client {
+    let port = u16::from_be(q.sport_be);
+    if q.family == FAMILY_V4 {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(q.src_be[0]))), port)
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in q.src_be.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), port)
+    }
+}
+
+fn v6_be(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4 bytes")))
+}
+
+/// Second handles on the pinned connection tables.
+pub struct ConnTables {
+    v4: BpfHashMap<MapData, FlowV4, ConnEntry>,
+    v6: BpfHashMap<MapData, FlowV6, ConnEntry>,
+}
+
+impl ConnTables {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<ConnTables> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            Ok(Map::LruHashMap(MapData::from_pin(pin_dir.join(name))?))
+        };
+        Ok(ConnTables {
+            v4: BpfHashMap::try_from(open("CONN_V4")?)?,
+            v6: BpfHashMap::try_from(open("CONN_V6")?)?,
+        })
+    }
+
+    /// Records that `client`'s flow to `s` is `owner`'s. Existing entries are left alone (the data
+    /// plane recorded the flow since, which is newer than what was asked).
+    fn write(&mut self, s: &Service, vs_id: u32, client: Client, owner: u32) -> bool {
+        let entry = ConnEntry {
+            engine_id: owner,
+            vs_id,
+        };
+        let proto = s.protocol.number();
+        let sport = client.port().to_be();
+        let dport = s.vip.port().to_be();
+        let (ok, existed) = match (client.ip(), s.vip.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(v)) => {
+                let k = FlowV4::new(
+                    u32::from(c).to_be(),
+                    u32::from(v).to_be(),
+                    sport,
+                    dport,
+                    proto,
+                );
+                let existed = self.v4.get(&k, 0).is_ok();
+                (existed || self.v4.insert(k, entry, 0).is_ok(), existed)
+            }
+            (IpAddr::V6(c), IpAddr::V6(v)) => {
+                let k = FlowV6::new(v6_be(c), v6_be(v), sport, dport, proto);
+                let existed = self.v6.get(&k, 0).is_ok();
+                (existed || self.v6.insert(k, entry, 0).is_ok(), existed)
+            }
+            _ => (false, false),
+        };
+        ok && !existed
+    }
+}
+
+struct Pending {
+    vs_id: u32,
+    /// The query that asked about it.
+    seq: u64,
+    asked: Vec<u32>,
+    answered: Vec<u32>,
+    owner: Option<u32>,
+    since: Instant,
+}
+
+/// The task's ends.
+pub struct Channels {
+    pub plan: watch::Receiver<OwnerPlan>,
+    pub sender: watch::Receiver<Option<Sender>>,
+    pub incoming: mpsc::Receiver<Incoming>,
+    pub commands: mpsc::Receiver<Command>,
+}
+
+/// Runs until the plan channel closes. `queries`: the data plane's ring buffer.
+#[allow(clippy::too_many_lines)]
+pub async fn run(
+    mut ch: Channels,
+    queries: RingBuf<MapData>,
+    mut tables: ConnTables,
+    conns: Arc<ConnTable>,
+    counters: Arc<OwnerCounters>,
+) {
+    // SAFETY: the ring buffer owns its descriptor, and the `AsyncFd` owns the ring buffer: the
+    // descriptor stays open and the same for the `AsyncFd`'s life.
+    let registered = unsafe {
+        AsyncFd::register_with_interest(QueryRing(queries), tokio::io::Interest::READABLE)
+    };
+    let mut queries = match registered {
+        Ok(q) => q,
+        Err(e) => {
+            warn!(
+                "owner queries: cannot poll the ring buffer ({e}); unknown flows are placed by the ring"
+            );
+            return;
+        }
+    };
+    let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
+    let mut seq = 0u64;
+    let mut batch: BTreeMap<u32, Vec<Client>> = BTreeMap::new();
+    let mut sweep = tokio::time::interval(QUERY_TIMEOUT / 4);
+    loop {
+        tokio::select! {
+            changed = ch.plan.changed() => {
+                if changed.is_err() { return; }
+            }
+            guard = queries.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let plan = ch.plan.borrow().clone();
+                while let Some(q) = guard.get_inner_mut().next_query() {
+                    let client = client_of(&q);
+                    let key = (q.vs_id, client);
+                    if pending.contains_key(&key) {
+                        continue;
+                    }
+                    if pending.len() >= MAX_PENDING {
+                        counters.overflow.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Some(s) = plan.services.get(&q.vs_id) else { continue };
+                    counters.asked.fetch_add(1, Ordering::Relaxed);
+                    let mine = conns.contains(&FlowKey { client, vip: s.vip, protocol: s.protocol });
+                    pending.insert(key, Pending {
+                        vs_id: q.vs_id,
+                        seq: 0,
+                        asked: s.peers.iter().map(|(id, _)| *id).collect(),
+                        answered: Vec::new(),
+                        owner: mine.then_some(plan.self_id),
+                        since: Instant::now(),
+                    });
+                    batch.entry(q.vs_id).or_default().push(client);
+                }
+                guard.clear_ready();
+                let sender = ch.sender.borrow().clone();
+                let Some(sender) = sender else { continue };
+                for (vs_id, clients) in std::mem::take(&mut batch) {
+                    let Some(s) = plan.services.get(&vs_id) else { continue };
+                    for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
+                        seq += 1;
+                        for c in chunk {
+                            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
+                                p.seq = seq;
+                            }
+                        }
+                        for (_, addr) in &s.peers {
+                            sender.send(*addr, Kind::Query, seq, encode_flows(vs_id, chunk)).await;
+                        }
+                    }
+                }
+                // Flows with nobody to ask are decided at once.
+                settle(&mut pending, &plan, &mut tables, &counters, false);
+            }
+            Some(inc) = ch.incoming.recv() => {
+                let plan = ch.plan.borrow().clone();
+                let m = inc.message;
+                let Some((vs_id, flows)) = decode_flows(&m.body) else {
+                    debug!(engine = m.from, "owner message with a malformed body");
+                    continue;
+                };
+                let Some(s) = plan.services.get(&vs_id) else { continue };
+                match m.kind {
+                    Kind::Query => {
+                        let owned: Vec<Client> = flows
+                            .into_iter()
+                            .filter(|c| conns.contains(&FlowKey { client: *c, vip: s.vip, protocol: s.protocol }))
+                            .collect();
+                        counters.queries_answered.fetch_add(1, Ordering::Relaxed);
+                        let sender = ch.sender.borrow().clone();
+                        if let Some(sender) = sender {
+                            sender.send(inc.from_addr, Kind::Owned, m.seq, encode_flows(vs_id, &owned)).await;
+                        }
+                    }
+                    // Pushed to a new primary: write what the table does not know yet.
+                    Kind::Owned if m.seq == 0 && s.primary => {
+                        let mut n = 0u64;
+                        for c in flows {
+                            if tables.write(s, vs_id, c, m.from) {
+                                n += 1;
+                            }
+                        }
+                        counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
+                        info!(engine = m.from, vs_id, flows = n, "flows bulk-loaded from a surviving engine");
+                    }
+                    Kind::Owned if m.seq == 0 => {}
+                    Kind::Owned => {
+                        for c in &flows {
+                            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
+                                p.owner.get_or_insert(m.from);
+                            }
+                        }
+                        // The answer covers every flow of that query.
+                        for p in pending.values_mut().filter(|p| p.seq == m.seq && p.vs_id == vs_id && p.asked.contains(&m.from)) {
+                            if !p.answered.contains(&m.from) {
+                                p.answered.push(m.from);
+                            }
+                        }
+                        settle(&mut pending, &plan, &mut tables, &counters, false);
+                    }
+                    _ => {}
+                }
+            }
+            Some(cmd) = ch.commands.recv() => {
+                let plan = ch.plan.borrow().clone();
+                let Command::PushFlows { vs_id, primary } = cmd;
+                let sender = ch.sender.borrow().clone();
+                let (Some(s), Some(sender)) = (plan.services.get(&vs_id), sender) else { continue };
+                let Some((_, addr)) = s.peers.iter().find(|(id, _)| *id == primary) else { continue };
+                let clients = conns.clients_of(s.vip, s.protocol);
+                for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
+                    sender.send(*addr, Kind::Owned, 0, encode_flows(vs_id, chunk)).await;
+                }
+                counters.bulk_sent.fetch_add(clients.len() as u64, Ordering::Relaxed);
+                info!(vs_id, primary, flows = clients.len(), "flows pushed to the new primary");
+            }
+            _ = sweep.tick() => {
+                if !pending.is_empty() {
+                    let plan = ch.plan.borrow().clone();
+                    settle(&mut pending, &plan, &mut tables, &counters, true);
+                }
+            }
+        }
+    }
+}
+
+/// Decides the flows that can be: an owner found, everyone answered, or (`sweep`) time is up.
+fn settle(
+    pending: &mut HashMap<(u32, Client), Pending>,
+    plan: &OwnerPlan,
+    tables: &mut ConnTables,
+    counters: &OwnerCounters,
+    sweep: bool,
+) {
+    let now = Instant::now();
+    pending.retain(|(vs_id, client), p| {
+        let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
+        let timed_out = sweep && now.duration_since(p.since) >= QUERY_TIMEOUT;
+        if p.owner.is_none() && !all_answered && !timed_out {
+            return true;
+        }
+        let Some(s) = plan.services.get(vs_id) else {
+            return false;
+        };
+        let owner = if let Some(o) = p.owner {
+            counters.answered.fetch_add(1, Ordering::Relaxed);
+            o
+        } else {
+            if all_answered {
+                counters.unowned.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.unanswered.fetch_add(1, Ordering::Relaxed);
+            }
+            // Nobody owns it: this engine takes it (TCP: its stack resets the stray segment;
+            // UDP: a new session here).
+            plan.self_id
+        };
+        counters
+            .latency
+            .observe(now.duration_since(p.since).as_secs_f64());
+        tables.write(s, *vs_id, *client, owner);
+        false
+    });
+}
+
+/// The ring buffer, pollable.
+struct QueryRing(RingBuf<MapData>);
+
+impl QueryRing {
+    fn next_query(&mut self) -> Option<OwnerQuery> {
+        let item = self.0.next()?;
+        if item.len() < std::mem::size_of::<OwnerQuery>() {
+            return None;
+        }
+        // SAFETY: `OwnerQuery` is plain old data of that many bytes; read unaligned.
+        Some(unsafe { item.as_ptr().cast::<OwnerQuery>().read_unaligned() })
+    }
+}
+
+impl AsRawFd for QueryRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_round_trip_both_families() {
+        let flows: Vec<Client> = vec![
+            "10.0.0.2:40000".parse().unwrap(),
+            "[fd00::2]:40001".parse().unwrap(),
+        ];
+        let b = encode_flows(7, &flows);
+        assert_eq!(b.len(), 4 + 2 * FLOW_LEN);
+        assert_eq!(decode_flows(&b), Some((7, flows)));
+        assert_eq!(decode_flows(&b[..5]), None, "cut short");
+        assert_eq!(decode_flows(&[0; 3]), None);
+        assert_eq!(
+            decode_flows(&7u32.to_be_bytes()),
+            Some((7, Vec::new())),
+            "none owned"
+        );
+    }
+
+    #[test]
+    fn a_query_record_names_its_client() {
+        let q = OwnerQuery {
+            vs_id: 1,
+            family: FAMILY_V4,
+            proto: 6,
+            _pad: 0,
+            src_be: [u32::from(Ipv4Addr::new(10, 0, 0, 2)).to_be(), 0, 0, 0],
+            dst_be: [0; 4],
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+        };
+        assert_eq!(client_of(&q), "10.0.0.2:40000".parse().unwrap());
+        let v6: Ipv6Addr = "fd00::2".parse().unwrap();
+        let q6 = OwnerQuery {
+            family: lb_common::FAMILY_V6,
+            src_be: v6_be(v6),
+            ..q
+        };
+        assert_eq!(client_of(&q6), "[fd00::2]:40000".parse().unwrap());
+    }
+}
