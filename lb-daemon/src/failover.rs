@@ -144,6 +144,8 @@ impl Failover {
         let config = engine.config().clone();
         let view = self.view.borrow_and_update().clone();
         let self_id = config.daemon.engine_id;
+        // A managed engine learns its `[peers]` from the controller's first snapshot.
+        self.enabled = config.peers.is_some();
         let changes = if self.enabled {
             self.roles.decide(&config, &view)
         } else {

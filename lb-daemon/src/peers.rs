@@ -546,14 +546,17 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                             let _ = ch.owners.try_send(Incoming { from_addr: from, message: m });
                         }
                         Kind::EchoReply => {
-                            let Some(peer) = peers.get_mut(&m.from) else {
+                            // Our own echo, turned around by the peer's data plane: the peer is
+                            // who it came back from.
+                            let peer = peers.iter_mut().find(|(_, p)| p.addr == from);
+                            let (Some((&id, peer)), true) = (peer, m.from == p.self_id) else {
                                 counters.refuse(Refused::Stranger);
                                 continue;
                             };
                             counters.echo_replies.fetch_add(1, Ordering::Relaxed);
                             if peer.dataplane.heard(now, p.peers.up_after) {
                                 counters.dataplane_ups.fetch_add(1, Ordering::Relaxed);
-                                info!(engine = m.from, "peer data plane up: echoes again");
+                                info!(engine = id, "peer data plane up: echoes again");
                                 publish(&peers, &ch.view);
                             }
                         }

@@ -299,6 +299,8 @@ pub struct KeeperReport {
     pub moved: Vec<(usize, String, String)>,
     /// Connections per engine, from the first answers.
     pub per_engine: BTreeMap<String, usize>,
+    /// Each connection's client address (its flow's source), by index.
+    pub clients: Vec<SocketAddr>,
 }
 
 impl Keeper {
@@ -314,6 +316,7 @@ impl Keeper {
             let mut c = HeldConnection::open(ns, target, Duration::from_secs(3))
                 .with_context(|| format!("open held connection {i}"))?;
             let name = c.get().with_context(|| format!("held connection {i}"))?;
+            report.clients.push(c.local_addr()?);
             *report.per_engine.entry(name.clone()).or_default() += 1;
             conns.push(Some((c, name)));
         }

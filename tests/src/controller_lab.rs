@@ -45,8 +45,10 @@ impl Lbctl {
 }
 
 pub struct ControllerLab {
-    // Drop order: daemons, controller, the directories, the topology.
+    // Drop order: daemons, their pins (kept across restarts of a daemon), controller, the
+    // directories, the topology.
     daemons: BTreeMap<u8, Daemon>,
+    pins: BTreeMap<u8, Arc<PinDir>>,
     controller: Option<Proc>,
     pub ctl: Ns,
     state: TempDir,
@@ -97,6 +99,7 @@ impl ControllerLab {
         );
         let mut this = Self {
             daemons: BTreeMap::new(),
+            pins: BTreeMap::new(),
             controller: None,
             ctl,
             state,
@@ -171,19 +174,26 @@ impl ControllerLab {
         std::fs::read_to_string(self.state.path().join("controller.log")).unwrap_or_default()
     }
 
-    fn start_daemon(&mut self, id: u8) -> Result<()> {
+    /// Starts (again) engine `id`'s daemon, on the pins (and state) it had if it ran before: a
+    /// restart on the same host.
+    pub fn start_daemon(&mut self, id: u8) -> Result<()> {
         let engine = self
             .lab
             .engines
             .iter()
             .find(|e| e.id == id)
             .context("no such engine")?;
-        let pins = Arc::new(PinDir::new(&format!(
-            "{}-{}",
-            self.lab.lab.base(),
-            engine.name
-        ))?);
-        let daemon = DaemonSection::lab("eth0", id, pins.path());
+        let pins = match self.pins.get(&id) {
+            Some(p) => p.clone(),
+            None => Arc::new(PinDir::new(&format!(
+                "{}-{}",
+                self.lab.lab.base(),
+                engine.name
+            ))?),
+        };
+        self.pins.insert(id, pins.clone());
+        let mut daemon = DaemonSection::lab("eth0", id, pins.path());
+        daemon.manage_vip_addresses = true;
         let controller = ControllerSection {
             address: format!("https://{CONTROLLER_ADDR}:{CONTROLLER_PORT}"),
             name: engine.name.clone(),
@@ -208,29 +218,29 @@ impl ControllerLab {
         Ok(())
     }
 
-    /// Moves the VIP to the placement's primary `name` (on its `eth0`; on `lo` everywhere else) and
-    /// flushes the client's neighbour cache. The lab's engines start with se1 answering ARP; taking
-    /// the VIP on promotion belongs to failover, here the lab does it.
-    pub fn vip_to_primary(&self, primary: &str) -> Result<()> {
-        let vip = format!("{}/32", self.lab.vip());
+    /// The engines that have the VIP on their `eth0` (they answer ARP for it): the daemons place it
+    /// there where they are primary, and on `lo` elsewhere.
+    pub fn vip_holders(&self) -> Result<Vec<String>> {
+        let vip = self.lab.vip().to_string();
+        let mut holders = Vec::new();
         for e in &self.lab.engines {
-            let (add, del) = if e.name == primary {
-                ("eth0", "lo")
-            } else {
-                ("lo", "eth0")
+            let Ok(out) = self
+                .lab
+                .lab
+                .ip(&e.ns, &["-j", "addr", "show", "dev", "eth0"])
+            else {
+                continue;
             };
-            let _ = self.lab.lab.ip(&e.ns, &["addr", "del", &vip, "dev", del]);
-            let _ = self.lab.lab.ip(&e.ns, &["addr", "add", &vip, "dev", add]);
+            if out.contains(&format!("\"{vip}\"")) {
+                holders.push(e.name.clone());
+            }
         }
-        for c in &self.lab.clients {
-            self.lab.lab.ip(&c.ns, &["neigh", "flush", "dev", "eth0"])?;
-        }
-        Ok(())
+        Ok(holders)
     }
 
     /// `lbctl vs create web` on the lab's VIP, port 80, pool `web` (made by the caller), on
-    /// `min_engines` engines; moves the VIP to the primary it was placed on and waits until every
-    /// engine applied the snapshot. Returns the service as lbctl shows it.
+    /// `min_engines` engines; waits until every engine applied the snapshot and the primary it was
+    /// placed on (alone) holds the VIP. Returns the service as lbctl shows it.
     pub fn create_web_service(&self, min_engines: u32) -> Result<Value> {
         let vip = self.lab.vip().to_string();
         let min = min_engines.to_string();
@@ -254,13 +264,16 @@ impl ControllerLab {
             placement.len() == min_engines as usize,
             "placed on {placement:?}"
         );
-        self.vip_to_primary(&placement[0])?;
         let ids: Vec<u8> = self.lab.engines.iter().map(|e| e.id).collect();
         self.wait(
             Duration::from_secs(20),
             "every engine applied the snapshot",
             |l| Ok(l.applied_everywhere(&ids)?.is_some()),
         )?;
+        let primary = placement[0].clone();
+        self.wait(Duration::from_secs(10), "the primary holds the VIP", |l| {
+            Ok(l.vip_holders()? == [primary.clone()])
+        })?;
         Ok(vs)
     }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::client::one_request;
+use lb_tests::client::{Keeper, one_request};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::enter;
@@ -105,7 +105,7 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     );
     // When the primary marked it down, from its log (wall clock).
     let log = l.daemon(primary).unwrap().log_tail(200);
-    if let Some(line) = log.lines().find(|x| x.contains("peer down")) {
+    if let Some(line) = log.lines().find(|x| x.contains("peer daemon down")) {
         println!(
             "kill at {:?} (unix); primary: {line}",
             killed_wall.duration_since(std::time::UNIX_EPOCH).unwrap()
@@ -114,4 +114,266 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     // The controller had not noticed yet when the data plane had already moved on.
     let e = l.lbctl(&["engine", &placement[2]]).unwrap().json().unwrap();
     println!("controller's view 3.5 s after the kill: {}", e["state"]);
+}
+
+/// The MAC of `ns`'s `eth0`.
+fn mac_of(l: &ControllerLab, ns: &lb_tests::Ns) -> String {
+    let out = l.lab.lab.ip(ns, &["-j", "link", "show", "eth0"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["address"].as_str().unwrap().to_owned()
+}
+
+/// The client's neighbour entry for the VIP: (MAC, state).
+fn vip_neighbour(l: &ControllerLab) -> Option<(String, String)> {
+    let out = l
+        .lab
+        .lab
+        .ip(
+            l.lab.client(0),
+            &[
+                "-j",
+                "neigh",
+                "show",
+                &l.lab.vip().to_string(),
+                "dev",
+                "eth0",
+            ],
+        )
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let e = v.as_array()?.first()?;
+    Some((e["lladdr"].as_str()?.to_owned(), e["state"].to_string()))
+}
+
+/// Which engine's proxy holds each client address (from every daemon's `/connections`).
+fn owners(l: &ControllerLab) -> std::collections::BTreeMap<std::net::SocketAddr, u8> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in &l.lab.engines {
+        let Some(d) = l.daemon(e.id) else { continue };
+        let (status, body) = d.connections("").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for c in v.as_array().unwrap() {
+            if let Some(a) = c["client"].as_str().and_then(|a| a.parse().ok()) {
+                out.insert(a, e.id);
+            }
+        }
+    }
+    out
+}
+
+/// The primary's host goes away (its link down): the first engine of the succession takes over
+/// within a second, on its own (the engines agree by the succession rule; the controller is not
+/// needed), announces the VIP with gratuitous ARP, and learns the surviving engines' flows, so
+/// not one connection they own is reset. When the old primary's link comes back it hears the
+/// higher epoch and rejoins as a secondary: one primary, one VIP holder.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtg").expect("build the controller lab");
+    let mut args = vec!["pool", "create", "web"];
+    let backends: Vec<String> = l
+        .lab
+        .backends
+        .iter()
+        .map(|b| format!("--backend={}", b.http()))
+        .collect();
+    args.extend(backends.iter().map(String::as_str));
+    assert_eq!(l.lbctl(&args).unwrap().code, 0);
+    let vs = l.create_web_service(4).unwrap();
+    let placement = placement(&vs);
+    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let old = id_of(&placement[0]);
+    let new = id_of(&placement[1]);
+    let old_ns = l
+        .lab
+        .engines
+        .iter()
+        .find(|e| e.id == old)
+        .unwrap()
+        .ns
+        .clone();
+    let new_ns = l
+        .lab
+        .engines
+        .iter()
+        .find(|e| e.id == new)
+        .unwrap()
+        .ns
+        .clone();
+    l.wait(
+        Duration::from_secs(5),
+        "every engine hears every other",
+        |l| {
+            Ok(l.lab.engines.iter().all(|e| {
+                l.daemon(e.id)
+                    .and_then(|d| d.metrics().ok())
+                    .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
+            }))
+        },
+    )
+    .unwrap();
+    let target = l.lab.vip_http();
+    let client = l.lab.client(0).clone();
+    let keeper = Keeper::start(&client, target, 500, Duration::from_secs(1)).unwrap();
+    let owner_of = owners(&l);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The primary's host goes away.
+    let gone = Instant::now();
+    l.lab
+        .lab
+        .ip(&old_ns, &["link", "set", "eth0", "down"])
+        .unwrap();
+    let served = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            enter(client.name()).unwrap();
+            let deadline = gone + Duration::from_secs(5);
+            loop {
+                let r = one_request(target, Duration::from_millis(250));
+                if r.is_ok() {
+                    break Some(gone.elapsed());
+                }
+                if Instant::now() > deadline {
+                    println!("last error: {r:?}");
+                    break None;
+                }
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    if served.is_none() {
+        for e in &l.lab.engines {
+            if let Some(d) = l.daemon(e.id) {
+                println!("--- {} ---\n{}", e.name, d.log_tail(40));
+                if let Ok(m) = d.metrics() {
+                    for line in m.lines().filter(|x| {
+                        (x.contains("echo")
+                            || x.contains("lb_xdp_packets")
+                            || x.contains("refused"))
+                            && !x.ends_with(" 0")
+                            && !x.starts_with('#')
+                    }) {
+                        println!("{line}");
+                    }
+                }
+            }
+        }
+        println!(
+            "holders {:?}, neighbour {:?}",
+            l.vip_holders(),
+            vip_neighbour(&l)
+        );
+        panic!("the VIP is not served again");
+    }
+    // Long enough for several rounds after the failover (a connection of the gone primary fails
+    // once, then is skipped).
+    std::thread::sleep(Duration::from_secs(6));
+    let report = keeper.finish().unwrap();
+    println!("served by the new primary {served:?} after the old one's link went down");
+    let served = served.expect("the VIP is served again");
+    assert!(
+        served < Duration::from_secs(1),
+        "the VIP came back after {served:?}"
+    );
+
+    // Not one connection owned by a surviving engine failed or moved.
+    let mut per_owner: std::collections::BTreeMap<u8, (usize, usize)> =
+        std::collections::BTreeMap::new();
+    for (i, c) in report.clients.iter().enumerate() {
+        let owner = *owner_of
+            .get(c)
+            .unwrap_or_else(|| panic!("no engine holds {c}"));
+        let e = per_owner.entry(owner).or_default();
+        e.0 += 1;
+        if report.failed.iter().any(|(f, _)| *f == i) || report.moved.iter().any(|(m, ..)| *m == i)
+        {
+            e.1 += 1;
+        }
+    }
+    println!(
+        "connections per owner (held, lost): {per_owner:?}; rounds {}",
+        report.rounds
+    );
+    // One round before the failover (rounds start a second apart; it came 0.5 s in), so a second
+    // round means every surviving connection was used after it.
+    assert!(
+        report.rounds >= 2,
+        "the connections were used after the failover"
+    );
+    for (owner, (held, lost)) in &per_owner {
+        if *owner != old {
+            assert_eq!(
+                *lost,
+                0,
+                "engine {owner} survived, yet {lost} of its {held} connections were lost: {:?}",
+                report.failed.iter().take(3).collect::<Vec<_>>()
+            );
+        }
+    }
+    assert!(
+        per_owner.keys().filter(|o| **o != old).count() >= 2,
+        "survivors owned connections: {per_owner:?}"
+    );
+
+    // The new primary took over, announced itself, and learned the survivors' flows.
+    let m = l.daemon(new).unwrap().metrics().unwrap();
+    assert!(metric_sum(&m, "lb_promotions_total", &[]) >= 1.0);
+    assert!(
+        metric_sum(&m, "lb_garp_sent_total", &[]) >= 1.0,
+        "GARP sent"
+    );
+    let learned = metric_sum(&m, "lb_flows_bulk_loaded_total", &[])
+        + metric_sum(&m, "lb_owner_queries_answered_total", &[]);
+    println!(
+        "new primary: bulk-loaded {}, asked {}, answered {}, unowned {}",
+        metric_sum(&m, "lb_flows_bulk_loaded_total", &[]),
+        metric_sum(&m, "lb_owner_queries_asked_total", &[]),
+        metric_sum(&m, "lb_owner_queries_answered_total", &[]),
+        metric_sum(&m, "lb_owner_queries_unowned_total", &[]),
+    );
+    assert!(
+        learned > 0.0,
+        "the new primary learned the survivors' flows"
+    );
+    // The client's neighbour entry (arp_accept=0 here: an existing entry is updated by the GARP).
+    let want = mac_of(&l, &new_ns);
+    let neigh = vip_neighbour(&l);
+    assert_eq!(
+        neigh.as_ref().map(|n| n.0.clone()),
+        Some(want.clone()),
+        "{neigh:?}"
+    );
+    assert!(l.vip_holders().unwrap().contains(&placement[1]));
+
+    // The old primary's link comes back: it hears epoch 1 and gives the VIP up.
+    l.lab
+        .lab
+        .ip(&old_ns, &["link", "set", "eth0", "up"])
+        .unwrap();
+    l.wait(
+        Duration::from_secs(5),
+        "the old primary rejoined as a secondary",
+        |l| Ok(l.vip_holders()? == [placement[1].clone()]),
+    )
+    .unwrap();
+    let m = l.daemon(old).unwrap().metrics().unwrap();
+    let demotions = metric_sum(&m, "lb_demotions_total", &[]);
+    assert!(
+        (demotions - 1.0).abs() < f64::EPSILON,
+        "demoted once: {demotions}"
+    );
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    let neigh = vip_neighbour(&l);
+    assert_eq!(
+        neigh.map(|n| n.0),
+        Some(want),
+        "the client still goes to the new primary"
+    );
 }
