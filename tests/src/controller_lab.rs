@@ -238,6 +238,25 @@ impl ControllerLab {
         Ok(holders)
     }
 
+    /// The `--backend=ADDR` arguments of `lbctl pool create` naming every backend's nginx.
+    pub fn backend_args(&self) -> Vec<String> {
+        self.lab
+            .backends
+            .iter()
+            .map(|b| format!("--backend={}", b.http()))
+            .collect()
+    }
+
+    /// `lbctl pool create web` with every backend.
+    pub fn create_web_pool(&self) -> Result<()> {
+        let backends = self.backend_args();
+        let mut args = vec!["pool", "create", "web"];
+        args.extend(backends.iter().map(String::as_str));
+        let out = self.lbctl(&args)?;
+        ensure!(out.code == 0, "lbctl pool create: exit {}", out.code);
+        Ok(())
+    }
+
     /// `lbctl vs create web` on the lab's VIP, port 80, pool `web` (made by the caller), on
     /// `min_engines` engines; waits until every engine applied the snapshot and the primary it was
     /// placed on (alone) holds the VIP. Returns the service as lbctl shows it.

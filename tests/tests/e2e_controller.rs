@@ -56,7 +56,19 @@ fn controller_places_pushes_survives_and_fails_engines() {
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
     assert_eq!(vs["placement"][0]["role"], "primary");
-    let version = l.applied_everywhere(&all).unwrap().unwrap();
+    // The snapshot every engine applied (another one, e.g. backends found healthy, may be on its
+    // way: wait until they agree).
+    let mut version = None;
+    l.wait(
+        Duration::from_secs(10),
+        "every engine on one snapshot",
+        |l| {
+            version = l.applied_everywhere(&all)?;
+            Ok(version.is_some())
+        },
+    )
+    .unwrap();
+    let version = version.unwrap();
     for id in all {
         assert!(
             snapshots(&l, id, "applied") >= 1.0,

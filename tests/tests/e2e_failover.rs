@@ -20,15 +20,7 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     }
     let l = ControllerLab::build("lbtf").expect("build the controller lab");
     let mut l = l;
-    let mut args = vec!["pool", "create", "web"];
-    let backends: Vec<String> = l
-        .lab
-        .backends
-        .iter()
-        .map(|b| format!("--backend={}", b.http()))
-        .collect();
-    args.extend(backends.iter().map(String::as_str));
-    assert_eq!(l.lbctl(&args).unwrap().code, 0);
+    l.create_web_pool().unwrap();
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
     let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
@@ -174,15 +166,7 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         return;
     }
     let l = ControllerLab::build("lbtg").expect("build the controller lab");
-    let mut args = vec!["pool", "create", "web"];
-    let backends: Vec<String> = l
-        .lab
-        .backends
-        .iter()
-        .map(|b| format!("--backend={}", b.http()))
-        .collect();
-    args.extend(backends.iter().map(String::as_str));
-    assert_eq!(l.lbctl(&args).unwrap().code, 0);
+    l.create_web_pool().unwrap();
     let vs = l.create_web_service(4).unwrap();
     let placement = placement(&vs);
     let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;

@@ -63,12 +63,7 @@ fn run(args: &Args) -> Result<bool> {
         l.lab.vip()
     );
     let mut pool = vec!["pool", "create", "web", "--check", "http"];
-    let backends: Vec<String> = l
-        .lab
-        .backends
-        .iter()
-        .map(|b| format!("--backend={}", b.http()))
-        .collect();
+    let backends = l.backend_args();
     pool.extend(backends.iter().map(String::as_str));
     lbctl(&l, &pool)?;
     println!(
