@@ -231,8 +231,11 @@ pub struct Globals {
     pub _pad: u16,
     /// Outer source address of IPv6 tunnel packets.
     pub tunnel_src_v6_be: [u32; 4],
+    /// This engine's address on the segment (`engines[].address_v4`; 0: none): echo probes are
+    /// answered only when sent to it, not when a switch floods one meant for another engine.
+    pub peer_addr_v4_be: u32,
 }
-const _: () = assert!(size_of::<Globals>() == 24);
+const _: () = assert!(size_of::<Globals>() == 28);
 
 /// A flow the data plane asks the daemon about (a record of the `OWNER_QUERIES` ring buffer).
 /// IPv4 addresses use word 0.

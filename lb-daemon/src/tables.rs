@@ -100,6 +100,10 @@ impl Tables {
                 peer_port_be: config.peers.as_ref().map_or(0, |p| p.port.to_be()),
                 _pad: 0,
                 tunnel_src_v6_be: d.tunnel_source_v6.map_or([0; 4], v6_be),
+                peer_addr_v4_be: config
+                    .engine(d.engine_id)
+                    .and_then(|e| e.address_v4)
+                    .map_or(0, v4_be),
             },
             ..Tables::default()
         };

@@ -5,7 +5,8 @@
 //!
 //! The echo proves only that the data plane runs: the probe's HMAC is not checked here (the sender
 //! checks its own probe when it comes back). Echoes are rate-limited per CPU, and go only back to
-//! where the probe came from, at the probe's size.
+//! where the probe came from, at the probe's size, and only to probes sent to this engine's own
+//! address (`Globals.peer_addr_v4_be`).
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_TX},
@@ -29,8 +30,14 @@ const ECHO_BURST: u64 = 64;
 /// `Some(verdict)` if the IPv4 UDP packet (ports `ports`) is an echo probe to this host's peer port.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, l2_len: usize, ip: &Ip, ports: [u16; 2]) -> Option<u32> {
-    let port = GLOBALS.get(0)?.peer_port_be;
-    if port == 0 || ports[1] != port {
+    let g = GLOBALS.get(0)?;
+    if g.peer_port_be == 0 || ports[1] != g.peer_port_be {
+        return None;
+    }
+    // To this engine's address only: a switch floods frames for a MAC it no longer knows (a gone
+    // engine's), and answering those would make the gone engine look alive.
+    let dst: u32 = load(ctx, l2_len + 16)?;
+    if g.peer_addr_v4_be == 0 || dst != g.peer_addr_v4_be {
         return None;
     }
     let payload = ip.l4_off + UDP_HLEN;

@@ -12,6 +12,9 @@
 //! - Ring prediction: [`Testbed::ring_owner`] and [`Testbed::ports_to`] pick client ports whose flows
 //!   the Maglev ring gives to a chosen engine; [`Testbed::expect_new_flow`] is the oracle for a new
 //!   flow's verdict and output.
+//! - Peers: [`with_peers`] adds a `[peers]` section; [`peer_message`] / [`peer_echo_reply`] build a
+//!   data-plane echo probe and its expected answer; [`Testbed::owner_queries`] reads the owner-query
+//!   ring buffer and [`Testbed::set_rate_state`] sets a per-CPU rate limit's state.
 //!
 //! The benchmark reuses [`fx_non_vip`], [`fx_new_flow`] and [`fx_conn_hit`].
 //!
@@ -25,6 +28,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use etherparse::{
     IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options,
@@ -32,8 +36,9 @@ use etherparse::{
     PacketBuilderStep, TcpHeader, VlanId,
 };
 use lb_common::{
-    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, FlowV4, FlowV6, PROTO_TCP, PROTO_UDP, REASON_COUNT, Reason,
-    VS_F_PERSIST, VS_F_PRIMARY, VipKey,
+    ENGINE_MODE_L2, ENGINE_MODE_LOCAL, FlowV4, FlowV6, OwnerQuery, PEER_ECHO_LEN,
+    PEER_KIND_ECHO_REPLY, PEER_MAGIC, PROTO_TCP, PROTO_UDP, REASON_COUNT, Reason, VS_F_PERSIST,
+    VS_F_PRIMARY, VipKey,
     addr::{ip_be, v4_be, v6_be},
     hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
 };
@@ -118,6 +123,23 @@ pub const fn engine_mac(id: u32) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, id as u8]
 }
 
+/// UDP port of the peer probes in [`with_peers`] (the daemon's default `[peers] port`).
+pub const PEER_PORT: u16 = 7401;
+/// This host's own address (engine 1's `address_v4`), which peers probe (it is also the IPv4
+/// tunnel source).
+pub const HOST4: Ipv4Addr = TUNNEL_SRC4;
+/// A peer engine on the segment that probes this host.
+pub const PEER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// Source port of [`PEER4`]'s probes: not [`PEER_PORT`], so that a reply's swapped ports show.
+pub const PEER_SPORT: u16 = 40_401;
+
+/// `config` with a `[peers]` section (probes on [`PEER_PORT`]): the data plane answers echo probes,
+/// and the services this engine is primary of with more than one engine ask the daemon about
+/// unknown flows (`VS_F_ASK_OWNER`).
+pub fn with_peers(config: &str) -> String {
+    format!("{config}\n[peers]\nkey = \"00112233445566778899aabbccddeeff\"\nport = {PEER_PORT}\n")
+}
+
 /// The test data plane's configuration: this host is engine 1 (local); engines 2 and 3 are on the
 /// segment; engine 4 is reached through IP-in-IP / IPv6-in-IPv6; engine 5 is on the segment behind
 /// another interface (`lo`, so `XDP_REDIRECT` through the devmap).
@@ -135,6 +157,7 @@ tunnel_source_v6 = "2001:db8::1" # tunnel_source_v6
 
 [[engines]]
 id = 1
+address_v4 = "192.0.2.1"
 
 [[engines]]
 id = 2
@@ -505,6 +528,94 @@ impl Packet {
         written.expect("etherparse writes into a Vec");
         out
     }
+}
+
+/// The UDP payload of a peer message of `kind` with `body_len` bytes between the 28-byte header
+/// and the 16-byte tag, laid out as the daemon's `peers::seal` does: magic, kind, three zero bytes,
+/// sender id, epoch, sequence number, body, tag. The tag is a fixed pattern: the data plane does not
+/// check it. `body_len` 0 is an echo probe's size ([`PEER_ECHO_LEN`]).
+pub fn peer_payload(kind: u8, body_len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(PEER_ECHO_LEN + body_len);
+    b.extend_from_slice(&PEER_MAGIC);
+    b.extend_from_slice(&[kind, 0, 0, 0]);
+    b.extend_from_slice(&2u32.to_be_bytes());
+    b.extend_from_slice(&7u64.to_be_bytes());
+    b.extend_from_slice(&42u64.to_be_bytes());
+    b.extend(std::iter::repeat_n(0x5a, body_len));
+    b.extend((0..16u8).map(|i| 0xa0 | i));
+    b
+}
+
+/// A peer message of `kind` from [`PEER4`] to this host's [`PEER_PORT`] (an echo probe for
+/// `PEER_KIND_ECHO`), `body_len` bytes longer than an echo probe.
+pub fn peer_message(kind: u8, body_len: usize) -> Packet {
+    Packet::udp(
+        SocketAddr::new(PEER4.into(), PEER_SPORT),
+        SocketAddr::new(HOST4.into(), PEER_PORT),
+    )
+    .with_payload(&peer_payload(kind, body_len))
+}
+
+/// What the data plane sends back for the IPv4 echo probe `probe`, built independently of it: the
+/// same frame with MACs, addresses and ports swapped (VLAN tag, TOS, TTL, id, DF and options kept),
+/// the kind byte `PEER_KIND_ECHO_REPLY`, a correct IPv4 header checksum (etherparse's) and UDP
+/// checksum 0 ("none").
+pub fn peer_echo_reply(probe: &Packet) -> Vec<u8> {
+    let L4::Udp { sport, dport } = probe.l4 else {
+        panic!("an echo probe is UDP");
+    };
+    assert!(probe.src.is_ipv4(), "echo probes are IPv4");
+    let mut reply = probe.clone();
+    reply.src_mac = probe.dst_mac;
+    reply.dst_mac = probe.src_mac;
+    reply.src = probe.dst;
+    reply.dst = probe.src;
+    reply.l4 = L4::Udp {
+        sport: dport,
+        dport: sport,
+    };
+    reply.payload[4] = PEER_KIND_ECHO_REPLY;
+    let mut out = reply.build();
+    let l3 = l3_offset(&out);
+    let udp = l3 + usize::from(out[l3] & 0x0f) * 4;
+    out[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+    out
+}
+
+/// The owner query the data plane hands up for the flow `client` → `vip` of `proto` (TCP/UDP) of
+/// virtual service `vs_id`.
+pub fn owner_query(client: SocketAddr, vip: SocketAddr, proto: u8, vs_id: u32) -> OwnerQuery {
+    let (family, src_be) = ip_be(client.ip());
+    let (vip_family, dst_be) = ip_be(vip.ip());
+    assert_eq!(family, vip_family, "{client} and {vip}: one family");
+    OwnerQuery {
+        vs_id,
+        family,
+        proto,
+        _pad: 0,
+        src_be,
+        dst_be,
+        sport_be: client.port().to_be(),
+        dport_be: vip.port().to_be(),
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, which the rate limits use.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    u64::try_from(t.tv_sec()).expect("after boot") * 1_000_000_000
+        + u64::try_from(t.tv_nsec()).expect("0..1e9")
+}
+
+/// Pins the calling thread to the CPU it is on, so that every test run after this meets the same
+/// per-CPU state (the rate limits are per CPU). Returns that CPU.
+pub fn pin_to_this_cpu() -> Result<usize> {
+    use nix::sched::{CpuSet, sched_getcpu, sched_setaffinity};
+    let cpu = sched_getcpu().context("sched_getcpu")?;
+    let mut set = CpuSet::new();
+    set.set(cpu).context("CpuSet::set")?;
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).context("sched_setaffinity")?;
+    Ok(cpu)
 }
 
 /// A connection-table key of either family.
@@ -1091,6 +1202,57 @@ impl Testbed {
             v[r as usize] = n;
         }
         Ok(v)
+    }
+
+    /// The loaded program's map `name`, found through the kernel (which keeps 15 characters of a
+    /// map's name): for maps [`Dataplane`] keeps no handle on, such as the rate-limit state.
+    pub fn program_map(&self, name: &str) -> Result<MapData> {
+        let short = &name[..name.len().min(15)];
+        let ids = self
+            .dp
+            .program()
+            .info()?
+            .map_ids()?
+            .context("the kernel does not list a program's maps")?;
+        for id in ids {
+            let map = MapData::from_id(id)?;
+            if map.info()?.name_as_str() == Some(short) {
+                return Ok(map);
+            }
+        }
+        bail!("the program uses no map named {name}")
+    }
+
+    /// Sets the state of the per-CPU GCRA rate limit `map` (`PEER_ECHO_RATE`, `OWNER_QUERY_RATE`,
+    /// `TOO_BIG_RATE`: the theoretical arrival time, in `bpf_ktime_get_ns` time) on every CPU.
+    pub fn set_rate_state(&self, map: &str, tat_ns: u64) -> Result<()> {
+        let mut rate: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(self.program_map(map)?))?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        rate.set(0, PerCpuValues::try_from(vec![tat_ns; cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// The oldest owner query waiting in the `OWNER_QUERIES` ring buffer (taking it frees its room).
+    pub fn next_owner_query(&mut self) -> Option<OwnerQuery> {
+        let ring = self
+            .dp
+            .owner_queries
+            .as_mut()
+            .expect("the testbed keeps the owner-query ring");
+        let item = ring.next()?;
+        assert_eq!(
+            item.len(),
+            std::mem::size_of::<OwnerQuery>(),
+            "an owner query record"
+        );
+        // SAFETY: `OwnerQuery` is plain old data of exactly this many bytes; read unaligned.
+        Some(unsafe { item.as_ptr().cast::<OwnerQuery>().read_unaligned() })
+    }
+
+    /// Every owner query waiting in the ring buffer, oldest first (the ring is empty afterwards).
+    pub fn owner_queries(&mut self) -> Vec<OwnerQuery> {
+        std::iter::from_fn(|| self.next_owner_query()).collect()
     }
 
     /// Runs `fx` and compares; an error describes every mismatch.
