@@ -44,6 +44,7 @@ pub struct FailoverCounters {
     pub peers: Arc<PeerCounters>,
     pub owners: Arc<OwnerCounters>,
     pub announce: Arc<AnnounceCounters>,
+    pub mirror: Arc<crate::mirror::MirrorCounters>,
     pub promotions: AtomicU64,
     pub demotions: AtomicU64,
 }
@@ -231,7 +232,7 @@ impl Failover {
             .virtual_services
             .iter()
             .map(|vs| {
-                let primary = primaries.get(&vs.id).copied().unwrap_or(vs.primary) == self_id;
+                let primary_id = primaries.get(&vs.id).copied().unwrap_or(vs.primary);
                 let peers = vs
                     .succession()
                     .into_iter()
@@ -244,7 +245,9 @@ impl Failover {
                         vip: SocketAddr::new(vs.vip, vs.port),
                         protocol: vs.protocol,
                         peers,
-                        primary,
+                        primary: primary_id == self_id,
+                        primary_id,
+                        persistence_timeout_s: vs.persistence_timeout_s,
                     },
                 )
             })

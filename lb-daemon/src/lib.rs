@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod links;
 pub mod managed;
 pub mod metrics;
+pub mod mirror;
 pub mod owners;
 pub mod peers;
 pub mod pool;

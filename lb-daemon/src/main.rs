@@ -32,6 +32,7 @@ use lb_daemon::{
     links::SystemLinks,
     managed::{self, Applied},
     metrics::{self, Metrics},
+    mirror::{self, PersistTable},
     owners::{self, ConnTables, OwnerPlan},
     peers::{self, View},
     tables::{Changes, Links, Tables},
@@ -211,6 +212,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let (view_tx, mut view_rx) = tokio::sync::watch::channel(View::new());
     let (sender_tx, sender_rx) = tokio::sync::watch::channel(None);
     let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(1024);
+    let (mirror_tx, mirror_rx) = tokio::sync::mpsc::channel(1024);
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
     let (owner_plan_tx, owner_plan_rx) = tokio::sync::watch::channel(OwnerPlan::default());
     tokio::spawn(peers::run(
@@ -218,11 +220,26 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             plan: plan_rx,
             view: view_tx,
             owners: incoming_tx,
+            mirror: mirror_tx,
             sender: sender_tx,
         },
         failover_counters.peers.clone(),
     ));
     let pin_dir = engine.config().daemon.pin_dir.clone();
+    match PersistTable::open(&pin_dir) {
+        Ok(table) => {
+            tokio::spawn(mirror::run(
+                mirror::Channels {
+                    plan: owner_plan_rx.clone(),
+                    sender: sender_rx.clone(),
+                    incoming: mirror_rx,
+                },
+                table,
+                failover_counters.mirror.clone(),
+            ));
+        }
+        Err(e) => warn!("persistence mirror off: opening the pinned PERSIST table: {e:#}"),
+    }
     match (
         engine.dataplane_mut().owner_queries.take(),
         ConnTables::open(&pin_dir),

@@ -71,7 +71,7 @@ impl Collector for PeerCollector {
     #[allow(clippy::too_many_lines)]
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let fo = &self.0;
-        let (c, o, a) = (&fo.peers, &fo.owners, &fo.announce);
+        let (c, o, a, mi) = (&fo.peers, &fo.owners, &fo.announce, &fo.mirror);
         for (name, help, v) in [
             (
                 "lb_peer_probes_sent",
@@ -162,6 +162,31 @@ impl Collector for PeerCollector {
                 "lb_flows_pushed",
                 "Flows sent to a new primary",
                 &o.bulk_sent,
+            ),
+            (
+                "lb_persist_mirror_sent",
+                "Source-IP persistence entries sent to the other engines (new, refreshed, resent)",
+                &mi.sent,
+            ),
+            (
+                "lb_persist_mirror_gone_sent",
+                "Source-IP persistence entries said gone (expired or evicted) to the other engines",
+                &mi.gone_sent,
+            ),
+            (
+                "lb_persist_mirror_written",
+                "Source-IP persistence entries written here from the primary's mirror",
+                &mi.written,
+            ),
+            (
+                "lb_persist_mirror_removed",
+                "Source-IP persistence entries removed here on the primary's word",
+                &mi.removed,
+            ),
+            (
+                "lb_persist_mirror_refused",
+                "Persistence messages refused: not from the service's primary, or malformed",
+                &mi.refused,
             ),
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -498,6 +523,11 @@ impl Metrics {
             "lb_owner_query_seconds",
             "Time from an owner query to its answer",
             failover.owners.latency.clone(),
+        );
+        registry.register(
+            "lb_persist_mirror_scan_seconds",
+            "Time the primary's scan of its persistence table takes",
+            failover.mirror.scan_seconds.clone(),
         );
         registry.register_collector(Box::new(PeerCollector(failover)));
         registry.register_collector(Box::new(DataplaneCollector {

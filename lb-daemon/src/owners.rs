@@ -63,6 +63,10 @@ pub struct Service {
     pub peers: Vec<(u32, SocketAddr)>,
     /// This engine steers it.
     pub primary: bool,
+    /// The engine that steers it.
+    pub primary_id: u32,
+    /// Source-IP persistence (0: none), for [`crate::mirror`].
+    pub persistence_timeout_s: u32,
 }
 
 /// What the task works from (the engine refreshes it on every change of roles or peers).

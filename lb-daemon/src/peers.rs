@@ -59,6 +59,8 @@ pub enum Kind {
     Query = 4,
     /// "These are mine": the answer to a query, or the flows pushed to a new primary.
     Owned = 5,
+    /// Source-IP persistence entries from a primary ([`crate::mirror`]).
+    Persist = 6,
 }
 
 impl Kind {
@@ -70,6 +72,7 @@ impl Kind {
             PEER_KIND_ECHO_REPLY => Kind::EchoReply,
             4 => Kind::Query,
             5 => Kind::Owned,
+            6 => Kind::Persist,
             _ => return None,
         })
     }
@@ -400,6 +403,8 @@ pub struct Channels {
     pub view: watch::Sender<View>,
     /// Queries and owned-flow lists go here.
     pub owners: mpsc::Sender<Incoming>,
+    /// Persistence entries go here.
+    pub mirror: mpsc::Sender<Incoming>,
     /// The sender, once the socket is bound.
     pub sender: watch::Sender<Option<Sender>>,
 }
@@ -544,6 +549,13 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                                 continue;
                             }
                             let _ = ch.owners.try_send(Incoming { from_addr: from, message: m });
+                        }
+                        Kind::Persist => {
+                            if !peers.contains_key(&m.from) {
+                                counters.refuse(Refused::Stranger);
+                                continue;
+                            }
+                            let _ = ch.mirror.try_send(Incoming { from_addr: from, message: m });
                         }
                         Kind::EchoReply => {
                             // Our own echo, turned around by the peer's data plane: the peer is

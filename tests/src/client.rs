@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -232,8 +232,29 @@ pub struct HeldConnection {
 impl HeldConnection {
     /// Connects from `ns` (the socket stays in `ns`; it can be used from any thread).
     pub fn open(ns: &Ns, target: SocketAddr, timeout: Duration) -> Result<Self> {
-        let stream = in_ns(ns.name(), || {
-            TcpStream::connect_timeout(&target, timeout).context("connect")
+        Self::open_from(ns, None, target, timeout)
+    }
+
+    /// [`HeldConnection::open`] from the client address `source` (one of `ns`'s addresses).
+    pub fn open_from(
+        ns: &Ns,
+        source: Option<IpAddr>,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let stream = in_ns(ns.name(), || -> Result<TcpStream> {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(target),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            if let Some(source) = source {
+                sock.bind(&SocketAddr::new(source, 0).into())
+                    .with_context(|| format!("bind {source}"))?;
+            }
+            sock.connect_timeout(&target.into(), timeout)
+                .context("connect")?;
+            Ok(sock.into())
         })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;

@@ -261,23 +261,28 @@ impl ControllerLab {
     /// `min_engines` engines; waits until every engine applied the snapshot and the primary it was
     /// placed on (alone) holds the VIP. Returns the service as lbctl shows it.
     pub fn create_web_service(&self, min_engines: u32) -> Result<Value> {
+        self.create_web_service_with(min_engines, &[])
+    }
+
+    /// [`ControllerLab::create_web_service`] with more `lbctl vs create` arguments.
+    pub fn create_web_service_with(&self, min_engines: u32, more: &[&str]) -> Result<Value> {
         let vip = self.lab.vip().to_string();
         let min = min_engines.to_string();
-        let vs = self
-            .lbctl(&[
-                "vs",
-                "create",
-                "web",
-                "--vip",
-                &vip,
-                "--port",
-                "80",
-                "--pool",
-                "web",
-                "--min-engines",
-                &min,
-            ])?
-            .json()?;
+        let mut args = vec![
+            "vs",
+            "create",
+            "web",
+            "--vip",
+            &vip,
+            "--port",
+            "80",
+            "--pool",
+            "web",
+            "--min-engines",
+            &min,
+        ];
+        args.extend_from_slice(more);
+        let vs = self.lbctl(&args)?.json()?;
         let placement = placement(&vs);
         ensure!(
             placement.len() == min_engines as usize,
