@@ -218,6 +218,28 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// Which engine's proxy holds each client address (from every running daemon's
+    /// `/connections`).
+    pub fn connection_owners(&self) -> Result<BTreeMap<std::net::SocketAddr, u8>> {
+        let mut out = BTreeMap::new();
+        for (id, d) in &self.daemons {
+            let (status, body) = d.connections("")?;
+            ensure!(status == 200, "/connections: {status} {body}");
+            let v: Value = serde_json::from_str(&body)?;
+            for c in v.as_array().context("/connections is a list")? {
+                if let Some(a) = c["client"].as_str().and_then(|a| a.parse().ok()) {
+                    out.insert(a, *id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The snapshot engine `name` applied last, as it saved it.
+    pub fn applied(&self, name: &str) -> Option<lb_daemon::managed::Applied> {
+        lb_daemon::managed::Applied::load(&self.state.path().join(format!("{name}-desired.json")))
+    }
+
     /// The engines that have the VIP on their `eth0` (they answer ARP for it): the daemons place it
     /// there where they are primary, and on `lo` elsewhere.
     pub fn vip_holders(&self) -> Result<Vec<String>> {

@@ -1,0 +1,400 @@
+//! End to end: the failures failover must tell apart, and the input it must refuse.
+//!
+//! - A primary whose **daemon crashed** (`kill -9`) while its data plane still steers is not
+//!   replaced: its peers see its echoes, nobody promotes itself, the surviving engines' connections
+//!   live, and new connections are served (its XDP program places them on engines with a
+//!   listener). Restarted on the same pins, it takes its role back with no change anywhere.
+//! - With the **controller stopped**, a primary whose host goes away is still replaced: the
+//!   engines agree by the succession rule alone. The controller, started again, records what they
+//!   decided.
+//! - **Forged or stray messages** on the peer port are refused and counted by reason, and change
+//!   nothing: no peer goes down, no role moves, no persistence entry is written.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use lb_daemon::peers::{Kind, Message, seal};
+use lb_tests::client::{Keeper, one_request};
+use lb_tests::controller_lab::{ControllerLab, placement};
+use lb_tests::daemon::metric_sum;
+use lb_tests::netns::{enter, in_ns};
+use lb_tests::require_root;
+
+/// Waits until each engine of `names` has heard its peers' daemons answer for a while.
+fn wait_all_hear(l: &ControllerLab, names: &[String]) {
+    l.wait(
+        Duration::from_secs(5),
+        "every engine hears every other",
+        |l| {
+            Ok(l.lab
+                .engines
+                .iter()
+                .filter(|e| names.contains(&e.name))
+                .all(|e| {
+                    l.daemon(e.id)
+                        .and_then(|d| d.metrics().ok())
+                        .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
+                }))
+        },
+    )
+    .unwrap();
+}
+
+/// A metric summed over the running daemons of `ids`.
+fn metric_of(l: &ControllerLab, ids: &[u8], name: &str, labels: &[(&str, &str)]) -> f64 {
+    ids.iter()
+        .filter_map(|id| l.daemon(*id)?.metrics().ok())
+        .map(|m| metric_sum(&m, name, labels))
+        .sum()
+}
+
+/// Polls `GET /` from the client until it is answered; the time it took.
+fn served_within(l: &ControllerLab, since: Instant, limit: Duration) -> Option<Duration> {
+    let client = l.lab.client(0).clone();
+    let target = l.lab.vip_http();
+    std::thread::spawn(move || {
+        enter(client.name()).unwrap();
+        loop {
+            if one_request(target, Duration::from_millis(250)).is_ok() {
+                return Some(since.elapsed());
+            }
+            if since.elapsed() > limit {
+                return None;
+            }
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_primary_whose_daemon_crashed_is_not_replaced_while_it_steers() {
+    if !require_root() {
+        return;
+    }
+    let mut l = ControllerLab::build("lbtk").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
+    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let primary = id_of(&placement[0]);
+    let secondaries: Vec<u8> = placement[1..].iter().map(|n| id_of(n)).collect();
+    wait_all_hear(&l, &placement);
+    let client = l.lab.client(0).clone();
+    let keeper = Keeper::start(&client, l.lab.vip_http(), 150, Duration::from_secs(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let owner_of = l.connection_owners().unwrap();
+
+    l.kill_daemon(primary).unwrap();
+    let killed = Instant::now();
+    // Longer than the controller takes to fail the primary by its heartbeats (about 3 s).
+    std::thread::sleep(Duration::from_secs(5));
+    let r = l.lab.load(60).unwrap();
+    let report = keeper.finish().unwrap();
+    println!(
+        "{:?} after the kill: new connections {r}; held {} (lost {}, moved {}), rounds {}",
+        killed.elapsed(),
+        report.connections,
+        report.failed.len(),
+        report.moved.len(),
+        report.rounds
+    );
+    let daemon_downs = metric_of(
+        &l,
+        &secondaries,
+        "lb_peer_transitions_total",
+        &[("signal", "daemon"), ("to", "down")],
+    );
+    assert!(
+        (daemon_downs - 2.0).abs() < f64::EPSILON,
+        "both secondaries saw the primary's daemon go: {daemon_downs}"
+    );
+    assert!(
+        metric_of(
+            &l,
+            &secondaries,
+            "lb_peer_transitions_total",
+            &[("signal", "dataplane"), ("to", "down")]
+        )
+        .abs()
+            < f64::EPSILON,
+        "its data plane never stopped echoing"
+    );
+    assert!(
+        metric_of(&l, &secondaries, "lb_promotions_total", &[]).abs() < f64::EPSILON,
+        "no secondary promoted itself"
+    );
+    assert_eq!(l.vip_holders().unwrap(), [placement[0].clone()]);
+    assert_eq!(r.errors, 0, "new connections while the daemon is down: {r}");
+    // Only the connections the dead proxy held are gone.
+    for (i, e) in &report.failed {
+        let c = report.clients[*i];
+        assert_eq!(
+            owner_of.get(&c),
+            Some(&primary),
+            "{c} failed ({e}) but was not the dead proxy's"
+        );
+    }
+    assert!(
+        owner_of.values().filter(|o| **o != primary).count() > 50,
+        "the secondaries held connections: {owner_of:?}"
+    );
+    assert!(report.moved.is_empty(), "moved: {:?}", report.moved);
+    let v = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
+    assert_eq!(
+        lb_tests::controller_lab::placement(&v)[0],
+        placement[0],
+        "the controller kept it: {v}"
+    );
+    assert_eq!(v["epoch"], 0, "{v}");
+
+    // Restarted on its pins (systemd's job), it serves as before; nobody changes role.
+    l.start_daemon(primary).unwrap();
+    let ids: Vec<u8> = l.lab.engines.iter().map(|e| e.id).collect();
+    l.wait(
+        Duration::from_secs(20),
+        "the restarted primary applied the snapshot",
+        |l| Ok(l.applied_everywhere(&ids)?.is_some()),
+    )
+    .unwrap();
+    wait_all_hear(&l, &placement);
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "after the restart: {r}");
+    assert_eq!(l.vip_holders().unwrap(), [placement[0].clone()]);
+    for id in &ids {
+        let m = l.daemon(*id).unwrap().metrics().unwrap();
+        assert!(
+            metric_sum(&m, "lb_demotions_total", &[]).abs() < f64::EPSILON,
+            "engine {id} demoted"
+        );
+        if *id != primary {
+            assert!(
+                metric_sum(&m, "lb_promotions_total", &[]).abs() < f64::EPSILON,
+                "engine {id} promoted"
+            );
+        }
+    }
+}
+
+#[test]
+fn without_the_controller_a_gone_primary_is_still_replaced() {
+    if !require_root() {
+        return;
+    }
+    let mut l = ControllerLab::build("lbtc").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
+    let old_ns = l
+        .lab
+        .engines
+        .iter()
+        .find(|e| e.name == placement[0])
+        .unwrap()
+        .ns
+        .clone();
+    wait_all_hear(&l, &placement);
+    assert!(l.stop_controller(), "the controller stopped cleanly");
+
+    let gone = Instant::now();
+    l.lab
+        .lab
+        .ip(&old_ns, &["link", "set", "eth0", "down"])
+        .unwrap();
+    let served = served_within(&l, gone, Duration::from_secs(5));
+    println!("without the controller, the VIP was served again after {served:?}");
+    let served = served.expect("the VIP is served again");
+    assert!(served < Duration::from_secs(1), "{served:?}");
+    // The old primary, cut off, still has it on its dead link; nothing reaches it there.
+    assert!(l.vip_holders().unwrap().contains(&placement[1]));
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+
+    // The controller comes back and records what the engines decided.
+    l.start_controller().unwrap();
+    l.wait(
+        Duration::from_secs(20),
+        "the controller records the promotion",
+        |l| {
+            let v = l.lbctl(&["vs", "get", "web"])?.json()?;
+            Ok(
+                lb_tests::controller_lab::placement(&v).first() == Some(&placement[1])
+                    && v["epoch"] == 1,
+            )
+        },
+    )
+    .unwrap();
+    // The old primary's link back: it hears the higher epoch (and the controller's snapshot says
+    // the same) and gives the VIP up.
+    l.lab
+        .lab
+        .ip(&old_ns, &["link", "set", "eth0", "up"])
+        .unwrap();
+    l.wait(Duration::from_secs(10), "one VIP holder", |l| {
+        Ok(l.vip_holders()? == [placement[1].clone()])
+    })
+    .unwrap();
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+}
+
+/// A datagram shaped like a peer message: header, body, and `mac` as its tag.
+fn raw_message(kind: u8, from: u32, body: &[u8], mac: [u8; 16]) -> Vec<u8> {
+    let mut b = b"LBP2".to_vec();
+    b.extend_from_slice(&[kind, 0, 0, 0]);
+    b.extend_from_slice(&from.to_be_bytes());
+    b.extend_from_slice(&1u64.to_be_bytes());
+    b.extend_from_slice(&1u64.to_be_bytes());
+    b.extend_from_slice(body);
+    b.extend_from_slice(&mac);
+    b
+}
+
+#[test]
+#[allow(clippy::too_many_lines)]
+fn forged_and_stray_peer_messages_are_refused_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtz").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l
+        .create_web_service_with(3, &["--persistence-timeout-s", "300"])
+        .unwrap();
+    let placement = placement(&vs);
+    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let target_id = id_of(&placement[1]);
+    let other_secondary = id_of(&placement[2]);
+    wait_all_hear(&l, &placement);
+    let applied = l.applied(&placement[1]).expect("a saved snapshot");
+    let peers = applied
+        .desired
+        .peers
+        .clone()
+        .expect("[peers] from the controller");
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &peers.key_bytes().expect("a valid key"),
+    );
+    let to = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10 + target_id)),
+        peers.port,
+    );
+    let refused = |reason: &str| {
+        metric_of(
+            &l,
+            &[target_id],
+            "lb_peer_probes_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    let reasons = ["length", "magic", "kind", "mac", "body", "stranger"];
+    let before: Vec<f64> = reasons.iter().map(|r| refused(r)).collect();
+    let mirror_refused_before = metric_of(&l, &[target_id], "lb_persist_mirror_refused_total", &[]);
+    let written_before = metric_of(&l, &[target_id], "lb_persist_mirror_written_total", &[]);
+    let downs_before = metric_of(
+        &l,
+        &[target_id],
+        "lb_peer_transitions_total",
+        &[("to", "down")],
+    );
+
+    let sealed = |kind: Kind, from: u32, body: Vec<u8>| {
+        seal(
+            &key,
+            &Message {
+                kind,
+                from,
+                epoch: 1,
+                seq: 1,
+                body,
+            },
+        )
+    };
+    // A persistence entry for the service: client 10.77.0.99 → engine `other_secondary`.
+    let mut entry = 0u32.to_be_bytes().to_vec();
+    entry.extend_from_slice(&[10, 77, 0, 99]);
+    entry.extend_from_slice(&[0; 12]);
+    entry.extend_from_slice(&u32::from(other_secondary).to_be_bytes());
+    entry.extend_from_slice(&0u32.to_be_bytes());
+    let datagrams: Vec<(&str, Vec<u8>)> = vec![
+        ("length", vec![0u8; 10]),
+        ("length", vec![b'L'; 1401]),
+        ("magic", vec![0u8; 60]),
+        ("kind", raw_message(9, 1, &[], [0; 16])),
+        (
+            "mac",
+            raw_message(0, u32::from(other_secondary), &[], [7; 16]),
+        ),
+        (
+            "mac",
+            raw_message(6, u32::from(id_of(&placement[0])), &entry, [7; 16]),
+        ),
+        // Authentic (the key leaked, or a misconfigured engine), yet wrong.
+        (
+            "body",
+            sealed(Kind::Request, u32::from(other_secondary), vec![1; 5]),
+        ),
+        ("stranger", sealed(Kind::Request, 77, Vec::new())),
+        ("stranger", sealed(Kind::Persist, 77, entry.clone())),
+    ];
+    let client = l.lab.client(0).clone();
+    let sent: Vec<(&str, Vec<u8>)> = datagrams.clone();
+    in_ns(client.name(), || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        for (_, d) in &sent {
+            s.send_to(d, to)?;
+        }
+        // Authentic and from a peer, but that peer is not the service's primary: the mirror
+        // refuses its persistence entry.
+        s.send_to(
+            &sealed(Kind::Persist, u32::from(other_secondary), entry.clone()),
+            to,
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (i, r) in reasons.iter().enumerate() {
+        let want =
+            f64::from(u32::try_from(datagrams.iter().filter(|(w, _)| w == r).count()).unwrap());
+        let got = refused(r) - before[i];
+        assert!(
+            (got - want).abs() < f64::EPSILON,
+            "refused for {r}: {got}, want {want}"
+        );
+    }
+    let mirror_refused =
+        metric_of(&l, &[target_id], "lb_persist_mirror_refused_total", &[]) - mirror_refused_before;
+    assert!(
+        (mirror_refused - 1.0).abs() < f64::EPSILON,
+        "the mirror refused {mirror_refused}"
+    );
+    assert!(
+        (metric_of(&l, &[target_id], "lb_persist_mirror_written_total", &[]) - written_before)
+            .abs()
+            < f64::EPSILON,
+        "nothing written"
+    );
+    assert!(
+        (metric_of(
+            &l,
+            &[target_id],
+            "lb_peer_transitions_total",
+            &[("to", "down")]
+        ) - downs_before)
+            .abs()
+            < f64::EPSILON,
+        "no peer went down"
+    );
+    let all: Vec<u8> = placement.iter().map(|n| id_of(n)).collect();
+    assert!(
+        (metric_of(&l, &all, "lb_promotions_total", &[]) - 1.0).abs() < f64::EPSILON,
+        "one promotion: the first primary's start"
+    );
+    assert_eq!(l.vip_holders().unwrap(), [placement[0].clone()]);
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+}
