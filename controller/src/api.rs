@@ -300,6 +300,7 @@ pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
         }),
         resource_version: r.resource_version,
         id: r.id,
+        epoch: r.epoch,
         placement,
         health: Some(pb::HealthScore {
             engines_serving: serving,
@@ -348,6 +349,37 @@ pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
             .nack
             .map(|(v, e)| format!("version {v}: {e}"))
             .unwrap_or_default(),
+        peers: o
+            .peers
+            .iter()
+            .map(|(id, r)| pb::PeerReport {
+                engine: c
+                    .persisted()
+                    .engines
+                    .values()
+                    .find(|e| e.id == *id)
+                    .map(|e| e.name.clone())
+                    .unwrap_or_default(),
+                id: *id,
+                daemon_up: r.daemon_up,
+                dataplane_up: r.dataplane_up,
+            })
+            .collect(),
+        claims: o
+            .claims
+            .iter()
+            .map(|cl| pb::EngineClaim {
+                virtual_service: c
+                    .persisted()
+                    .services
+                    .values()
+                    .find(|v| v.id == cl.vs_id)
+                    .map(|v| v.spec.name.clone())
+                    .unwrap_or_default(),
+                vs_id: cl.vs_id,
+                epoch: cl.epoch,
+            })
+            .collect(),
     })
 }
 

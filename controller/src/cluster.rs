@@ -9,6 +9,14 @@
 //! pushes the current snapshot until its engine ACKs that version.
 //!
 //! Time comes from the caller ([`Instant`]), so the health manager runs on a virtual clock in tests.
+//!
+//! Promotions: the engines replace a gone primary on their own (the succession rule, at the next
+//! epoch) and say so in their heartbeats (their claims); the controller records such a claim in
+//! the desired state ([`Cluster::heartbeat`]). When the engines cannot (the primary is failed by
+//! heartbeats for [`Settings::promotion_grace`], no engine of the service claims a higher epoch,
+//! and no healthy engine of it reports the primary's data plane still steering), the controller
+//! promotes the first healthy engine of the placement itself. Either way the record moves one
+//! engine to the front of the placement at one epoch: never two primaries at one epoch.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +29,7 @@ use lb_model::{
     VirtualServiceConfig,
 };
 use tokio::sync::watch;
+use tracing::{info, warn};
 
 use crate::{
     events::Events,
@@ -42,6 +51,9 @@ pub struct Settings {
     /// counts (engines retry with a backoff of up to 5 s): a controller restart alone fails no
     /// engine and changes no snapshot.
     pub startup_grace: Duration,
+    /// How long a primary stays failed (by heartbeats) before the controller promotes a secondary
+    /// itself, when no engine did and no healthy engine reports the primary's data plane steering.
+    pub promotion_grace: Duration,
     pub health: HealthSettings,
 }
 
@@ -52,6 +64,7 @@ impl Default for Settings {
             native_max_engines: 4,
             ack_timeout: Duration::from_secs(5),
             startup_grace: Duration::from_secs(15),
+            promotion_grace: Duration::from_secs(2),
             health: HealthSettings::default(),
         }
     }
@@ -95,6 +108,37 @@ pub struct Snapshot {
     pub json: String,
 }
 
+/// Epochs a claim may be above the recorded one (each engine-made promotion adds one): a claim
+/// beyond is absurd and ignored.
+pub const MAX_EPOCH_STEP: u64 = 1_000_000;
+
+/// An engine says it is primary of virtual service `vs_id` at `epoch` (from its heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Claim {
+    pub vs_id: u32,
+    pub epoch: u64,
+}
+
+/// What an engine's peer probes tell of one peer (from its heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerReport {
+    /// Its daemon answers.
+    pub daemon_up: bool,
+    /// Its data plane echoes: it still steers what it steered.
+    pub dataplane_up: bool,
+}
+
+impl PeerReport {
+    fn describe(self) -> &'static str {
+        match (self.daemon_up, self.dataplane_up) {
+            (true, true) => "daemon up, data plane up",
+            (true, false) => "daemon up, data plane down",
+            (false, true) => "daemon down, data plane up (it still steers)",
+            (false, false) => "daemon down, data plane down (gone)",
+        }
+    }
+}
+
 /// Observed state of one engine (not persisted).
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
@@ -111,6 +155,10 @@ pub struct Observed {
     pub nack: Option<(u64, String)>,
     /// When the current snapshot was last sent to it.
     pub sent_at: Option<Instant>,
+    /// What it claims (virtual services of known ids only).
+    pub claims: Vec<Claim>,
+    /// Its peer view: engine id (registered engines only) → what its probes tell.
+    pub peers: BTreeMap<u32, PeerReport>,
 }
 
 /// A lasting difference between desired and observed state.
@@ -128,6 +176,10 @@ pub struct Cluster {
     health: HealthManager,
     observed: BTreeMap<String, Observed>,
     anomalies: BTreeMap<(&'static str, String), (Anomaly, i64)>,
+    /// Since when each unhealthy engine is failed (the promotion grace counts from it).
+    failed_since: BTreeMap<String, Instant>,
+    /// Per engine, what of its last heartbeat was ignored (logged once, when it first appears).
+    ignored: BTreeMap<String, BTreeSet<String>>,
     pub events: Events,
     snapshot: watch::Sender<Snapshot>,
 }
@@ -148,6 +200,7 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         let p = store.load()?;
         let mut health = HealthManager::new(settings.health);
+        let mut failed_since = BTreeMap::new();
         // Engines that were down in the last snapshot stay down until they heartbeat.
         let down: BTreeSet<u32> = serde_json::from_str::<Desired>(&p.snapshot)
             .map(|d| {
@@ -161,6 +214,9 @@ impl Cluster {
         for (name, e) in &p.engines {
             if down.contains(&e.id) {
                 health.track_failed(name, now);
+                // Its peers get the startup grace to reconnect and report it before the
+                // controller could promote around it.
+                failed_since.insert(name.clone(), now + settings.startup_grace);
             } else {
                 health.track(name, now + settings.startup_grace);
             }
@@ -176,6 +232,8 @@ impl Cluster {
             health,
             observed: BTreeMap::new(),
             anomalies: BTreeMap::new(),
+            failed_since,
+            ignored: BTreeMap::new(),
             events: Events::default(),
             snapshot,
         };
@@ -338,11 +396,16 @@ impl Cluster {
 
     fn heartbeat_at(&mut self, engine: &str, now: Instant) {
         if let Some(t) = self.health.heartbeat(engine, now) {
-            self.on_health(&t);
+            self.on_health(&t, now);
         }
     }
 
+    /// A heartbeat of `engine`: its stats, its peer view (transitions are events) and its claims
+    /// (one above the recorded epoch is a promotion the engines made: recorded at once).
     pub fn heartbeat(&mut self, engine: &str, o: Observed, now: Instant) {
+        let mut ignored = BTreeSet::new();
+        let claims = self.known_claims(&o.claims, &mut ignored);
+        let peers = self.known_peers(&o.peers, &mut ignored);
         let entry = self.observed.entry(engine.to_owned()).or_default();
         entry.cpu_pct = o.cpu_pct;
         entry.memory_bytes = o.memory_bytes;
@@ -351,7 +414,327 @@ impl Cluster {
         entry.backends_up = o.backends_up;
         entry.backends = o.backends;
         entry.last_heartbeat_unix_ms = o.last_heartbeat_unix_ms;
+        entry.claims = claims;
+        let before = std::mem::replace(&mut entry.peers, peers.clone());
         self.heartbeat_at(engine, now);
+        self.peer_events(engine, &before, &peers);
+        self.check_claims(engine, &mut ignored);
+        self.log_ignored(engine, ignored);
+        // Only a recorded promotion rebuilds the snapshot (megabytes with thousands of services).
+        let recorded = self
+            .record_claims(now)
+            .and_then(|changed| if changed { self.refresh() } else { Ok(()) });
+        if let Err(e) = recorded {
+            warn!(
+                engine,
+                "recording a promotion: {e} (retried at the next heartbeat)"
+            );
+        }
+    }
+
+    /// `claims` of virtual services that exist, the highest per service.
+    fn known_claims(&self, claims: &[Claim], ignored: &mut BTreeSet<String>) -> Vec<Claim> {
+        let mut best: BTreeMap<u32, u64> = BTreeMap::new();
+        for c in claims {
+            if self.p.services.values().any(|v| v.id == c.vs_id) {
+                let e = best.entry(c.vs_id).or_insert(c.epoch);
+                *e = (*e).max(c.epoch);
+            } else {
+                ignored.insert(format!(
+                    "claim of virtual service id {} at epoch {}: no virtual service has that id",
+                    c.vs_id, c.epoch
+                ));
+            }
+        }
+        best.into_iter()
+            .map(|(vs_id, epoch)| Claim { vs_id, epoch })
+            .collect()
+    }
+
+    /// `peers` that are registered engines.
+    fn known_peers(
+        &self,
+        peers: &BTreeMap<u32, PeerReport>,
+        ignored: &mut BTreeSet<String>,
+    ) -> BTreeMap<u32, PeerReport> {
+        peers
+            .iter()
+            .filter(|(id, _)| {
+                let known = self.name_of(**id).is_some();
+                if !known {
+                    ignored.insert(format!(
+                        "peer report of engine id {id}: no engine has that id"
+                    ));
+                }
+                known
+            })
+            .map(|(id, r)| (*id, *r))
+            .collect()
+    }
+
+    fn name_of(&self, id: u32) -> Option<&str> {
+        self.p
+            .engines
+            .values()
+            .find(|e| e.id == id)
+            .map(|e| e.name.as_str())
+    }
+
+    /// An event for each peer whose reported state changed (a peer first reported fully up is
+    /// not news).
+    fn peer_events(
+        &mut self,
+        engine: &str,
+        before: &BTreeMap<u32, PeerReport>,
+        after: &BTreeMap<u32, PeerReport>,
+    ) {
+        for (id, now) in after {
+            let was = before.get(id).copied().unwrap_or(PeerReport {
+                daemon_up: true,
+                dataplane_up: true,
+            });
+            if was == *now {
+                continue;
+            }
+            let Some(peer) = self.name_of(*id).map(str::to_owned) else {
+                continue;
+            };
+            self.events.emit(
+                "peer_report",
+                &[obj("engine", engine), obj("engine", &peer)],
+                format!("{engine} reports {peer}: {}", now.describe()),
+            );
+        }
+    }
+
+    /// Notes why claims of `engine` that are not recorded are ignored (the normal case, a claim of
+    /// the recorded primary at the recorded epoch, is not noted).
+    fn check_claims(&self, engine: &str, ignored: &mut BTreeSet<String>) {
+        let Some(o) = self.observed.get(engine) else {
+            return;
+        };
+        for c in &o.claims {
+            let Some(vs) = self.p.services.values().find(|v| v.id == c.vs_id) else {
+                continue;
+            };
+            let name = &vs.spec.name;
+            let primary = vs.placement.first().map_or("-", String::as_str);
+            let why = if c.epoch < vs.epoch {
+                format!(
+                    "claim of {name} at epoch {}: stale, {primary} is primary at epoch {}",
+                    c.epoch, vs.epoch
+                )
+            } else if c.epoch == vs.epoch {
+                if primary == engine {
+                    continue;
+                }
+                format!(
+                    "claim of {name} at epoch {}: {primary} is recorded primary at that epoch",
+                    c.epoch
+                )
+            } else if !vs.placement.iter().any(|p| p == engine) {
+                format!(
+                    "claim of {name} at epoch {}: {engine} is not placed for it",
+                    c.epoch
+                )
+            } else if c.epoch - vs.epoch > MAX_EPOCH_STEP {
+                format!(
+                    "claim of {name} at epoch {}: absurd, more than {MAX_EPOCH_STEP} above the recorded {}",
+                    c.epoch, vs.epoch
+                )
+            } else {
+                continue;
+            };
+            ignored.insert(why);
+        }
+    }
+
+    fn log_ignored(&mut self, engine: &str, now: BTreeSet<String>) {
+        let before = self.ignored.get(engine);
+        for why in now
+            .iter()
+            .filter(|w| before.is_none_or(|b| !b.contains(*w)))
+        {
+            // A stale claim is the normal lag of an engine that has not applied a newer record.
+            if why.contains(": stale, ") {
+                info!(engine, "heartbeat: ignored {why}");
+            } else {
+                warn!(engine, "heartbeat: ignored {why}");
+            }
+        }
+        if now.is_empty() {
+            self.ignored.remove(engine);
+        } else {
+            self.ignored.insert(engine.to_owned(), now);
+        }
+    }
+
+    /// Whether `c` (of an engine placed for `vs`) is a promotion to record.
+    fn recordable(vs: &VsRecord, c: u64) -> bool {
+        c > vs.epoch && c - vs.epoch <= MAX_EPOCH_STEP
+    }
+
+    /// Records the engines' promotions: per virtual service, the highest claim above its epoch by
+    /// an engine of its placement heard from within the health allowance (equal claims: the engine
+    /// earlier in the placement, the engines' own tie rule) becomes the primary at that epoch.
+    fn record_claims(&mut self, now: Instant) -> Result<bool, ClusterError> {
+        let h = self.settings.health;
+        let allowance = h.interval * h.max_missed;
+        let mut promotions = Vec::new();
+        for vs in self.p.services.values() {
+            let mut best: Option<(u64, &String)> = None;
+            for e in &vs.placement {
+                let heard = self
+                    .health
+                    .last_seen(e)
+                    .is_some_and(|t| now.saturating_duration_since(t) <= allowance);
+                if !heard {
+                    continue;
+                }
+                let Some(o) = self.observed.get(e) else {
+                    continue;
+                };
+                for c in o.claims.iter().filter(|c| c.vs_id == vs.id) {
+                    if Self::recordable(vs, c.epoch) && best.is_none_or(|(b, _)| c.epoch > b) {
+                        best = Some((c.epoch, e));
+                    }
+                }
+            }
+            if let Some((epoch, engine)) = best {
+                promotions.push((
+                    vs.spec.name.clone(),
+                    engine.clone(),
+                    epoch,
+                    "claimed by the engines".to_owned(),
+                ));
+            }
+        }
+        self.promote(promotions)
+    }
+
+    /// Each (virtual service, engine, epoch, why): `engine` moves to the front of the placement
+    /// and the epoch is set; one commit, one event each. Whether anything was written.
+    fn promote(
+        &mut self,
+        promotions: Vec<(String, String, u64, String)>,
+    ) -> Result<bool, ClusterError> {
+        if promotions.is_empty() {
+            return Ok(false);
+        }
+        let mut writes = Vec::new();
+        let mut notes = Vec::new();
+        for (name, engine, epoch, why) in promotions {
+            let Some(vs) = self.p.services.get(&name) else {
+                continue;
+            };
+            let previous = vs.placement.first().cloned().unwrap_or_default();
+            let mut placement = vs.placement.clone();
+            placement.retain(|p| *p != engine);
+            placement.insert(0, engine.clone());
+            notes.push((name, engine, epoch, previous, why));
+            writes.push(Write::Service(VsRecord {
+                placement,
+                epoch,
+                ..vs.clone()
+            }));
+        }
+        self.commit(writes)?;
+        for (vs, engine, epoch, previous, why) in notes {
+            info!(vs, engine, epoch, previous, "promotion recorded ({why})");
+            self.events.emit(
+                "promotion",
+                &[
+                    obj("vs", &vs),
+                    obj("engine", &engine),
+                    obj("engine", &previous),
+                ],
+                format!(
+                    "{engine} is primary at epoch {epoch} (previous primary {previous}): {why}"
+                ),
+            );
+        }
+        Ok(true)
+    }
+
+    /// The healthy engines of `vs` that report its primary's data plane up (it still steers).
+    fn steering_reports(&self, vs: &VsRecord) -> Vec<String> {
+        let Some(id) = vs
+            .placement
+            .first()
+            .and_then(|p| self.p.engines.get(p))
+            .map(|e| e.id)
+        else {
+            return Vec::new();
+        };
+        vs.placement
+            .iter()
+            .skip(1)
+            .filter(|e| self.health.state(e).is_some_and(EngineHealth::is_healthy))
+            .filter(|e| {
+                self.observed
+                    .get(*e)
+                    .and_then(|o| o.peers.get(&id))
+                    .is_some_and(|r| r.dataplane_up)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The controller promotes where the engines cannot: the primary is failed and silent for the
+    /// promotion grace, no engine of the service claims above the recorded epoch, and no healthy
+    /// engine of it reports the primary's data plane up (a crashed daemon whose data plane still
+    /// steers is not replaced). The first healthy engine of the placement takes over at epoch + 1.
+    fn promote_failed_primaries(&mut self, now: Instant) -> Result<bool, ClusterError> {
+        let h = self.settings.health;
+        let allowance = h.interval * h.max_missed;
+        let healthy = |e: &str| self.health.state(e).is_some_and(EngineHealth::is_healthy);
+        let mut promotions = Vec::new();
+        for vs in self.p.services.values() {
+            let Some(primary) = vs.placement.first() else {
+                continue;
+            };
+            if healthy(primary) {
+                continue;
+            }
+            let failed_for = self
+                .failed_since
+                .get(primary)
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+            let silent = self
+                .health
+                .last_seen(primary)
+                .is_some_and(|t| now.saturating_duration_since(t) > allowance);
+            if !silent || failed_for < self.settings.promotion_grace {
+                continue;
+            }
+            let claimed = vs.placement.iter().any(|e| {
+                self.observed.get(e).is_some_and(|o| {
+                    o.claims
+                        .iter()
+                        .any(|c| c.vs_id == vs.id && c.epoch > vs.epoch)
+                })
+            });
+            if claimed || !self.steering_reports(vs).is_empty() {
+                continue;
+            }
+            let Some(next) = vs.placement.iter().skip(1).find(|e| healthy(e)) else {
+                continue;
+            };
+            let Some(epoch) = vs.epoch.checked_add(1) else {
+                warn!(vs = %vs.spec.name, "epoch at its maximum: no promotion");
+                continue;
+            };
+            promotions.push((
+                vs.spec.name.clone(),
+                next.clone(),
+                epoch,
+                format!(
+                    "promoted by the controller: {primary} failed {:.1} s ago, no engine promoted and no peer sees its data plane",
+                    failed_for.as_secs_f64()
+                ),
+            ));
+        }
+        self.promote(promotions)
     }
 
     pub fn ack(&mut self, engine: &str, version: u64, now: Instant) {
@@ -386,15 +769,25 @@ impl Cluster {
     /// Once per health interval: engine health, re-placement around failed engines, anomalies.
     pub fn tick(&mut self, now: Instant) -> Result<(), ClusterError> {
         for t in self.health.tick(now) {
-            self.on_health(&t);
+            self.on_health(&t, now);
         }
+        self.promote_failed_primaries(now)?;
         self.replace_failed()?;
         self.refresh()?;
         self.update_anomalies(now);
         Ok(())
     }
 
-    fn on_health(&mut self, t: &Transition) {
+    fn on_health(&mut self, t: &Transition, now: Instant) {
+        match t {
+            Transition::Failed { engine, .. } => {
+                self.failed_since.entry(engine.clone()).or_insert(now);
+            }
+            Transition::Recovered { engine } | Transition::FlapEnded { engine } => {
+                self.failed_since.remove(engine);
+            }
+            Transition::Flapping { .. } => {}
+        }
         let (engine, reason) = match t {
             Transition::Failed { engine, silent } => (
                 engine,
@@ -415,8 +808,9 @@ impl Cluster {
     }
 
     /// A failed secondary leaves every placement it is in, and an eligible engine replaces it where
-    /// the virtual service now has fewer than it asks for (N+M). A failed primary stays: replacing
-    /// it safely belongs to failover (the engines' own promotion), and it is an anomaly meanwhile.
+    /// the virtual service now has fewer than it asks for (N+M). A failed primary stays until a
+    /// promotion is recorded (the engines', or the controller's after the grace): then it is an
+    /// ordinary secondary and leaves like one. Meanwhile it is an anomaly.
     fn replace_failed(&mut self) -> Result<(), ClusterError> {
         let failed: BTreeSet<String> = self
             .p
@@ -520,10 +914,18 @@ impl Cluster {
                     .state(primary)
                     .is_some_and(EngineHealth::is_healthy)
             {
+                let steering = self.steering_reports(vs);
                 found.push(Anomaly {
                     kind: "primary_failed",
                     object: obj("vs", &vs.spec.name),
-                    reason: format!("its primary {primary} is failed"),
+                    reason: if steering.is_empty() {
+                        format!("its primary {primary} is failed")
+                    } else {
+                        format!(
+                            "its primary {primary} is failed, but {} report(s) its data plane still steering: not replaced while it steers",
+                            steering.join(", ")
+                        )
+                    },
                 });
             }
             if healthy < vs.spec.min_engines as usize {
@@ -982,14 +1384,25 @@ impl Cluster {
     }
 }
 
-/// The snapshot of `p`: every registered engine (down unless `healthy`), every pool, every virtual
-/// service with its placement as members (weight 1 each; the primary first).
+/// The snapshot of `p`: every registered engine (down unless `healthy`, or the primary of a virtual
+/// service), every pool, every virtual service with its placement as members (weight 1 each; the
+/// primary first).
+///
+/// A failed primary stays active until a promotion is recorded: engines probe only active engines,
+/// so its peers keep probing it and what they report of its data plane (still steering, or gone)
+/// stays current, for them (they replace it once it is gone) and for the controller (it does not
+/// replace a primary whose data plane steers). Its peers' own view keeps new flows off its proxy.
 fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
+    let primaries: BTreeSet<&str> = p
+        .services
+        .values()
+        .filter_map(|v| v.placement.first().map(String::as_str))
+        .collect();
     let engines = p
         .engines
         .values()
         .map(|e| EngineConfig {
-            state: if healthy(&e.name) {
+            state: if healthy(&e.name) || primaries.contains(e.name.as_str()) {
                 EngineState::Active
             } else {
                 EngineState::Down

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{Shared, lock},
-    cluster::{Observed, Snapshot, invalid},
+    cluster::{Claim, Observed, PeerReport, Snapshot, invalid},
     events::unix_ms,
     store::EngineRecord,
     tls::{Role, require},
@@ -174,6 +174,9 @@ impl EngineApi for EngineService {
     }
 }
 
+/// Claims and peer reports of one heartbeat taken at most.
+const MAX_REPORTED: usize = 4096;
+
 /// One message of an engine; returns the version it `NACKed`, if it did.
 fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
     let now = Instant::now();
@@ -190,6 +193,31 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
                     backends_up: h.backends_up.into_iter().collect(),
                     backends: h.backends.into_iter().collect(),
                     last_heartbeat_unix_ms: unix_ms(std::time::SystemTime::now()),
+                    // Bounded: an engine claims at most one entry per virtual service and reports
+                    // at most one per engine (ids are 0..=255).
+                    claims: h
+                        .claims
+                        .iter()
+                        .take(MAX_REPORTED)
+                        .map(|c| Claim {
+                            vs_id: c.vs_id,
+                            epoch: c.epoch,
+                        })
+                        .collect(),
+                    peers: h
+                        .peers
+                        .iter()
+                        .take(MAX_REPORTED)
+                        .map(|p| {
+                            (
+                                p.engine_id,
+                                PeerReport {
+                                    daemon_up: p.daemon_up,
+                                    dataplane_up: p.dataplane_up,
+                                },
+                            )
+                        })
+                        .collect(),
                     ..Observed::default()
                 },
                 now,

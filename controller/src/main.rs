@@ -54,6 +54,11 @@ struct Args {
     /// How long a flapping engine stays out of placement.
     #[arg(long, default_value_t = 300)]
     flap_hold_s: u64,
+    /// How long a virtual service's primary stays failed before the controller promotes a
+    /// secondary itself (when no engine promoted one and no engine sees the primary's data plane
+    /// still steering).
+    #[arg(long, default_value_t = 2000)]
+    promotion_grace_ms: u64,
     /// Virtual service ids handed out: 0..N (the engines' `daemon.max_virtual_services`).
     #[arg(long, default_value_t = 64)]
     max_virtual_services: u32,
@@ -100,6 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let interval = Duration::from_millis(args.heartbeat_interval_ms);
     let settings = Settings {
         max_virtual_services: args.max_virtual_services,
+        promotion_grace: Duration::from_millis(args.promotion_grace_ms),
         health: HealthSettings {
             interval,
             max_missed: args.max_missed,

@@ -1,6 +1,8 @@
 //! What an engine reports in its heartbeats: host CPU (from `/proc/stat`, since the last beat), the
 //! daemon's resident memory, packets per second its data plane steered (the BPF per-VS counters),
-//! proxied connections open now, and per pool how many backends are up.
+//! proxied connections open now, per pool how many backends are up, and for failover what this
+//! engine claims (the virtual services it is primary of, at their epochs: the controller records
+//! an engine-made promotion from them) and what its peer probes tell of every peer.
 
 use std::{
     collections::HashMap,
@@ -9,8 +11,14 @@ use std::{
 };
 
 use lb_api::v1 as pb;
+use tokio::sync::watch;
 
-use crate::{conntable::ConnTable, dataplane::Counters, metrics::Inventory};
+use crate::{
+    conntable::ConnTable,
+    dataplane::Counters,
+    metrics::Inventory,
+    peers::{Plan, View},
+};
 
 #[derive(Default)]
 struct Last {
@@ -22,6 +30,8 @@ pub struct Sampler {
     counters: Arc<Counters>,
     inventory: Arc<RwLock<Inventory>>,
     conns: Arc<ConnTable>,
+    /// The failover module's plan (its `claims` are this engine's) and the peer task's view.
+    peers: Option<(watch::Receiver<Option<Plan>>, watch::Receiver<View>)>,
     last: Mutex<Last>,
 }
 
@@ -56,8 +66,46 @@ impl Sampler {
             counters,
             inventory,
             conns,
+            peers: None,
             last: Mutex::new(Last::default()),
         }
+    }
+
+    /// Heartbeats also carry this engine's claims (from the failover plan) and its peer view.
+    #[must_use]
+    pub fn with_peers(
+        mut self,
+        plan: watch::Receiver<Option<Plan>>,
+        view: watch::Receiver<View>,
+    ) -> Self {
+        self.peers = Some((plan, view));
+        self
+    }
+
+    /// (claims, peer view) as the heartbeat carries them.
+    fn failover(&self) -> (Vec<pb::Claim>, Vec<pb::PeerView>) {
+        let Some((plan, view)) = &self.peers else {
+            return (Vec::new(), Vec::new());
+        };
+        let claims = plan.borrow().as_ref().map_or_else(Vec::new, |p| {
+            p.claims
+                .iter()
+                .map(|c| pb::Claim {
+                    vs_id: c.vs_id,
+                    epoch: c.epoch,
+                })
+                .collect()
+        });
+        let peers = view
+            .borrow()
+            .iter()
+            .map(|(id, s)| pb::PeerView {
+                engine_id: *id,
+                daemon_up: s.daemon_up,
+                dataplane_up: s.dataplane_up,
+            })
+            .collect();
+        (claims, peers)
     }
 
     #[allow(
@@ -116,6 +164,8 @@ impl Sampler {
         };
         last.cpu = cpu;
         last.packets = Some((packets, now));
+        drop(last);
+        let (claims, peers) = self.failover();
         pb::Heartbeat {
             cpu_pct,
             memory_bytes: rss_bytes(),
@@ -123,6 +173,8 @@ impl Sampler {
             connections: self.conns.len() as u64,
             backends_up,
             backends,
+            claims,
+            peers,
         }
     }
 }

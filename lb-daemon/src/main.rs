@@ -217,7 +217,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let (owner_plan_tx, owner_plan_rx) = tokio::sync::watch::channel(OwnerPlan::default());
     tokio::spawn(peers::run(
         peers::Channels {
-            plan: plan_rx,
+            plan: plan_rx.clone(),
             view: view_tx,
             owners: incoming_tx,
             mirror: mirror_tx,
@@ -296,11 +296,14 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             status.applied.store(a.version, Ordering::Relaxed);
         }
         let identity = identity(engine.config())?;
-        let sampler = Arc::new(Sampler::new(
-            engine.dataplane().counters.clone(),
-            engine.inventory(),
-            conns.clone(),
-        ));
+        let sampler = Arc::new(
+            Sampler::new(
+                engine.dataplane().counters.clone(),
+                engine.inventory(),
+                conns.clone(),
+            )
+            .with_peers(plan_rx.clone(), view_rx.clone()),
+        );
         let beat: Arc<dyn Fn() -> lb_api::v1::Heartbeat + Send + Sync> =
             Arc::new(move || sampler.sample());
         tokio::spawn(managed::run(cfg, identity, status.clone(), apply_tx, beat));

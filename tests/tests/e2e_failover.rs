@@ -4,9 +4,10 @@
 //! connection started 300 ms or more after the kill is answered at once (no SYN retransmission),
 //! and none fails.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use lb_tests::client::{Keeper, one_request};
+use lb_tests::client::{HeldConnection, Keeper, one_request};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::enter;
@@ -255,6 +256,50 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         );
         panic!("the VIP is not served again");
     }
+    // The controller hears the promotion in the new primary's heartbeats and records it: the new
+    // primary first in the placement, at epoch 1, with a "promotion" event; and the survivors
+    // report the old primary gone.
+    l.wait(
+        Duration::from_secs(5),
+        "the controller records the new primary at epoch 1",
+        |l| {
+            let v = l.lbctl(&["vs", "get", "web"])?.json()?;
+            Ok(
+                lb_tests::controller_lab::placement(&v).first() == Some(&placement[1])
+                    && v["epoch"] == 1,
+            )
+        },
+    )
+    .unwrap();
+    let recorded = gone.elapsed();
+    println!("the controller recorded the promotion {recorded:?} after the link went down");
+    assert!(
+        recorded < Duration::from_secs(5),
+        "recorded after {recorded:?}"
+    );
+    let events = controller_events(&l);
+    let promotions: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["kind"] == "promotion").collect();
+    assert_eq!(promotions.len(), 1, "one promotion event: {promotions:?}");
+    let objects = promotions[0]["objects"].to_string();
+    assert!(
+        objects.contains("vs/web")
+            && objects.contains(&format!("engine/{}", placement[1]))
+            && objects.contains(&format!("engine/{}", placement[0])),
+        "{objects}"
+    );
+    l.wait(
+        Duration::from_secs(5),
+        "a survivor reports the old primary down",
+        |l| {
+            Ok(controller_events(l).iter().any(|e| {
+                e["kind"] == "peer_report"
+                    && e["objects"][1] == format!("engine/{}", placement[0])
+                    && e["reason"].as_str().is_some_and(|r| r.contains("gone"))
+            }))
+        },
+    )
+    .unwrap();
     // Long enough for several rounds after the failover (a connection of the gone primary fails
     // once, then is skipped).
     std::thread::sleep(Duration::from_secs(6));
@@ -359,5 +404,214 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         neigh.map(|n| n.0),
         Some(want),
         "the client still goes to the new primary"
+    );
+    // The controller still names the new primary at epoch 1: the old one's return promoted no one.
+    let v = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
+    assert_eq!(
+        lb_tests::controller_lab::placement(&v).first(),
+        Some(&placement[1]),
+        "{v}"
+    );
+    assert_eq!(v["epoch"], 1, "{v}");
+    let promotions = controller_events(&l)
+        .iter()
+        .filter(|e| e["kind"] == "promotion")
+        .count();
+    assert_eq!(promotions, 1, "one promotion in all");
+}
+
+/// The controller's recent events (`lbctl --json events`: one object a line).
+fn controller_events(l: &ControllerLab) -> Vec<serde_json::Value> {
+    let out = l.lbctl(&["events"]).unwrap();
+    assert_eq!(out.code, 0, "lbctl events: {}", out.stderr);
+    out.stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Waits until each engine of `names` has heard its peers' daemons answer for a while.
+fn wait_all_hear(l: &ControllerLab, names: &[String]) {
+    l.wait(
+        Duration::from_secs(5),
+        "every engine hears every other",
+        |l| {
+            Ok(l.lab
+                .engines
+                .iter()
+                .filter(|e| names.contains(&e.name))
+                .all(|e| {
+                    l.daemon(e.id)
+                        .and_then(|d| d.metrics().ok())
+                        .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
+                }))
+        },
+    )
+    .unwrap();
+}
+
+/// The engine that takes a connection from each of `sources` (in the client namespace).
+fn engines_of(l: &ControllerLab, sources: &[IpAddr]) -> Vec<u8> {
+    let client = l.lab.client(0);
+    let target = l.lab.vip_http();
+    let mut held = Vec::new();
+    for s in sources {
+        let mut c = HeldConnection::open_from(client, Some(*s), target, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("a connection from {s}: {e:#}"));
+        c.get()
+            .unwrap_or_else(|e| panic!("a request from {s}: {e:#}"));
+        held.push(c);
+    }
+    let owner_of = owners(l);
+    held.iter()
+        .map(|c| c.local_addr().unwrap())
+        .map(|a| {
+            *owner_of
+                .get(&a)
+                .unwrap_or_else(|| panic!("no engine holds {a}"))
+        })
+        .collect()
+}
+
+/// Source-IP persistence survives a failover: the primary mirrors its persistence table to the
+/// other engines, so the promoted one sends each persistent client where it went before — even
+/// where the ring (now without the old primary, and with an engine added since the clients came)
+/// would place it elsewhere.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_promoted_primary_sends_persistent_clients_where_they_went() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtm").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l
+        .create_web_service_with(3, &["--persistence-timeout-s", "300"])
+        .unwrap();
+    let placement = placement(&vs);
+    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let old = id_of(&placement[0]);
+    let new = id_of(&placement[1]);
+    let ns_of = |id: u8| {
+        l.lab
+            .engines
+            .iter()
+            .find(|e| e.id == id)
+            .unwrap()
+            .ns
+            .clone()
+    };
+    wait_all_hear(&l, &placement);
+
+    // 24 clients, each from an address of its own.
+    let sources: Vec<IpAddr> = (150..174u8)
+        .map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, i)))
+        .collect();
+    for s in &sources {
+        l.lab
+            .lab
+            .ip(
+                l.lab.client(0),
+                &["addr", "add", &format!("{s}/24"), "dev", "eth0"],
+            )
+            .unwrap();
+    }
+    let before = engines_of(&l, &sources);
+    assert_eq!(
+        engines_of(&l, &sources),
+        before,
+        "persistent before anything moves"
+    );
+
+    // A fourth engine joins: a new ring, yet the clients stay where their entries say.
+    let out = l.lbctl(&["scale-out", "web"]).unwrap();
+    assert_eq!(out.code, 0, "lbctl scale-out");
+    let joined = lb_tests::controller_lab::placement(&out.json().unwrap());
+    assert_eq!(joined.len(), 4, "{joined:?}");
+    let ids: Vec<u8> = l.lab.engines.iter().map(|e| e.id).collect();
+    l.wait(Duration::from_secs(20), "the scale-out applied", |l| {
+        Ok(l.applied_everywhere(&ids)?.is_some())
+    })
+    .unwrap();
+    wait_all_hear(&l, &joined);
+    assert_eq!(
+        engines_of(&l, &sources),
+        before,
+        "persistent across the new ring"
+    );
+
+    // The entries reach the engine next in line.
+    let n = f64::from(u32::try_from(sources.len()).unwrap());
+    l.wait(
+        Duration::from_secs(5),
+        "the persistence table is mirrored",
+        |l| {
+            let m = l.daemon(new).unwrap().metrics()?;
+            Ok(metric_sum(&m, "lb_persist_mirror_written_total", &[]) >= n)
+        },
+    )
+    .unwrap();
+
+    // The primary's host goes away; its successor takes over.
+    l.lab
+        .lab
+        .ip(&ns_of(old), &["link", "set", "eth0", "down"])
+        .unwrap();
+    l.wait(
+        Duration::from_secs(5),
+        "the new primary holds the VIP",
+        |l| Ok(l.vip_holders()?.contains(&placement[1])),
+    )
+    .unwrap();
+    let target = l.lab.vip_http();
+    let client = l.lab.client(0).clone();
+    std::thread::spawn(move || {
+        enter(client.name()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while one_request(target, Duration::from_millis(250)).is_err() {
+            assert!(Instant::now() < deadline, "the VIP is not served again");
+        }
+    })
+    .join()
+    .unwrap();
+
+    let after = engines_of(&l, &sources);
+    let added = id_of(&joined[3]);
+    let mut kept = 0;
+    for ((s, b), a) in sources.iter().zip(&before).zip(&after) {
+        if *b == old {
+            assert_ne!(*a, old, "{s} still goes to the gone primary");
+        } else {
+            assert_eq!(a, b, "{s} went to {b} before the failover, to {a} after");
+            kept += 1;
+        }
+    }
+    println!(
+        "{kept} of {} persistent clients of surviving engines kept their engine; the added engine {} got {} of the gone primary's",
+        sources.len(),
+        joined[3],
+        after
+            .iter()
+            .filter(|a| **a == added)
+            .map(|_| 1)
+            .sum::<usize>()
+    );
+    assert!(kept >= 8, "clients on surviving engines: {kept}");
+    let m = l.daemon(new).unwrap().metrics().unwrap();
+    assert!(metric_sum(&m, "lb_promotions_total", &[]) >= 1.0);
+    assert!(
+        metric_sum(&m, "lb_xdp_packets_total", &[("reason", "persist_hit")]) > 0.0,
+        "the new primary placed by its mirrored entries"
+    );
+    let refused: f64 = l
+        .lab
+        .engines
+        .iter()
+        .filter_map(|e| l.daemon(e.id)?.metrics().ok())
+        .map(|m| metric_sum(&m, "lb_persist_mirror_refused_total", &[]))
+        .sum();
+    assert!(
+        refused.abs() < f64::EPSILON,
+        "mirror messages refused: {refused}"
     );
 }

@@ -380,7 +380,11 @@ mod views {
             "state": e.state, "connected": e.connected, "virtual_services": e.virtual_services,
             "roles": e.roles, "cpu_pct": e.cpu_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
             "connections": e.connections, "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
-            "applied_version": e.applied_version, "last_error": e.last_error})
+            "applied_version": e.applied_version, "last_error": e.last_error,
+            "peers": e.peers.iter().map(|p| json!({"engine": p.engine, "id": p.id,
+                "daemon_up": p.daemon_up, "dataplane_up": p.dataplane_up})).collect::<Vec<_>>(),
+            "claims": e.claims.iter().map(|c| json!({"virtual_service": c.virtual_service,
+                "vs_id": c.vs_id, "epoch": c.epoch})).collect::<Vec<_>>()})
     }
 
     pub fn pool(p: &pb::Pool) -> Value {
@@ -395,7 +399,7 @@ mod views {
         let s = v.scaling.clone().unwrap_or_default();
         let h = v.health.unwrap_or_default();
         json!({"name": v.name, "id": v.id, "vip": v.vip, "port": v.port, "protocol": v.protocol,
-            "pool": v.pool, "resource_version": v.resource_version,
+            "pool": v.pool, "resource_version": v.resource_version, "epoch": v.epoch,
             "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags},
             "placement": v.placement.iter().map(|p| json!({"engine": p.engine, "role": p.role,
                 "weight": p.weight, "state": p.state})).collect::<Vec<_>>(),
@@ -406,6 +410,32 @@ mod views {
     pub fn event(e: &pb::Event) -> Value {
         json!({"time_unix_ms": e.time_unix_ms, "kind": e.kind, "objects": e.objects, "reason": e.reason})
     }
+}
+
+/// An engine's peer view, compact: `se2:up se3:steering se4:down` (steering: its daemon is down,
+/// its data plane still steers; daemon-only: its data plane does not echo).
+fn peers(e: &pb::EngineStatus) -> String {
+    if e.peers.is_empty() {
+        return "-".into();
+    }
+    e.peers
+        .iter()
+        .map(|p| {
+            let name = if p.engine.is_empty() {
+                format!("#{}", p.id)
+            } else {
+                p.engine.clone()
+            };
+            let state = match (p.daemon_up, p.dataplane_up) {
+                (true, true) => "up",
+                (false, true) => "steering",
+                (true, false) => "daemon-only",
+                (false, false) => "down",
+            };
+            format!("{name}:{state}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn time(ms: i64) -> String {
@@ -428,7 +458,7 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
     }
     let h = v.health.unwrap_or_default();
     println!(
-        "{} (id {}): {}:{}/{} → pool {}  health {:.2} ({}/{} engines, {}/{} backends)  rv {}",
+        "{} (id {}): {}:{}/{} → pool {}  health {:.2} ({}/{} engines, {}/{} backends)  epoch {}  rv {}",
         v.name,
         v.id,
         v.vip,
@@ -440,6 +470,7 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
         h.engines_requested,
         h.backends_up,
         h.backends,
+        v.epoch,
         v.resource_version
     );
     table(
@@ -528,6 +559,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "CONNS",
                         "VERSION",
                         "LAST HEARTBEAT",
+                        "PEERS",
                         "ERROR",
                     ],
                     list.iter()
@@ -543,6 +575,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                 e.connections.to_string(),
                                 e.applied_version.to_string(),
                                 time(e.last_heartbeat_unix_ms),
+                                peers(e),
                                 e.last_error.clone(),
                             ]
                         })
@@ -619,7 +652,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     json(&list.iter().map(views::vs).collect::<Vec<_>>());
                 } else {
                     table(
-                        &["NAME", "ID", "VIP", "POOL", "PRIMARY", "ENGINES", "HEALTH"],
+                        &[
+                            "NAME", "ID", "VIP", "POOL", "PRIMARY", "EPOCH", "ENGINES", "HEALTH",
+                        ],
                         list.iter()
                             .map(|v| {
                                 vec![
@@ -631,6 +666,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                         .first()
                                         .map(|p| p.engine.clone())
                                         .unwrap_or_default(),
+                                    v.epoch.to_string(),
                                     v.placement
                                         .iter()
                                         .map(|p| p.engine.as_str())

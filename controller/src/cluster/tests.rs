@@ -69,6 +69,66 @@ fn desired(c: &Cluster) -> Desired {
     serde_json::from_str(&c.snapshot().json).unwrap()
 }
 
+/// A heartbeat claiming `(vs_id, epoch)`s.
+fn claims(c: &[(u32, u64)]) -> Observed {
+    Observed {
+        claims: c
+            .iter()
+            .map(|(vs_id, epoch)| Claim {
+                vs_id: *vs_id,
+                epoch: *epoch,
+            })
+            .collect(),
+        ..Observed::default()
+    }
+}
+
+/// A heartbeat reporting peers `(engine id, daemon up, data plane up)`.
+fn reports(r: &[(u32, bool, bool)]) -> Observed {
+    Observed {
+        peers: r
+            .iter()
+            .map(|(id, daemon_up, dataplane_up)| {
+                (
+                    *id,
+                    PeerReport {
+                        daemon_up: *daemon_up,
+                        dataplane_up: *dataplane_up,
+                    },
+                )
+            })
+            .collect(),
+        ..Observed::default()
+    }
+}
+
+/// (primary id, epoch) of virtual service 0 in the snapshot.
+fn primary_epoch(c: &Cluster) -> (u32, u64) {
+    let d = desired(c);
+    let v = &d.virtual_services[0];
+    (v.primary, v.epoch)
+}
+
+fn events_of(c: &Cluster, kind: &str) -> Vec<crate::events::Event> {
+    c.events
+        .recent()
+        .into_iter()
+        .filter(|e| e.kind == kind)
+        .collect()
+}
+
+/// Records every (epoch → primary) the snapshots name, failing on a second primary at an epoch.
+#[derive(Default)]
+struct Primaries(BTreeMap<u64, u32>);
+
+impl Primaries {
+    fn see(&mut self, c: &Cluster) {
+        let (primary, epoch) = primary_epoch(c);
+        let was = *self.0.entry(epoch).or_insert(primary);
+        assert_eq!(was, primary, "two primaries at epoch {epoch}");
+    }
+}
+
 #[test]
 fn a_virtual_service_is_placed_and_in_the_snapshot() {
     let now = Instant::now();
@@ -203,7 +263,9 @@ fn a_failed_primary_stays_and_is_an_anomaly() {
     c.create_vs(spec("web", 80, 2)).unwrap();
     for s in 1..=6u64 {
         let now = start + Duration::from_secs(s);
-        for e in ["se2", "se3", "se4"] {
+        // se2 sees se1's data plane still steering (its daemon crashed): it must not be replaced.
+        c.heartbeat("se2", reports(&[(1, false, true)]), now);
+        for e in ["se3", "se4"] {
             c.heartbeat(e, Observed::default(), now);
         }
         c.tick(now).unwrap();
@@ -211,7 +273,7 @@ fn a_failed_primary_stays_and_is_an_anomaly() {
     let vs = &c.persisted().services["web"];
     assert_eq!(
         vs.placement[0], "se1",
-        "the primary is not replaced here (failover's job)"
+        "the primary is not replaced while its data plane steers"
     );
     let kinds: BTreeSet<&str> = c.anomalies().iter().map(|(a, _)| a.kind).collect();
     assert!(kinds.contains("primary_failed"), "{kinds:?}");
@@ -320,4 +382,283 @@ fn a_restarted_controller_keeps_failed_engines_down_until_they_heartbeat() {
     assert_eq!(c.health("se2"), Some(EngineHealth::Failed));
     c.heartbeat("se2", Observed::default(), later);
     assert_eq!(c.health("se2"), Some(EngineHealth::Healthy));
+}
+
+#[test]
+fn an_engine_made_promotion_is_recorded() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 3)).unwrap();
+    let v0 = c.snapshot().version;
+    // Every engine's usual heartbeat: se1 claims its role at the recorded epoch: nothing changes.
+    c.heartbeat("se1", claims(&[(0, 0)]), now);
+    c.heartbeat("se2", Observed::default(), now);
+    assert_eq!(c.snapshot().version, v0);
+    // se2 took over at epoch 1.
+    c.heartbeat("se2", claims(&[(0, 1)]), now);
+    let vs = &c.persisted().services["web"];
+    assert_eq!(
+        vs.placement,
+        ["se2", "se1", "se3"],
+        "se2 first, the rest in order"
+    );
+    assert_eq!(vs.epoch, 1);
+    assert_eq!(c.snapshot().version, v0 + 1, "one change, one version");
+    assert_eq!(primary_epoch(&c), (2, 1));
+    let ev = events_of(&c, "promotion");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].objects, ["vs/web", "engine/se2", "engine/se1"]);
+    assert!(
+        ev[0].reason.contains("epoch 1") && ev[0].reason.contains("previous primary se1"),
+        "{}",
+        ev[0].reason
+    );
+    // The same claim again, and the old primary's stale one: nothing more.
+    c.heartbeat("se2", claims(&[(0, 1)]), now);
+    c.heartbeat("se1", claims(&[(0, 0)]), now);
+    assert_eq!(c.snapshot().version, v0 + 1);
+    assert_eq!(events_of(&c, "promotion").len(), 1);
+    // The persisted record survives a restart of the controller.
+    assert_eq!(c.persisted().services["web"].epoch, 1);
+}
+
+#[test]
+fn stale_unknown_unplaced_and_absurd_claims_change_nothing() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    let before = (c.snapshot(), c.persisted().clone());
+    // se4 is not placed for web; vs id 7 does not exist; an epoch far above the record; a claim at
+    // the recorded epoch by a secondary; peers that do not exist.
+    c.heartbeat("se4", claims(&[(0, 5)]), now);
+    c.heartbeat("se2", claims(&[(7, 3)]), now);
+    c.heartbeat("se2", claims(&[(0, u64::MAX)]), now);
+    c.heartbeat("se2", claims(&[(0, MAX_EPOCH_STEP + 1)]), now);
+    c.heartbeat("se2", claims(&[(0, 0)]), now);
+    c.heartbeat(
+        "se3",
+        reports(&[(99, false, false), (u32::MAX, true, true)]),
+        now,
+    );
+    assert_eq!((c.snapshot(), c.persisted().clone()), before);
+    assert!(events_of(&c, "promotion").is_empty());
+    assert!(
+        events_of(&c, "peer_report").is_empty(),
+        "unknown peers are ignored"
+    );
+    assert!(c.observed("se3").unwrap().peers.is_empty());
+    assert!(
+        c.observed("se2")
+            .unwrap()
+            .claims
+            .iter()
+            .all(|cl| cl.vs_id == 0),
+        "claims of unknown services are not kept"
+    );
+    // Recorded at epoch 2; then a claim at epoch 1 (lower) is stale.
+    c.heartbeat("se2", claims(&[(0, 2)]), now);
+    assert_eq!(primary_epoch(&c), (2, 2));
+    let after = c.snapshot();
+    c.heartbeat("se1", claims(&[(0, 1)]), now);
+    assert_eq!(c.snapshot(), after);
+    assert_eq!(c.persisted().services["web"].placement, ["se2", "se1"]);
+}
+
+#[test]
+fn a_failed_old_primary_is_dropped_after_the_promotion_and_a_spare_added() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    let mut seen = Primaries::default();
+    seen.see(&c);
+    // se1 (the primary) is gone; se2 takes over at once and says so; the controller fails se1 a
+    // few seconds later.
+    for s in 1..=10u64 {
+        let now = start + Duration::from_secs(s);
+        c.heartbeat("se2", claims(&[(0, 1)]), now);
+        seen.see(&c);
+        for e in ["se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+        seen.see(&c);
+        if s == 1 {
+            assert_eq!(
+                c.persisted().services["web"].placement,
+                ["se2", "se1"],
+                "recorded at the first heartbeat; se1 is not failed yet"
+            );
+        }
+    }
+    assert_eq!(c.health("se1"), Some(EngineHealth::Failed));
+    let vs = &c.persisted().services["web"];
+    assert_eq!(
+        vs.placement,
+        ["se2", "se3"],
+        "the failed old primary left like a secondary, a spare took its place (N+M)"
+    );
+    assert_eq!(vs.epoch, 1);
+    assert_eq!(primary_epoch(&c), (2, 1));
+    assert_eq!(events_of(&c, "promotion").len(), 1);
+    let kinds: BTreeSet<&str> = c.anomalies().iter().map(|(a, _)| a.kind).collect();
+    assert!(!kinds.contains("primary_failed"), "{kinds:?}");
+}
+
+#[test]
+fn the_controller_promotes_when_the_engines_cannot() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    let mut seen = Primaries::default();
+    seen.see(&c);
+    let (mut failed_at, mut promoted_at) = (None, None);
+    // se1 is gone and nobody promotes (the engines cannot reach each other): se2 reports se1 down
+    // in its view.
+    for ms in (100..=20_000u64).step_by(100) {
+        let now = start + Duration::from_millis(ms);
+        if ms.is_multiple_of(1000) {
+            c.heartbeat("se2", reports(&[(1, false, false)]), now);
+            for e in ["se3", "se4"] {
+                c.heartbeat(e, Observed::default(), now);
+            }
+            c.tick(now).unwrap();
+        }
+        seen.see(&c);
+        if failed_at.is_none() && c.health("se1") == Some(EngineHealth::Failed) {
+            failed_at = Some(ms);
+        }
+        if promoted_at.is_none() && primary_epoch(&c) != (1, 0) {
+            promoted_at = Some(ms);
+        }
+    }
+    let (failed_at, promoted_at) = (failed_at.unwrap(), promoted_at.unwrap());
+    let grace = u64::try_from(Settings::default().promotion_grace.as_millis()).unwrap();
+    assert!(
+        promoted_at >= failed_at + grace && promoted_at <= failed_at + grace + 1000,
+        "failed at {failed_at} ms, promoted at {promoted_at} ms"
+    );
+    assert_eq!(
+        primary_epoch(&c),
+        (2, 1),
+        "the first healthy engine, at epoch + 1"
+    );
+    let vs = &c.persisted().services["web"];
+    assert_eq!(vs.placement, ["se2", "se3"], "se1 left, a spare came");
+    let d = desired(&c);
+    assert_eq!(
+        d.engines.iter().find(|e| e.id == 1).unwrap().state,
+        EngineState::Down,
+        "no longer primary: down"
+    );
+    let ev = events_of(&c, "promotion");
+    assert_eq!(ev.len(), 1, "one promotion: {ev:?}");
+    assert!(ev[0].reason.contains("controller"), "{}", ev[0].reason);
+    assert_eq!(ev[0].objects, ["vs/web", "engine/se2", "engine/se1"]);
+    assert_eq!(
+        events_of(&c, "peer_report").len(),
+        1,
+        "se2 reported se1 down once, not at every heartbeat"
+    );
+    // se2's claim at the epoch the controller gave it changes nothing.
+    let v = c.snapshot().version;
+    c.heartbeat("se2", claims(&[(0, 1)]), start + Duration::from_secs(21));
+    assert_eq!(c.snapshot().version, v);
+}
+
+#[test]
+fn no_promotion_while_a_healthy_peer_sees_the_primarys_data_plane_steer() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 2)).unwrap();
+    // se1's daemon crashed; its XDP program still steers and se2 sees it echo.
+    for s in 1..=20u64 {
+        let now = start + Duration::from_secs(s);
+        c.heartbeat("se2", reports(&[(1, false, true)]), now);
+        for e in ["se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+    }
+    assert_eq!(c.health("se1"), Some(EngineHealth::Failed));
+    assert_eq!(primary_epoch(&c), (1, 0), "not replaced while it steers");
+    let d = desired(&c);
+    assert_eq!(
+        d.engines.iter().find(|e| e.id == 1).unwrap().state,
+        EngineState::Active,
+        "a failed primary stays active: its peers keep probing it"
+    );
+    assert_eq!(c.persisted().services["web"].placement[0], "se1");
+    assert!(events_of(&c, "promotion").is_empty());
+    let a = c.anomalies();
+    assert!(
+        a.iter().any(|(a, _)| a.kind == "primary_failed"
+            && a.reason.contains("se2")
+            && a.reason.contains("data plane still steering")),
+        "{a:?}"
+    );
+    let pr = events_of(&c, "peer_report");
+    assert_eq!(pr.len(), 1, "{pr:?}");
+    assert_eq!(pr[0].objects, ["engine/se2", "engine/se1"]);
+    assert!(pr[0].reason.contains("data plane up"), "{}", pr[0].reason);
+    // Its data plane goes too: past the grace already, the controller promotes at the next tick.
+    let now = start + Duration::from_secs(21);
+    c.heartbeat("se2", reports(&[(1, false, false)]), now);
+    for e in ["se3", "se4"] {
+        c.heartbeat(e, Observed::default(), now);
+    }
+    c.tick(now).unwrap();
+    assert_eq!(primary_epoch(&c), (2, 1));
+    assert_eq!(events_of(&c, "peer_report").len(), 2);
+    assert!(
+        !c.anomalies()
+            .iter()
+            .any(|(a, _)| a.kind == "primary_failed")
+    );
+}
+
+#[test]
+fn never_two_primaries_at_one_epoch() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.create_vs(spec("web", 80, 3)).unwrap();
+    let mut seen = Primaries::default();
+    seen.see(&c);
+    // A healed partition: se3 and se2 both promoted themselves at epoch 1; se3 is heard first.
+    c.heartbeat("se3", claims(&[(0, 1)]), start);
+    seen.see(&c);
+    c.heartbeat("se2", claims(&[(0, 1)]), start);
+    seen.see(&c);
+    assert_eq!(
+        primary_epoch(&c),
+        (3, 1),
+        "the first heard is recorded, once"
+    );
+    assert_eq!(events_of(&c, "promotion").len(), 1);
+    // A later promotion at a higher epoch wins; an equal claim after it changes nothing.
+    c.heartbeat("se2", claims(&[(0, 2)]), start);
+    seen.see(&c);
+    c.heartbeat("se3", claims(&[(0, 2)]), start);
+    seen.see(&c);
+    assert_eq!(primary_epoch(&c), (2, 2));
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se2", "se3", "se1"]
+    );
+    // se2 goes silent and nobody promotes: the controller does, at the next epoch (never at one
+    // already recorded).
+    for s in 1..=20u64 {
+        let now = start + Duration::from_secs(s);
+        for e in ["se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+        seen.see(&c);
+    }
+    assert_eq!(primary_epoch(&c), (3, 3));
+    assert_eq!(
+        seen.0,
+        BTreeMap::from([(0, 1), (1, 3), (2, 2), (3, 3)]),
+        "one primary per epoch"
+    );
+    assert_eq!(events_of(&c, "promotion").len(), 3);
 }
