@@ -21,7 +21,7 @@ use lb_common::{VS_F_ASK_OWNER_UDP, VS_F_PRIMARY};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, EngineState},
+    config::{Config, EngineState, Member},
     conntable::ConnTable,
     dataplane::{Dataplane, DataplaneError},
     links::SystemLinks,
@@ -71,6 +71,9 @@ pub struct Overlay {
     pub primaries: BTreeMap<u32, u32>,
     /// Virtual services whose unknown UDP flows are asked about (just after a promotion).
     pub ask_udp: BTreeSet<u32>,
+    /// (virtual service, engine): the engine's daemon answers but cannot serve the service (no
+    /// backend up there): it gets no new flows of it, unless no engine of the service can.
+    pub unserving: BTreeSet<(u32, u32)>,
 }
 
 impl Overlay {
@@ -82,9 +85,27 @@ impl Overlay {
                 e.state = EngineState::Down;
             }
         }
+        let active: BTreeSet<u32> = c
+            .engines
+            .iter()
+            .filter(|e| e.state == EngineState::Active)
+            .map(|e| e.id)
+            .collect();
         for vs in &mut c.virtual_services {
             if let Some(p) = self.primaries.get(&vs.id) {
                 vs.primary = *p;
+            }
+            // Weight 0: its flows stay, it takes no new ones.
+            let id = vs.id;
+            let serving = |m: &Member| !self.unserving.contains(&(id, m.id));
+            if vs
+                .engines
+                .iter()
+                .any(|m| m.weight > 0 && active.contains(&m.id) && serving(m))
+            {
+                for m in vs.engines.iter_mut().filter(|m| !serving(m)) {
+                    m.weight = 0;
+                }
             }
         }
         c
@@ -259,5 +280,60 @@ fn restart_only(old: &Config, new: &Config) -> Result<(), ApplyError> {
     match checks.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ApplyError::RestartOnly(field)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[daemon]
+interface = "eth0"
+engine_id = 1
+
+[[engines]]
+id = 1
+
+[[engines]]
+id = 2
+mac = "02:00:00:00:00:02"
+
+[[engines]]
+id = 3
+mac = "02:00:00:00:00:03"
+
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "10.100.0.10"
+port = 80
+protocol = "tcp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 }, { id = 3, weight = 2 } ]
+"#;
+
+    fn weights(c: &Config) -> Vec<(u32, u32)> {
+        c.virtual_services[0]
+            .engines
+            .iter()
+            .map(|m| (m.id, m.weight))
+            .collect()
+    }
+
+    #[test]
+    fn an_engine_that_cannot_serve_gets_no_new_flows_unless_none_can() {
+        let c = Config::parse(CONFIG).unwrap();
+        let mut o = Overlay {
+            unserving: BTreeSet::from([(0, 3), (7, 2)]),
+            ..Overlay::default()
+        };
+        assert_eq!(weights(&o.apply(&c)), [(1, 1), (2, 1), (3, 0)]);
+        // Every engine unhealthy (or down): the configuration stands, nobody is better.
+        o.unserving = BTreeSet::from([(0, 1), (0, 3)]);
+        o.down = BTreeSet::from([2]);
+        assert_eq!(weights(&o.apply(&c)), [(1, 1), (2, 1), (3, 2)]);
+        o.down.clear();
+        assert_eq!(weights(&o.apply(&c)), [(1, 0), (2, 1), (3, 0)]);
     }
 }

@@ -208,6 +208,11 @@ impl Failover {
                 .collect(),
             primaries: primaries.clone(),
             ask_udp: self.ask_udp.keys().copied().collect(),
+            unserving: view
+                .iter()
+                .filter(|(_, s)| s.daemon_up)
+                .flat_map(|(id, s)| s.unserving.iter().map(|vs| (*vs, *id)))
+                .collect(),
         };
         match engine.set_overlay(overlay) {
             Ok(applied) => {

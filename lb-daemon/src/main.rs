@@ -215,6 +215,17 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let (mirror_tx, mirror_rx) = tokio::sync::mpsc::channel(1024);
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(64);
     let (owner_plan_tx, owner_plan_rx) = tokio::sync::watch::channel(OwnerPlan::default());
+    let inventory = engine.inventory();
+    let unserving = Arc::new(move || {
+        let inv = inventory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inv.services
+            .iter()
+            .filter(|s| s.pool().usable().next().is_none())
+            .map(|s| s.id)
+            .collect()
+    });
     tokio::spawn(peers::run(
         peers::Channels {
             plan: plan_rx.clone(),
@@ -222,6 +233,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             owners: incoming_tx,
             mirror: mirror_tx,
             sender: sender_tx,
+            unserving,
         },
         failover_counters.peers.clone(),
     ));

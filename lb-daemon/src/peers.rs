@@ -61,6 +61,8 @@ pub enum Kind {
     Owned = 5,
     /// Source-IP persistence entries from a primary ([`crate::mirror`]).
     Persist = 6,
+    /// The virtual services the sender cannot serve now (no backend up), sent with every probe.
+    Health = 7,
 }
 
 impl Kind {
@@ -73,6 +75,7 @@ impl Kind {
             4 => Kind::Query,
             5 => Kind::Owned,
             6 => Kind::Persist,
+            7 => Kind::Health,
             _ => return None,
         })
     }
@@ -218,6 +221,24 @@ pub fn decode_claims(body: &[u8]) -> Result<Vec<Claim>, Refused> {
         .collect())
 }
 
+/// Virtual service ids, 4 bytes each (a [`Kind::Health`] body).
+pub fn encode_ids(ids: &[u32]) -> Vec<u8> {
+    ids.iter()
+        .take(MAX_BODY / 4)
+        .flat_map(|id| id.to_be_bytes())
+        .collect()
+}
+
+pub fn decode_ids(body: &[u8]) -> Result<Vec<u32>, Refused> {
+    if !body.len().is_multiple_of(4) {
+        return Err(Refused::Body);
+    }
+    Ok(body
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
+        .collect())
+}
+
 /// What the prober works from: refreshed by every apply and every change of role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -266,6 +287,9 @@ pub struct PeerStatus {
     pub dataplane_up: bool,
     /// What it last said it is primary of.
     pub claims: Vec<Claim>,
+    /// The virtual services it last said it cannot serve (no backend up): alive, but unhealthy
+    /// there.
+    pub unserving: Vec<u32>,
 }
 
 impl PeerStatus {
@@ -384,6 +408,7 @@ struct Peer {
     daemon: Signal,
     dataplane: Signal,
     claims: Vec<Claim>,
+    unserving: Vec<u32>,
     epoch: Option<u64>,
 }
 
@@ -393,6 +418,7 @@ impl Peer {
             daemon_up: self.daemon.up,
             dataplane_up: self.dataplane.up,
             claims: self.claims.clone(),
+            unserving: self.unserving.clone(),
         }
     }
 }
@@ -407,6 +433,8 @@ pub struct Channels {
     pub mirror: mpsc::Sender<Incoming>,
     /// The sender, once the socket is bound.
     pub sender: watch::Sender<Option<Sender>>,
+    /// The virtual services this engine cannot serve now, asked on every probe round.
+    pub unserving: Arc<dyn Fn() -> Vec<u32> + Send + Sync>,
 }
 
 /// This daemon's epoch: when it started.
@@ -475,6 +503,7 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                 daemon: Signal::new(now),
                 dataplane: Signal::new(now),
                 claims: Vec::new(),
+                unserving: Vec::new(),
                 epoch: None,
             });
             peer.addr = *addr;
@@ -504,6 +533,7 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     let mut changed = false;
+                    let health = encode_ids(&(ch.unserving)());
                     for (id, peer) in &mut peers {
                         seq += 1;
                         let request = seal(&key, &Message { kind: Kind::Request, from: p.self_id, epoch, seq, body: claims.clone() });
@@ -514,6 +544,8 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                         if sock.send_to(&echo, peer.addr).await.is_ok() {
                             counters.echoes_sent.fetch_add(1, Ordering::Relaxed);
                         }
+                        let status = seal(&key, &Message { kind: Kind::Health, from: p.self_id, epoch, seq, body: health.clone() });
+                        let _ = sock.send_to(&status, peer.addr).await;
                         if peer.daemon.tick(now, interval, allowance) {
                             counters.downs.fetch_add(1, Ordering::Relaxed);
                             warn!(engine = id, dataplane_up = peer.dataplane.up, "peer daemon down: no probe answered");
@@ -556,6 +588,21 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                                 continue;
                             }
                             let _ = ch.mirror.try_send(Incoming { from_addr: from, message: m });
+                        }
+                        Kind::Health => {
+                            let Ok(ids) = decode_ids(&m.body) else {
+                                counters.refuse(Refused::Body);
+                                continue;
+                            };
+                            let Some(peer) = peers.get_mut(&m.from) else {
+                                counters.refuse(Refused::Stranger);
+                                continue;
+                            };
+                            if peer.unserving != ids {
+                                info!(engine = m.from, cannot_serve = ?ids, "peer's health changed");
+                                peer.unserving = ids;
+                                publish(&peers, &ch.view);
+                            }
                         }
                         Kind::EchoReply => {
                             // Our own echo, turned around by the peer's data plane: the peer is
@@ -665,6 +712,11 @@ mod tests {
         pad[6] = 1;
         assert_eq!(open(&key(1), &pad), Err(Refused::Kind));
         assert_eq!(decode_claims(&[0u8; 13]), Err(Refused::Body));
+        assert_eq!(
+            decode_ids(&encode_ids(&[0, 7, u32::MAX])),
+            Ok(vec![0, 7, u32::MAX])
+        );
+        assert_eq!(decode_ids(&[0u8; 6]), Err(Refused::Body));
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Roles {
         {
             Some(next) => Role {
                 primary: *next,
-                epoch: best.epoch + 1,
+                epoch: best.epoch.saturating_add(1),
             },
             None => best,
         }
@@ -329,6 +329,7 @@ engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]
                     epoch: *epoch,
                 })
                 .collect(),
+            unserving: Vec::new(),
         }
     }
 
@@ -337,6 +338,7 @@ engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]
             daemon_up: false,
             dataplane_up: false,
             claims: Vec::new(),
+            unserving: Vec::new(),
         }
     }
 
@@ -385,6 +387,7 @@ engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]
                             daemon_up: *daemon,
                             dataplane_up: *dp,
                             claims,
+                            unserving: Vec::new(),
                         },
                     )
                 })

@@ -398,3 +398,150 @@ fn forged_and_stray_peer_messages_are_refused_and_counted() {
     let r = l.lab.load(60).unwrap();
     assert_eq!(r.errors, 0, "{r}");
 }
+
+/// A secondary that is alive but cannot serve (its backends unreachable from it, so its health
+/// checks take them all down) tells its peers in its probes, and the primary gives it no new flows
+/// of that service: every connection started 300 ms or more after its last backend went down is
+/// served. When its backends come back, it gets flows again.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_secondary_that_cannot_serve_gets_no_new_flows_within_300_ms() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtu").expect("build the controller lab");
+    let backends = l.backend_args();
+    let mut args = vec![
+        "pool",
+        "create",
+        "web",
+        "--check",
+        "tcp",
+        "--check-interval-ms",
+        "100",
+        "--check-timeout-ms",
+        "90",
+    ];
+    args.extend(backends.iter().map(String::as_str));
+    let out = l.lbctl(&args).unwrap();
+    assert_eq!(out.code, 0, "lbctl pool create: {}", out.stderr);
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
+    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let victim = id_of(&placement[2]);
+    let victim_ns = l
+        .lab
+        .engines
+        .iter()
+        .find(|e| e.id == victim)
+        .unwrap()
+        .ns
+        .clone();
+    wait_all_hear(&l, &placement);
+    let up = |l: &ControllerLab| {
+        l.daemon(victim)
+            .and_then(|d| d.metrics().ok())
+            .map_or(-1.0, |m| metric_sum(&m, "lb_backend_up", &[]))
+    };
+    assert!(up(&l) >= 1.0, "the victim's backends are up");
+    let proxied = |l: &ControllerLab| metric_of(l, &[victim], "lb_proxy_connections_total", &[]);
+    let before = proxied(&l);
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    assert!(proxied(&l) > before, "the victim takes flows while healthy");
+
+    let target = l.lab.vip_http();
+    let client = l.lab.client(0).clone();
+    let start = Instant::now();
+    let (results, unhealthy) = std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            enter(client.name()).unwrap();
+            let mut out = Vec::new();
+            while start.elapsed() < Duration::from_millis(3500) {
+                let began = start.elapsed();
+                let r = one_request(target, Duration::from_secs(2));
+                out.push((began, r.map_err(|e| format!("{e:#}"))));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            out
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // Its backends become unreachable from the victim alone.
+        for b in &l.lab.backends {
+            l.lab
+                .lab
+                .ip(
+                    &victim_ns,
+                    &[
+                        "route",
+                        "add",
+                        "blackhole",
+                        &format!("{}/32", b.http().ip()),
+                    ],
+                )
+                .unwrap();
+        }
+        let mut unhealthy = None;
+        while start.elapsed() < Duration::from_secs(3) {
+            if up(&l).abs() < f64::EPSILON {
+                unhealthy = Some(start.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (worker.join().unwrap(), unhealthy)
+    });
+    let unhealthy = unhealthy.expect("the victim's health checks took its backends down");
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let last_failed = failed.iter().map(|(b, _)| *b).max();
+    println!(
+        "{} connections; the victim's last backend down at {unhealthy:?}; {} failed, the last started at {last_failed:?}",
+        results.len(),
+        failed.len()
+    );
+    if let Some(last) = last_failed {
+        assert!(
+            last < unhealthy + Duration::from_millis(300),
+            "a connection started {:?} after the victim lost its backends still went there: {:?}",
+            last.saturating_sub(unhealthy),
+            failed.last()
+        );
+    }
+    let after = results
+        .iter()
+        .filter(|(b, _)| *b >= unhealthy + Duration::from_millis(300))
+        .count();
+    assert!(after > 50, "the loop ran after: {after}");
+    let m = l.daemon(id_of(&placement[0])).unwrap().log_tail(200);
+    assert!(
+        m.contains("peer's health changed"),
+        "the primary heard it: {m}"
+    );
+
+    // Its backends back: it takes flows again.
+    for b in &l.lab.backends {
+        l.lab
+            .lab
+            .ip(
+                &victim_ns,
+                &[
+                    "route",
+                    "del",
+                    "blackhole",
+                    &format!("{}/32", b.http().ip()),
+                ],
+            )
+            .unwrap();
+    }
+    l.wait(
+        Duration::from_secs(5),
+        "the victim's backends are up",
+        |l| Ok(up(l) >= 1.0),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = proxied(&l);
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    assert!(proxied(&l) > before, "the victim takes flows again");
+}
