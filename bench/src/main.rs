@@ -2,6 +2,7 @@
 
 mod control;
 mod e2e;
+mod failover;
 mod machine;
 mod relay;
 mod xdp;
@@ -26,6 +27,9 @@ enum What {
     Relay(relay::Options),
     /// The control plane: change-to-ACK latency on every engine, the controller's CPU and memory.
     Control(control::Options),
+    /// Failover: a dead secondary marked down, a gone primary replaced, held connections lost;
+    /// against keepalived (VRRP) in the same lab.
+    Failover(failover::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         What::E2e(opts) => e2e::run(&opts),
         What::Relay(opts) => relay::run(&opts),
         What::Control(opts) => control::run(&opts),
+        What::Failover(opts) => failover::run(&opts),
     }
 }

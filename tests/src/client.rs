@@ -176,6 +176,33 @@ pub fn one_request(target: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(body).trim().to_owned())
 }
 
+/// Polls `GET /` from a thread in `ns`, each attempt given `attempt` (which bounds how finely the
+/// answer is timed), until it is answered: the time since `since`, or `None` once `limit` has
+/// passed since then.
+pub fn served_again(
+    ns: &Ns,
+    target: SocketAddr,
+    since: Instant,
+    attempt: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    let ns = ns.clone();
+    std::thread::spawn(move || {
+        enter(ns.name()).ok()?;
+        loop {
+            if one_request(target, attempt).is_ok() {
+                return Some(since.elapsed());
+            }
+            if since.elapsed() > limit {
+                return None;
+            }
+        }
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
 /// One connection, one `POST /` with a body of `size` bytes (`Connection: close`); returns the
 /// trimmed body of a 200. Must run on a thread inside the client namespace.
 pub fn post(target: SocketAddr, size: usize, timeout: Duration) -> Result<String> {

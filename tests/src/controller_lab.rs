@@ -218,6 +218,41 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// Waits until each engine of `names` has heard its peers' daemons answer for a while.
+    pub fn wait_all_hear(&self, names: &[String]) -> Result<()> {
+        self.wait(
+            Duration::from_secs(10),
+            "every engine hears every other",
+            |l| {
+                Ok(l.lab
+                    .engines
+                    .iter()
+                    .filter(|e| names.contains(&e.name))
+                    .all(|e| {
+                        l.daemon(e.id)
+                            .and_then(|d| d.metrics().ok())
+                            .is_some_and(|m| {
+                                crate::daemon::metric_sum(&m, "lb_peer_probe_replies_total", &[])
+                                    > 10.0
+                            })
+                    }))
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// The namespace of engine `id`.
+    pub fn engine_ns(&self, id: u8) -> Result<Ns> {
+        Ok(self
+            .lab
+            .engines
+            .iter()
+            .find(|e| e.id == id)
+            .context("no such engine")?
+            .ns
+            .clone())
+    }
+
     /// Which engine's proxy holds each client address (from every running daemon's
     /// `/connections`).
     pub fn connection_owners(&self) -> Result<BTreeMap<std::net::SocketAddr, u8>> {

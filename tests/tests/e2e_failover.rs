@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use lb_tests::client::{HeldConnection, Keeper, one_request};
+use lb_tests::client::{HeldConnection, Keeper, one_request, served_again};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::enter;
@@ -24,7 +24,7 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     l.create_web_pool().unwrap();
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let primary = id_of(&placement[0]);
     let victim = id_of(&placement[2]);
     // The primary probes its two secondaries and hears them.
@@ -138,23 +138,6 @@ fn vip_neighbour(l: &ControllerLab) -> Option<(String, String)> {
     Some((e["lladdr"].as_str()?.to_owned(), e["state"].to_string()))
 }
 
-/// Which engine's proxy holds each client address (from every daemon's `/connections`).
-fn owners(l: &ControllerLab) -> std::collections::BTreeMap<std::net::SocketAddr, u8> {
-    let mut out = std::collections::BTreeMap::new();
-    for e in &l.lab.engines {
-        let Some(d) = l.daemon(e.id) else { continue };
-        let (status, body) = d.connections("").unwrap();
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        for c in v.as_array().unwrap() {
-            if let Some(a) = c["client"].as_str().and_then(|a| a.parse().ok()) {
-                out.insert(a, e.id);
-            }
-        }
-    }
-    out
-}
-
 /// The primary's host goes away (its link down): the first engine of the succession takes over
 /// within a second, on its own (the engines agree by the succession rule; the controller is not
 /// needed), announces the VIP with gratuitous ARP, and learns the surviving engines' flows, so
@@ -170,41 +153,16 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
     l.create_web_pool().unwrap();
     let vs = l.create_web_service(4).unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let old = id_of(&placement[0]);
     let new = id_of(&placement[1]);
-    let old_ns = l
-        .lab
-        .engines
-        .iter()
-        .find(|e| e.id == old)
-        .unwrap()
-        .ns
-        .clone();
-    let new_ns = l
-        .lab
-        .engines
-        .iter()
-        .find(|e| e.id == new)
-        .unwrap()
-        .ns
-        .clone();
-    l.wait(
-        Duration::from_secs(5),
-        "every engine hears every other",
-        |l| {
-            Ok(l.lab.engines.iter().all(|e| {
-                l.daemon(e.id)
-                    .and_then(|d| d.metrics().ok())
-                    .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
-            }))
-        },
-    )
-    .unwrap();
+    let old_ns = l.engine_ns(old).unwrap();
+    let new_ns = l.engine_ns(new).unwrap();
+    l.wait_all_hear(&placement).unwrap();
     let target = l.lab.vip_http();
     let client = l.lab.client(0).clone();
     let keeper = Keeper::start(&client, target, 500, Duration::from_secs(1)).unwrap();
-    let owner_of = owners(&l);
+    let owner_of = l.connection_owners().unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     // The primary's host goes away.
@@ -213,25 +171,13 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         .lab
         .ip(&old_ns, &["link", "set", "eth0", "down"])
         .unwrap();
-    let served = {
-        let client = client.clone();
-        std::thread::spawn(move || {
-            enter(client.name()).unwrap();
-            let deadline = gone + Duration::from_secs(5);
-            loop {
-                let r = one_request(target, Duration::from_millis(250));
-                if r.is_ok() {
-                    break Some(gone.elapsed());
-                }
-                if Instant::now() > deadline {
-                    println!("last error: {r:?}");
-                    break None;
-                }
-            }
-        })
-        .join()
-        .unwrap()
-    };
+    let served = served_again(
+        &client,
+        target,
+        gone,
+        Duration::from_millis(250),
+        Duration::from_secs(5),
+    );
     if served.is_none() {
         for e in &l.lab.engines {
             if let Some(d) = l.daemon(e.id) {
@@ -430,26 +376,6 @@ fn controller_events(l: &ControllerLab) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until each engine of `names` has heard its peers' daemons answer for a while.
-fn wait_all_hear(l: &ControllerLab, names: &[String]) {
-    l.wait(
-        Duration::from_secs(5),
-        "every engine hears every other",
-        |l| {
-            Ok(l.lab
-                .engines
-                .iter()
-                .filter(|e| names.contains(&e.name))
-                .all(|e| {
-                    l.daemon(e.id)
-                        .and_then(|d| d.metrics().ok())
-                        .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
-                }))
-        },
-    )
-    .unwrap();
-}
-
 /// The engine that takes a connection from each of `sources` (in the client namespace).
 fn engines_of(l: &ControllerLab, sources: &[IpAddr]) -> Vec<u8> {
     let client = l.lab.client(0);
@@ -462,7 +388,7 @@ fn engines_of(l: &ControllerLab, sources: &[IpAddr]) -> Vec<u8> {
             .unwrap_or_else(|e| panic!("a request from {s}: {e:#}"));
         held.push(c);
     }
-    let owner_of = owners(l);
+    let owner_of = l.connection_owners().unwrap();
     held.iter()
         .map(|c| c.local_addr().unwrap())
         .map(|a| {
@@ -489,19 +415,10 @@ fn a_promoted_primary_sends_persistent_clients_where_they_went() {
         .create_web_service_with(3, &["--persistence-timeout-s", "300"])
         .unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let old = id_of(&placement[0]);
     let new = id_of(&placement[1]);
-    let ns_of = |id: u8| {
-        l.lab
-            .engines
-            .iter()
-            .find(|e| e.id == id)
-            .unwrap()
-            .ns
-            .clone()
-    };
-    wait_all_hear(&l, &placement);
+    l.wait_all_hear(&placement).unwrap();
 
     // 24 clients, each from an address of its own.
     let sources: Vec<IpAddr> = (150..174u8)
@@ -533,7 +450,7 @@ fn a_promoted_primary_sends_persistent_clients_where_they_went() {
         Ok(l.applied_everywhere(&ids)?.is_some())
     })
     .unwrap();
-    wait_all_hear(&l, &joined);
+    l.wait_all_hear(&joined).unwrap();
     assert_eq!(
         engines_of(&l, &sources),
         before,
@@ -555,7 +472,7 @@ fn a_promoted_primary_sends_persistent_clients_where_they_went() {
     // The primary's host goes away; its successor takes over.
     l.lab
         .lab
-        .ip(&ns_of(old), &["link", "set", "eth0", "down"])
+        .ip(&l.engine_ns(old).unwrap(), &["link", "set", "eth0", "down"])
         .unwrap();
     l.wait(
         Duration::from_secs(5),

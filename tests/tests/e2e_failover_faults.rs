@@ -14,31 +14,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use lb_daemon::peers::{Kind, Message, seal};
-use lb_tests::client::{Keeper, one_request};
+use lb_tests::client::{Keeper, one_request, served_again};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::{enter, in_ns};
 use lb_tests::require_root;
-
-/// Waits until each engine of `names` has heard its peers' daemons answer for a while.
-fn wait_all_hear(l: &ControllerLab, names: &[String]) {
-    l.wait(
-        Duration::from_secs(5),
-        "every engine hears every other",
-        |l| {
-            Ok(l.lab
-                .engines
-                .iter()
-                .filter(|e| names.contains(&e.name))
-                .all(|e| {
-                    l.daemon(e.id)
-                        .and_then(|d| d.metrics().ok())
-                        .is_some_and(|m| metric_sum(&m, "lb_peer_probe_replies_total", &[]) > 10.0)
-                }))
-        },
-    )
-    .unwrap();
-}
 
 /// A metric summed over the running daemons of `ids`.
 fn metric_of(l: &ControllerLab, ids: &[u8], name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -46,25 +26,6 @@ fn metric_of(l: &ControllerLab, ids: &[u8], name: &str, labels: &[(&str, &str)])
         .filter_map(|id| l.daemon(*id)?.metrics().ok())
         .map(|m| metric_sum(&m, name, labels))
         .sum()
-}
-
-/// Polls `GET /` from the client until it is answered; the time it took.
-fn served_within(l: &ControllerLab, since: Instant, limit: Duration) -> Option<Duration> {
-    let client = l.lab.client(0).clone();
-    let target = l.lab.vip_http();
-    std::thread::spawn(move || {
-        enter(client.name()).unwrap();
-        loop {
-            if one_request(target, Duration::from_millis(250)).is_ok() {
-                return Some(since.elapsed());
-            }
-            if since.elapsed() > limit {
-                return None;
-            }
-        }
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]
@@ -77,10 +38,10 @@ fn a_primary_whose_daemon_crashed_is_not_replaced_while_it_steers() {
     l.create_web_pool().unwrap();
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let primary = id_of(&placement[0]);
     let secondaries: Vec<u8> = placement[1..].iter().map(|n| id_of(n)).collect();
-    wait_all_hear(&l, &placement);
+    l.wait_all_hear(&placement).unwrap();
     let client = l.lab.client(0).clone();
     let keeper = Keeper::start(&client, l.lab.vip_http(), 150, Duration::from_secs(1)).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -158,7 +119,7 @@ fn a_primary_whose_daemon_crashed_is_not_replaced_while_it_steers() {
         |l| Ok(l.applied_everywhere(&ids)?.is_some()),
     )
     .unwrap();
-    wait_all_hear(&l, &placement);
+    l.wait_all_hear(&placement).unwrap();
     let r = l.lab.load(60).unwrap();
     assert_eq!(r.errors, 0, "after the restart: {r}");
     assert_eq!(l.vip_holders().unwrap(), [placement[0].clone()]);
@@ -186,15 +147,8 @@ fn without_the_controller_a_gone_primary_is_still_replaced() {
     l.create_web_pool().unwrap();
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
-    let old_ns = l
-        .lab
-        .engines
-        .iter()
-        .find(|e| e.name == placement[0])
-        .unwrap()
-        .ns
-        .clone();
-    wait_all_hear(&l, &placement);
+    let old_ns = l.engine_ns(l.id_of(&placement[0]).unwrap()).unwrap();
+    l.wait_all_hear(&placement).unwrap();
     assert!(l.stop_controller(), "the controller stopped cleanly");
 
     let gone = Instant::now();
@@ -202,7 +156,13 @@ fn without_the_controller_a_gone_primary_is_still_replaced() {
         .lab
         .ip(&old_ns, &["link", "set", "eth0", "down"])
         .unwrap();
-    let served = served_within(&l, gone, Duration::from_secs(5));
+    let served = served_again(
+        l.lab.client(0),
+        l.lab.vip_http(),
+        gone,
+        Duration::from_millis(250),
+        Duration::from_secs(5),
+    );
     println!("without the controller, the VIP was served again after {served:?}");
     let served = served.expect("the VIP is served again");
     assert!(served < Duration::from_secs(1), "{served:?}");
@@ -263,10 +223,10 @@ fn forged_and_stray_peer_messages_are_refused_and_counted() {
         .create_web_service_with(3, &["--persistence-timeout-s", "300"])
         .unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let target_id = id_of(&placement[1]);
     let other_secondary = id_of(&placement[2]);
-    wait_all_hear(&l, &placement);
+    l.wait_all_hear(&placement).unwrap();
     let applied = l.applied(&placement[1]).expect("a saved snapshot");
     let peers = applied
         .desired
@@ -427,17 +387,10 @@ fn a_secondary_that_cannot_serve_gets_no_new_flows_within_300_ms() {
     assert_eq!(out.code, 0, "lbctl pool create: {}", out.stderr);
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
-    let id_of = |name: &str| l.lab.engines.iter().find(|e| e.name == name).unwrap().id;
+    let id_of = |name: &str| l.id_of(name).unwrap();
     let victim = id_of(&placement[2]);
-    let victim_ns = l
-        .lab
-        .engines
-        .iter()
-        .find(|e| e.id == victim)
-        .unwrap()
-        .ns
-        .clone();
-    wait_all_hear(&l, &placement);
+    let victim_ns = l.engine_ns(victim).unwrap();
+    l.wait_all_hear(&placement).unwrap();
     let up = |l: &ControllerLab| {
         l.daemon(victim)
             .and_then(|d| d.metrics().ok())

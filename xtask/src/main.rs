@@ -63,6 +63,8 @@ enum Bench {
     Relay,
     /// The control plane: change-to-ACK latency, controller CPU and memory (release controller).
     Control,
+    /// Failover times and lost connections against keepalived (release daemon and controller).
+    Failover,
 }
 
 impl Bench {
@@ -72,6 +74,7 @@ impl Bench {
             Bench::E2e => "e2e",
             Bench::Relay => "relay",
             Bench::Control => "control",
+            Bench::Failover => "failover",
         }
     }
 }
@@ -194,10 +197,16 @@ fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
         run(cargo().args(["build", "--release", "-p", "controller"]))?;
         bench.env("LB_CONTROLLER_BIN", target_dir().join("release/controller"));
     }
-    if matches!(what, Bench::E2e) {
+    if matches!(what, Bench::E2e | Bench::Failover) {
         // The daemon under test is the release build.
         run(cargo().args(["build", "--release", "-p", "lb-daemon"]))?;
         bench.env("LB_DAEMON_BIN", target_dir().join("release/lb-daemon"));
+    }
+    if matches!(what, Bench::Failover) {
+        run(cargo().args(["build", "--release", "-p", "controller"]))?;
+        bench
+            .env("LB_CONTROLLER_BIN", target_dir().join("release/controller"))
+            .env("LB_LBCTL_BIN", target_dir().join("release/lbctl"));
     }
     run(&mut bench)
 }

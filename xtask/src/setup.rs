@@ -29,6 +29,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "iputils-ping",
     "curl",
+    // The failover benchmark's baseline (VRRP).
+    "keepalived",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
