@@ -124,11 +124,16 @@ impl Overlay {
     }
 }
 
+/// The Maglev ring of each virtual service as the data plane has it now (for the owner queries,
+/// which place a flow nobody owns the way the data plane would).
+pub type Rings = Arc<RwLock<BTreeMap<u32, Arc<Vec<u32>>>>>;
+
 /// This engine's applied state.
 pub struct Engine {
     config: Config,
     overlay: Overlay,
     tables: Tables,
+    rings: Rings,
     dp: Dataplane,
     proxy: Proxy,
     inventory: Arc<RwLock<Inventory>>,
@@ -150,10 +155,13 @@ impl Engine {
         proxy.apply(&config)?;
         dp.attach(&config.daemon.interface, config.daemon.xdp_mode)?;
         let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
+        let rings = Rings::default();
+        publish_rings(&rings, &tables);
         Ok(Engine {
             config,
             overlay: Overlay::default(),
             tables,
+            rings,
             dp,
             proxy,
             inventory,
@@ -170,6 +178,11 @@ impl Engine {
 
     pub fn dataplane_mut(&mut self) -> &mut Dataplane {
         &mut self.dp
+    }
+
+    /// The rings the data plane has, refreshed by every change of the maps.
+    pub fn rings(&self) -> Rings {
+        self.rings.clone()
     }
 
     /// What the metrics endpoint lists, refreshed by every apply.
@@ -218,6 +231,7 @@ impl Engine {
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Inventory::of(&config, &self.proxy);
         self.config = config;
+        publish_rings(&self.rings, &tables);
         self.tables = tables;
         info!(?writes, "configuration applied");
         Ok(Applied::Changed { writes })
@@ -244,6 +258,7 @@ impl Engine {
                 (map, what, w.len())
             })
             .collect();
+        publish_rings(&self.rings, &planned);
         self.tables = planned;
         self.overlay = overlay;
         Ok(Applied::Changed { writes })
@@ -251,6 +266,18 @@ impl Engine {
 
     pub fn overlay(&self) -> &Overlay {
         &self.overlay
+    }
+}
+
+fn publish_rings(rings: &Rings, tables: &Tables) {
+    let mut r = rings
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    r.retain(|id, _| tables.rings.contains_key(id));
+    for (id, ring) in &tables.rings {
+        if r.get(id).is_none_or(|old| **old != *ring) {
+            r.insert(*id, Arc::new(ring.clone()));
+        }
     }
 }
 

@@ -267,6 +267,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 queries,
                 tables,
                 conns.clone(),
+                engine.rings(),
                 failover_counters.owners.clone(),
             ));
         }

@@ -10,8 +10,9 @@
 //!   (the `OWNER_QUERIES` ring buffer) and drops the packet. The task asks every engine of the
 //!   service whose daemon answers (`Query`), each says which of the flows are its own (`Owned`,
 //!   the query's seq), and the answer goes into the connection table: the client's
-//!   retransmission reaches the owner. A flow no engine owns is given to this engine: TCP is then
-//!   reset by its stack (the connection is lost), UDP starts a new session here.
+//!   retransmission reaches the owner. A TCP flow no engine owns is given to this engine, whose
+//!   stack resets it (the connection is lost); a UDP flow no engine owns goes where the ring
+//!   places it (the ring as the data plane has it, [`crate::engine::Rings`]): a new session there.
 //!
 //! Cost to a surviving flow: at most one retransmission (the dropped segment), no reset. Bounds:
 //! the data plane rate-limits queries per CPU and the ring buffer is fixed in size (beyond either,
@@ -31,7 +32,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
-use lb_common::{ConnEntry, FAMILY_V4, FlowV4, FlowV6, OwnerQuery};
+use lb_common::{
+    ConnEntry, ENGINE_NONE, FAMILY_V4, FlowV4, FlowV6, OwnerQuery,
+    hash::{client_hash, flow_hash_v4, flow_hash_v6, ring_slot},
+};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::{
     io::unix::AsyncFd,
@@ -42,6 +46,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::Protocol,
     conntable::{ConnTable, FlowKey},
+    engine::Rings,
     peers::{Incoming, Kind, MAX_BODY, Sender},
 };
 
@@ -167,6 +172,36 @@ fn v6_be(ip: Ipv6Addr) -> [u32; 4] {
     std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().expect("4 bytes")))
 }
 
+/// The engine the data plane's ring gives `client`'s flow to `s` (`ring`: the service's ring as
+/// the data plane has it): by client address for a persistent service, else by the flow's hash.
+pub fn ring_owner(ring: &[u32], s: &Service, client: Client) -> Option<u32> {
+    let client_be = match client.ip() {
+        IpAddr::V4(c) => [u32::from(c).to_be(), 0, 0, 0],
+        IpAddr::V6(c) => v6_be(c),
+    };
+    let hash = if s.persistence_timeout_s > 0 {
+        client_hash(&client_be)
+    } else {
+        let (sport, dport, proto) = (
+            client.port().to_be(),
+            s.vip.port().to_be(),
+            s.protocol.number(),
+        );
+        match s.vip.ip() {
+            IpAddr::V4(v) => flow_hash_v4(&FlowV4::new(
+                client_be[0],
+                u32::from(v).to_be(),
+                sport,
+                dport,
+                proto,
+            )),
+            IpAddr::V6(v) => flow_hash_v6(&FlowV6::new(client_be, v6_be(v), sport, dport, proto)),
+        }
+    };
+    let id = *ring.get(usize::try_from(ring_slot(hash)).ok()?)?;
+    (id != ENGINE_NONE).then_some(id)
+}
+
 /// Second handles on the pinned connection tables.
 pub struct ConnTables {
     v4: BpfHashMap<MapData, FlowV4, ConnEntry>,
@@ -242,6 +277,7 @@ pub async fn run(
     queries: RingBuf<MapData>,
     mut tables: ConnTables,
     conns: Arc<ConnTable>,
+    rings: Rings,
     counters: Arc<OwnerCounters>,
 ) {
     // SAFETY: the ring buffer owns its descriptor, and the `AsyncFd` owns the ring buffer: the
@@ -311,7 +347,7 @@ pub async fn run(
                     }
                 }
                 // Flows with nobody to ask are decided at once.
-                settle(&mut pending, &plan, &mut tables, &counters, false);
+                settle(&mut pending, &plan, &mut tables, &rings, &counters, false);
             }
             Some(inc) = ch.incoming.recv() => {
                 let plan = ch.plan.borrow().clone();
@@ -357,7 +393,7 @@ pub async fn run(
                                 p.answered.push(m.from);
                             }
                         }
-                        settle(&mut pending, &plan, &mut tables, &counters, false);
+                        settle(&mut pending, &plan, &mut tables, &rings, &counters, false);
                     }
                     _ => {}
                 }
@@ -378,7 +414,7 @@ pub async fn run(
             _ = sweep.tick() => {
                 if !pending.is_empty() {
                     let plan = ch.plan.borrow().clone();
-                    settle(&mut pending, &plan, &mut tables, &counters, true);
+                    settle(&mut pending, &plan, &mut tables, &rings, &counters, true);
                 }
             }
         }
@@ -390,6 +426,7 @@ fn settle(
     pending: &mut HashMap<(u32, Client), Pending>,
     plan: &OwnerPlan,
     tables: &mut ConnTables,
+    rings: &Rings,
     counters: &OwnerCounters,
     sweep: bool,
 ) {
@@ -412,9 +449,17 @@ fn settle(
             } else {
                 counters.unanswered.fetch_add(1, Ordering::Relaxed);
             }
-            // Nobody owns it: this engine takes it (TCP: its stack resets the stray segment;
-            // UDP: a new session here).
-            plan.self_id
+            // Nobody owns it. TCP: this engine takes it, and its stack resets the stray segment.
+            // UDP: a new session where the ring places it.
+            let placed = (s.protocol == Protocol::Udp)
+                .then(|| {
+                    let r = rings
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    ring_owner(r.get(vs_id)?, s, *client)
+                })
+                .flatten();
+            placed.unwrap_or(plan.self_id)
         };
         counters
             .latency

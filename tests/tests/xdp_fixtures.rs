@@ -2507,3 +2507,47 @@ fn owner_queries_beyond_a_full_ring_buffer_are_placed_by_the_ring() {
         owner_query(again.client(), web4(), PROTO_TCP, VS_WEB)
     );
 }
+
+/// The owner-query task gives a UDP flow nobody owns to the engine the ring would (not to itself):
+/// its placement agrees with where the data plane placed the same flows, for both families and for
+/// a persistent service (placed by client address).
+#[test]
+fn the_daemons_ring_placement_agrees_with_the_data_plane() {
+    use lb_daemon::{config::Protocol, owners};
+    let Some(tb) = testbed() else { return };
+    let service = |vip: SocketAddr, protocol, persistence_timeout_s| owners::Service {
+        vip,
+        protocol,
+        peers: Vec::new(),
+        primary: true,
+        primary_id: E_LOCAL,
+        persistence_timeout_s,
+    };
+    let dns = service(sock(VIP4, 53), Protocol::Udp, 0);
+    let web6 = service(web6(), Protocol::Tcp, 0);
+    let sticky = service(sock(VIP4_STICKY, 443), Protocol::Tcp, 300);
+    let mut engines = std::collections::BTreeSet::new();
+    for p in 2000..2040u16 {
+        let pkt = Packet::udp(client4(p), dns.vip);
+        tb.check(&tb.expect_new_flow(&pkt));
+        let placed = owners::ring_owner(&tb.tables.rings[&VS_DNS], &dns, client4(p));
+        assert_eq!(placed, tb.conn_owner(&pkt.flow()), "UDP from port {p}");
+        engines.insert(placed);
+        let pkt = Packet::tcp(client6(p), web6.vip, tcp_flags::SYN);
+        record(&tb, &pkt);
+        let placed = owners::ring_owner(&tb.tables.rings[&VS_WEB6], &web6, client6(p));
+        assert_eq!(placed, tb.conn_owner(&pkt.flow()), "IPv6 from port {p}");
+    }
+    assert!(engines.len() > 1, "the flows spread: {engines:?}");
+    for last in 1..20u8 {
+        let client = SocketAddr::new(Ipv4Addr::new(198, 51, 100, last).into(), 40000);
+        let pkt = Packet::tcp(client, sticky.vip, tcp_flags::SYN);
+        tb.run(&pkt.build()).unwrap();
+        let placed = owners::ring_owner(&tb.tables.rings[&VS_STICKY], &sticky, client);
+        assert_eq!(
+            placed,
+            tb.conn_owner(&pkt.flow()),
+            "persistent client {client}"
+        );
+    }
+}
