@@ -498,3 +498,137 @@ fn a_secondary_that_cannot_serve_gets_no_new_flows_within_300_ms() {
     assert_eq!(r.errors, 0, "{r}");
     assert!(proxied(&l) > before, "the victim takes flows again");
 }
+
+/// An IPv6 virtual service fails over like an IPv4 one: the promoted engine puts the VIP on its
+/// interface and sends unsolicited neighbour advertisements (Override), which move the client's
+/// neighbour entry; the VIP is served again within a second.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn an_ipv6_vip_fails_over_with_unsolicited_neighbour_advertisements() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbts").expect("build the controller lab");
+    let v6 = |ns: &lb_tests::Ns, cidr: &str| {
+        l.lab
+            .lab
+            .ip(ns, &["-6", "addr", "add", cidr, "dev", "eth0", "nodad"])
+            .unwrap();
+    };
+    v6(l.lab.client(0), "fd00:77::2/64");
+    for e in &l.lab.engines {
+        v6(&e.ns, &format!("fd00:77::{}/64", 10 + e.id));
+    }
+    let vip: std::net::Ipv6Addr = "fd00:77::100".parse().unwrap();
+    let target = SocketAddr::new(vip.into(), 80);
+    l.create_web_pool().unwrap();
+    let out = l
+        .lbctl(&[
+            "vs",
+            "create",
+            "web6",
+            "--vip",
+            &vip.to_string(),
+            "--port",
+            "80",
+            "--pool",
+            "web",
+            "--min-engines",
+            "3",
+        ])
+        .unwrap();
+    assert_eq!(out.code, 0, "lbctl vs create: {}", out.stderr);
+    let placement = placement(&out.json().unwrap());
+    let ids: Vec<u8> = l.lab.engines.iter().map(|e| e.id).collect();
+    l.wait(Duration::from_secs(20), "every engine applied it", |l| {
+        Ok(l.applied_everywhere(&ids)?.is_some())
+    })
+    .unwrap();
+    l.wait_all_hear(&placement).unwrap();
+    let holders = |l: &ControllerLab| -> Vec<String> {
+        l.lab
+            .engines
+            .iter()
+            .filter(|e| {
+                l.lab
+                    .lab
+                    .ip(&e.ns, &["-6", "-j", "addr", "show", "dev", "eth0"])
+                    .is_ok_and(|o| o.contains(&format!("\"{vip}\"")))
+            })
+            .map(|e| e.name.clone())
+            .collect()
+    };
+    l.wait(Duration::from_secs(10), "the primary holds the VIP", |l| {
+        Ok(holders(l) == [placement[0].clone()])
+    })
+    .unwrap();
+    let client = l.lab.client(0).clone();
+    // Served over IPv6 (this also gives the client a neighbour entry for the VIP).
+    assert!(
+        served_again(
+            &client,
+            target,
+            Instant::now(),
+            Duration::from_millis(250),
+            Duration::from_secs(5)
+        )
+        .is_some(),
+        "the IPv6 VIP is served"
+    );
+    let r = lb_tests::client::http_load(&client, &lb_tests::client::Load::new(target, 60)).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+    let neighbour_mac = |l: &ControllerLab| -> Option<String> {
+        let out = l
+            .lab
+            .lab
+            .ip(
+                &client,
+                &["-6", "-j", "neigh", "show", &vip.to_string(), "dev", "eth0"],
+            )
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        Some(v.as_array()?.first()?["lladdr"].as_str()?.to_owned())
+    };
+    let mac_of = |id: u8| -> String {
+        let out = l
+            .lab
+            .lab
+            .ip(&l.engine_ns(id).unwrap(), &["-j", "link", "show", "eth0"])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["address"].as_str().unwrap().to_owned()
+    };
+    let old = l.id_of(&placement[0]).unwrap();
+    let new = l.id_of(&placement[1]).unwrap();
+    assert_eq!(
+        neighbour_mac(&l),
+        Some(mac_of(old)),
+        "the client goes to the primary"
+    );
+
+    let gone = Instant::now();
+    l.lab
+        .lab
+        .ip(&l.engine_ns(old).unwrap(), &["link", "set", "eth0", "down"])
+        .unwrap();
+    let served = served_again(
+        &client,
+        target,
+        gone,
+        Duration::from_millis(250),
+        Duration::from_secs(5),
+    );
+    println!("the IPv6 VIP was served again after {served:?}");
+    let served = served.expect("the IPv6 VIP is served again");
+    assert!(served < Duration::from_secs(1), "{served:?}");
+    assert_eq!(
+        neighbour_mac(&l),
+        Some(mac_of(new)),
+        "the neighbour advertisement moved the client"
+    );
+    let m = l.daemon(new).unwrap().metrics().unwrap();
+    assert!(metric_sum(&m, "lb_unsolicited_na_sent_total", &[]) >= 1.0);
+    assert!(holders(&l).contains(&placement[1]));
+    let r = lb_tests::client::http_load(&client, &lb_tests::client::Load::new(target, 60)).unwrap();
+    assert_eq!(r.errors, 0, "{r}");
+}
