@@ -632,3 +632,93 @@ fn an_ipv6_vip_fails_over_with_unsolicited_neighbour_advertisements() {
     let r = lb_tests::client::http_load(&client, &lb_tests::client::Load::new(target, 60)).unwrap();
     assert_eq!(r.errors, 0, "{r}");
 }
+
+/// A secondary whose host goes away (its link down) under wrk: the primary's probes find it gone
+/// and its flows and new ones go to the others. Each of wrk's connections the secondary held fails
+/// once (its request times out) and reconnects to a live engine; every new connection started
+/// 300 ms or more after the link went down is served.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_secondary_whose_host_is_gone_under_wrk_costs_only_its_own_connections() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtw").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
+    let victim = l.id_of(&placement[2]).unwrap();
+    let victim_ns = l.engine_ns(victim).unwrap();
+    l.wait_all_hear(&placement).unwrap();
+    let client = l.lab.client(0).clone();
+    let target = l.lab.vip_http();
+    let wrk = lb_tests::tools::Wrk {
+        connections: 30,
+        duration: Duration::from_secs(6),
+        timeout: Duration::from_secs(1),
+        ..lb_tests::tools::Wrk::new(&format!("http://{target}/"))
+    };
+    let start = Instant::now();
+    let (wrk_result, results, gone) = std::thread::scope(|s| {
+        let load = s.spawn(|| wrk.run(&client));
+        let probe = s.spawn(|| {
+            enter(client.name()).unwrap();
+            let mut out = Vec::new();
+            while start.elapsed() < Duration::from_secs(5) {
+                let began = start.elapsed();
+                let r = one_request(target, Duration::from_secs(2));
+                out.push((began, r.map_err(|e| format!("{e:#}"))));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            out
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let gone = start.elapsed();
+        l.lab
+            .lab
+            .ip(&victim_ns, &["link", "set", "eth0", "down"])
+            .unwrap();
+        (load.join().unwrap(), probe.join().unwrap(), gone)
+    });
+    let w = wrk_result.expect("wrk ran");
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    println!(
+        "wrk: {w}; link down at {gone:?}; new connections {} ({} failed, the last started at {:?})",
+        results.len(),
+        failed.len(),
+        failed.iter().map(|(b, _)| *b).max()
+    );
+    for (began, e) in &failed {
+        assert!(
+            *began < gone + Duration::from_millis(300),
+            "a connection started {:?} after the link went down failed: {e:?}",
+            began.saturating_sub(gone)
+        );
+    }
+    assert!(
+        results
+            .iter()
+            .filter(|(b, _)| *b >= gone + Duration::from_millis(300))
+            .count()
+            > 50,
+        "the loop ran after the fault"
+    );
+    assert!(
+        w.errors() <= u64::from(wrk.connections),
+        "at most one error per wrk connection: {w}"
+    );
+    assert!(w.requests > 1000, "{w}");
+    let m = l
+        .daemon(l.id_of(&placement[0]).unwrap())
+        .unwrap()
+        .metrics()
+        .unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "lb_peer_transitions_total",
+            &[("signal", "dataplane"), ("to", "down")]
+        ) >= 1.0,
+        "the primary found the secondary gone, not just its daemon"
+    );
+}
