@@ -722,3 +722,109 @@ fn a_secondary_whose_host_is_gone_under_wrk_costs_only_its_own_connections() {
         "the primary found the secondary gone, not just its daemon"
     );
 }
+
+/// Segments of the non-SYN flood.
+const SEGMENTS: u32 = 200_000;
+
+/// A flood of TCP segments without SYN for flows nobody knows (a scan, or a forged flood) at the
+/// primary: each would be an owner query. The data plane's rate limit and ring bound what reaches
+/// the daemon (the rest is placed by the ring and reset by the engine that gets it), the daemon
+/// bounds what it waits for, and nothing else changes: the service is served during and after, no
+/// peer goes down, no role moves.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_flood_of_unknown_non_syn_segments_is_bounded() {
+    use etherparse::PacketBuilder;
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbtn").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    let vs = l.create_web_service(3).unwrap();
+    let placement = placement(&vs);
+    let ids: Vec<u8> = placement.iter().map(|n| l.id_of(n).unwrap()).collect();
+    let primary = ids[0];
+    l.wait_all_hear(&placement).unwrap();
+    let reason = |r: &str| metric_of(&l, &[primary], "lb_xdp_packets_total", &[("reason", r)]);
+    let (asked0, overflow0) = (reason("owner_asked"), reason("owner_query_overflow"));
+    let transitions0 = metric_of(&l, &ids, "lb_peer_transitions_total", &[("to", "down")]);
+    let client = l.lab.client(0).clone();
+    let SocketAddr::V4(target) = l.lab.vip_http() else {
+        panic!("an IPv4 VIP")
+    };
+    let started = Instant::now();
+    let (sent, during) = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            in_ns(client.name(), || {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::RAW,
+                    Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
+                )?;
+                let to: socket2::SockAddr = SocketAddr::V4(target).into();
+                let mut sent = 0u32;
+                for i in 0..SEGMENTS {
+                    // Distinct unknown flows: sources of the client's subnet nobody uses (the
+                    // resets sent back go nowhere), 40 000 ports each.
+                    let port = 20_000 + u16::try_from(i % 40_000).unwrap();
+                    let src = Ipv4Addr::new(10, 77, 0, 150 + u8::try_from(i / 40_000).unwrap());
+                    let b = PacketBuilder::ipv4(src.octets(), target.ip().octets(), 64)
+                        .tcp(port, target.port(), i, 64_000)
+                        .ack(7);
+                    let mut frame = Vec::with_capacity(b.size(0));
+                    b.write(&mut frame, &[]).unwrap();
+                    if sock.send_to(&frame, &to).is_ok() {
+                        sent += 1;
+                    }
+                }
+                Ok(sent)
+            })
+        });
+        // The service answers while the flood runs.
+        let during = served_again(
+            &client,
+            SocketAddr::V4(target),
+            Instant::now(),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        );
+        (flood.join().unwrap().unwrap(), during)
+    });
+    let flood_time = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = reason("owner_asked") - asked0;
+    let overflow = reason("owner_query_overflow") - overflow0;
+    let m = l.daemon(primary).unwrap().metrics().unwrap();
+    println!(
+        "{sent} segments in {flood_time:?}: asked {asked}, overflow (placed by the ring) {overflow}; daemon: asked {}, waiting-overflow {}, answered {}, unowned {}, unanswered {}; served during the flood after {during:?}",
+        metric_sum(&m, "lb_owner_queries_asked_total", &[]),
+        metric_sum(&m, "lb_owner_queries_overflow_total", &[]),
+        metric_sum(&m, "lb_owner_queries_answered_total", &[]),
+        metric_sum(&m, "lb_owner_queries_unowned_total", &[]),
+        metric_sum(&m, "lb_owner_queries_unanswered_total", &[]),
+    );
+    assert!(sent > SEGMENTS / 2, "the flood was sent: {sent}");
+    assert!(during.is_some(), "served during the flood");
+    // Every segment reached the primary's data plane was asked about or placed.
+    assert!(
+        asked + overflow >= f64::from(sent) * 0.9,
+        "asked {asked} + overflow {overflow} of {sent}"
+    );
+    // The per-CPU rate (one query per 20 µs, bursts of 1024) bounds what was asked.
+    let cpus =
+        f64::from(u32::try_from(std::thread::available_parallelism().unwrap().get()).unwrap());
+    let bound = cpus * (1024.0 + flood_time.as_secs_f64() / 20e-6);
+    assert!(asked <= bound, "asked {asked}, bound {bound}");
+    assert!(overflow > 0.0, "the flood went over the rate: {overflow}");
+    assert!(
+        (metric_of(&l, &ids, "lb_peer_transitions_total", &[("to", "down")]) - transitions0).abs()
+            < f64::EPSILON,
+        "no peer went down"
+    );
+    assert!(
+        metric_of(&l, &ids[1..], "lb_promotions_total", &[]).abs() < f64::EPSILON,
+        "no role moved"
+    );
+    let r = l.lab.load(60).unwrap();
+    assert_eq!(r.errors, 0, "after the flood: {r}");
+}
