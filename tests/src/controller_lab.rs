@@ -314,6 +314,20 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// A lab with pool `web` and service `web` on `min_engines` engines (`more`: further
+    /// `lbctl vs create` arguments), every placed engine hearing its peers; with the placement.
+    pub fn with_web_service(
+        prefix: &str,
+        min_engines: u32,
+        more: &[&str],
+    ) -> Result<(Self, Vec<String>)> {
+        let l = Self::build(prefix)?;
+        l.create_web_pool()?;
+        let placement = placement(&l.create_web_service_with(min_engines, more)?);
+        l.wait_all_hear(&placement)?;
+        Ok((l, placement))
+    }
+
     /// `lbctl vs create web` on the lab's VIP, port 80, pool `web` (made by the caller), on
     /// `min_engines` engines; waits until every engine applied the snapshot and the primary it was
     /// placed on (alone) holds the VIP. Returns the service as lbctl shows it.

@@ -2,7 +2,7 @@
 //! when a secondary's daemon is killed, the primary stops sending it new flows within 300 ms, on
 //! its own — the controller notices only seconds later. Measured from the client: every
 //! connection started 300 ms or more after the kill is answered at once (no SYN retransmission),
-//! and none fails.
+//! and none fails but, possibly, the one the victim's proxy held as it died.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -19,8 +19,7 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtf").expect("build the controller lab");
-    let mut l = l;
+    let mut l = ControllerLab::build("lbtf").expect("build the controller lab");
     l.create_web_pool().unwrap();
     let vs = l.create_web_service(3).unwrap();
     let placement = placement(&vs);
@@ -73,8 +72,16 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
         results.len(),
         bad.len()
     );
+    // The loop is sequential: one connection at most is open when the daemon dies, and if the
+    // victim's proxy held it, it is lost with it (the victim's own flow). Any other fails the test.
     let failed: Vec<_> = results.iter().filter(|(.., r)| r.is_err()).collect();
-    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    let in_flight_at_kill = |(began, took, _): &&(Duration, Duration, Result<String, String>)| {
+        *began <= killed && *began + *took >= killed
+    };
+    assert!(
+        failed.len() <= 1 && failed.iter().all(in_flight_at_kill),
+        "connections failed: {failed:?}"
+    );
     if let Some(last) = last_bad {
         assert!(
             last < killed + Duration::from_millis(300),
@@ -149,16 +156,13 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtg").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l.create_web_service(4).unwrap();
-    let placement = placement(&vs);
+    let (l, placement) = ControllerLab::with_web_service("lbtg", 4, &[])
+        .expect("build the controller lab with a web service");
     let id_of = |name: &str| l.id_of(name).unwrap();
     let old = id_of(&placement[0]);
     let new = id_of(&placement[1]);
     let old_ns = l.engine_ns(old).unwrap();
     let new_ns = l.engine_ns(new).unwrap();
-    l.wait_all_hear(&placement).unwrap();
     let target = l.lab.vip_http();
     let client = l.lab.client(0).clone();
     let keeper = Keeper::start(&client, target, 500, Duration::from_secs(1)).unwrap();
@@ -409,16 +413,12 @@ fn a_promoted_primary_sends_persistent_clients_where_they_went() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtm").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l
-        .create_web_service_with(3, &["--persistence-timeout-s", "300"])
-        .unwrap();
-    let placement = placement(&vs);
+    let (l, placement) =
+        ControllerLab::with_web_service("lbtm", 3, &["--persistence-timeout-s", "300"])
+            .expect("build the controller lab with a web service");
     let id_of = |name: &str| l.id_of(name).unwrap();
     let old = id_of(&placement[0]);
     let new = id_of(&placement[1]);
-    l.wait_all_hear(&placement).unwrap();
 
     // 24 clients, each from an address of its own.
     let sources: Vec<IpAddr> = (150..174u8)

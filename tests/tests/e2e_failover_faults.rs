@@ -34,14 +34,11 @@ fn a_primary_whose_daemon_crashed_is_not_replaced_while_it_steers() {
     if !require_root() {
         return;
     }
-    let mut l = ControllerLab::build("lbtk").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l.create_web_service(3).unwrap();
-    let placement = placement(&vs);
+    let (mut l, placement) = ControllerLab::with_web_service("lbtk", 3, &[])
+        .expect("build the controller lab with a web service");
     let id_of = |name: &str| l.id_of(name).unwrap();
     let primary = id_of(&placement[0]);
     let secondaries: Vec<u8> = placement[1..].iter().map(|n| id_of(n)).collect();
-    l.wait_all_hear(&placement).unwrap();
     let client = l.lab.client(0).clone();
     let keeper = Keeper::start(&client, l.lab.vip_http(), 150, Duration::from_secs(1)).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -143,12 +140,9 @@ fn without_the_controller_a_gone_primary_is_still_replaced() {
     if !require_root() {
         return;
     }
-    let mut l = ControllerLab::build("lbtc").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l.create_web_service(3).unwrap();
-    let placement = placement(&vs);
+    let (mut l, placement) = ControllerLab::with_web_service("lbtc", 3, &[])
+        .expect("build the controller lab with a web service");
     let old_ns = l.engine_ns(l.id_of(&placement[0]).unwrap()).unwrap();
-    l.wait_all_hear(&placement).unwrap();
     assert!(l.stop_controller(), "the controller stopped cleanly");
 
     let gone = Instant::now();
@@ -217,16 +211,12 @@ fn forged_and_stray_peer_messages_are_refused_and_counted() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtz").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l
-        .create_web_service_with(3, &["--persistence-timeout-s", "300"])
-        .unwrap();
-    let placement = placement(&vs);
+    let (l, placement) =
+        ControllerLab::with_web_service("lbtz", 3, &["--persistence-timeout-s", "300"])
+            .expect("build the controller lab with a web service");
     let id_of = |name: &str| l.id_of(name).unwrap();
     let target_id = id_of(&placement[1]);
     let other_secondary = id_of(&placement[2]);
-    l.wait_all_hear(&placement).unwrap();
     let applied = l.applied(&placement[1]).expect("a saved snapshot");
     let peers = applied
         .desired
@@ -643,13 +633,10 @@ fn a_secondary_whose_host_is_gone_under_wrk_costs_only_its_own_connections() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtw").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l.create_web_service(3).unwrap();
-    let placement = placement(&vs);
+    let (l, placement) = ControllerLab::with_web_service("lbtw", 3, &[])
+        .expect("build the controller lab with a web service");
     let victim = l.id_of(&placement[2]).unwrap();
     let victim_ns = l.engine_ns(victim).unwrap();
-    l.wait_all_hear(&placement).unwrap();
     let client = l.lab.client(0).clone();
     let target = l.lab.vip_http();
     let wrk = lb_tests::tools::Wrk {
@@ -738,13 +725,10 @@ fn a_flood_of_unknown_non_syn_segments_is_bounded() {
     if !require_root() {
         return;
     }
-    let l = ControllerLab::build("lbtn").expect("build the controller lab");
-    l.create_web_pool().unwrap();
-    let vs = l.create_web_service(3).unwrap();
-    let placement = placement(&vs);
+    let (l, placement) = ControllerLab::with_web_service("lbtn", 3, &[])
+        .expect("build the controller lab with a web service");
     let ids: Vec<u8> = placement.iter().map(|n| l.id_of(n).unwrap()).collect();
     let primary = ids[0];
-    l.wait_all_hear(&placement).unwrap();
     let reason = |r: &str| metric_of(&l, &[primary], "lb_xdp_packets_total", &[("reason", r)]);
     let (asked0, overflow0) = (reason("owner_asked"), reason("owner_query_overflow"));
     let transitions0 = metric_of(&l, &ids, "lb_peer_transitions_total", &[("to", "down")]);
