@@ -270,6 +270,15 @@ impl ControllerLab {
         Ok(out)
     }
 
+    /// The controller's record of virtual service `vs`: (its primary, its epoch).
+    pub fn recorded_primary(&self, vs: &str) -> Result<(Option<String>, u64)> {
+        let v = self.lbctl(&["vs", "get", vs])?.json()?;
+        Ok((
+            placement(&v).first().cloned(),
+            v["epoch"].as_u64().unwrap_or(0),
+        ))
+    }
+
     /// The snapshot engine `name` applied last, as it saved it.
     pub fn applied(&self, name: &str) -> Option<lb_daemon::managed::Applied> {
         lb_daemon::managed::Applied::load(&self.state.path().join(format!("{name}-desired.json")))

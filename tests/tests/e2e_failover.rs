@@ -212,13 +212,7 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
     l.wait(
         Duration::from_secs(5),
         "the controller records the new primary at epoch 1",
-        |l| {
-            let v = l.lbctl(&["vs", "get", "web"])?.json()?;
-            Ok(
-                lb_tests::controller_lab::placement(&v).first() == Some(&placement[1])
-                    && v["epoch"] == 1,
-            )
-        },
+        |l| Ok(l.recorded_primary("web")? == (Some(placement[1].clone()), 1)),
     )
     .unwrap();
     let recorded = gone.elapsed();
