@@ -15,5 +15,6 @@ pub mod engines;
 pub mod events;
 pub mod health;
 pub mod placement;
+pub mod rebalance;
 pub mod store;
 pub mod tls;
