@@ -35,6 +35,7 @@ use crate::{
     events::Events,
     health::{EngineHealth, HealthManager, HealthSettings, Transition},
     placement::{self, Candidate},
+    rebalance::{Action, RebalanceSettings, Rebalancer, Sample, Service as RebalanceService},
     store::{EngineRecord, Persisted, PoolRecord, Store, StoreError, VsRecord, VsSpec, Write},
 };
 
@@ -55,6 +56,8 @@ pub struct Settings {
     /// itself, when no engine did and no healthy engine reports the primary's data plane steering.
     pub promotion_grace: Duration,
     pub health: HealthSettings,
+    /// The auto-rebalance loop (one group: every engine).
+    pub rebalance: RebalanceSettings,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             startup_grace: Duration::from_secs(15),
             promotion_grace: Duration::from_secs(2),
             health: HealthSettings::default(),
+            rebalance: RebalanceSettings::default(),
         }
     }
 }
@@ -159,6 +163,8 @@ pub struct Observed {
     pub claims: Vec<Claim>,
     /// Its peer view: engine id (registered engines only) → what its probes tell.
     pub peers: BTreeMap<u32, PeerReport>,
+    /// Packets per second per virtual service (name) since its last heartbeat.
+    pub vs_pps: BTreeMap<String, f64>,
 }
 
 /// A lasting difference between desired and observed state.
@@ -180,6 +186,7 @@ pub struct Cluster {
     failed_since: BTreeMap<String, Instant>,
     /// Per engine, what of its last heartbeat was ignored (logged once, when it first appears).
     ignored: BTreeMap<String, BTreeSet<String>>,
+    rebalancer: Rebalancer,
     pub events: Events,
     snapshot: watch::Sender<Snapshot>,
 }
@@ -226,6 +233,7 @@ impl Cluster {
             json: p.snapshot.clone(),
         });
         let mut c = Cluster {
+            rebalancer: Rebalancer::new(settings.rebalance),
             settings,
             store,
             p,
@@ -415,6 +423,25 @@ impl Cluster {
         entry.backends = o.backends;
         entry.last_heartbeat_unix_ms = o.last_heartbeat_unix_ms;
         entry.claims = claims;
+        #[allow(clippy::cast_precision_loss)]
+        self.rebalancer.record(
+            engine,
+            Sample {
+                at: now,
+                cpu_pct: o.cpu_pct,
+                pps: o.pps as f64,
+                mbps: 0.0,
+                connections: o.connections as f64,
+                new_connections_per_s: 0.0,
+                vs_pps: o
+                    .vs_pps
+                    .iter()
+                    .filter(|(_, p)| p.is_finite() && **p >= 0.0)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+            },
+        );
+        entry.vs_pps = o.vs_pps;
         let before = std::mem::replace(&mut entry.peers, peers.clone());
         self.heartbeat_at(engine, now);
         self.peer_events(engine, &before, &peers);
@@ -773,9 +800,87 @@ impl Cluster {
         }
         self.promote_failed_primaries(now)?;
         self.replace_failed()?;
+        self.rebalance(now);
         self.refresh()?;
         self.update_anomalies(now);
         Ok(())
+    }
+
+    /// Once per rebalance interval: the decision as an event (`rebalance`, with the loads), and
+    /// the change carried out unless it is a dry run (`rebalance_failed` if it cannot be).
+    fn rebalance(&mut self, now: Instant) {
+        let healthy: BTreeSet<String> = self
+            .p
+            .engines
+            .keys()
+            .filter(|n| self.health.state(n).is_some_and(EngineHealth::is_healthy))
+            .cloned()
+            .collect();
+        let services: Vec<RebalanceService> = self
+            .p
+            .services
+            .values()
+            .map(|v| RebalanceService {
+                name: v.spec.name.clone(),
+                placement: v.placement.clone(),
+                min_engines: v.spec.min_engines,
+                max_engines: v.spec.max_engines,
+            })
+            .collect();
+        let Some(d) = self.rebalancer.tick(now, &healthy, &services) else {
+            return;
+        };
+        let loads = d
+            .loads
+            .iter()
+            .map(|(e, l)| format!("{e} {l:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut objects = Vec::new();
+        if let Some(a) = &d.action {
+            let (Action::ScaleOut { vs, .. }
+            | Action::ScaleIn { vs, .. }
+            | Action::Migrate { vs, .. }) = a;
+            objects.push(obj("vs", vs));
+        }
+        let dry = if d.dry_run {
+            " (dry run: not carried out)"
+        } else {
+            ""
+        };
+        self.events.emit(
+            "rebalance",
+            &objects,
+            format!("{}{dry}; loads: {loads}", d.reason),
+        );
+        let Some(action) = d.action.filter(|_| !d.dry_run) else {
+            return;
+        };
+        let done = match &action {
+            Action::ScaleOut { vs, to } => self.scale_out(vs, Some(to)).map(|_| ()),
+            Action::ScaleIn { vs, engine } => self.scale_in(vs, Some(engine)).map(|_| ()),
+            Action::Migrate { vs, from, to } => {
+                let primary = self
+                    .p
+                    .services
+                    .values()
+                    .find(|v| v.spec.name == *vs)
+                    .and_then(|v| v.placement.first().cloned());
+                if primary.as_deref() == Some(from.as_str()) {
+                    self.migrate(vs, Some(from), Some(to)).map(|_| ())
+                } else {
+                    // A secondary moves: the new one first, then the old one drains.
+                    self.scale_out(vs, Some(to))
+                        .and_then(|_| self.scale_in(vs, Some(from)))
+                        .map(|_| ())
+                }
+            }
+        };
+        if let Err(e) = done {
+            warn!("rebalance: {action}: {e}");
+            self.events
+                .emit("rebalance_failed", &objects, format!("{action}: {e}"));
+        }
     }
 
     fn on_health(&mut self, t: &Transition, now: Instant) {

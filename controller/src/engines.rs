@@ -193,6 +193,7 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
                     backends_up: h.backends_up.into_iter().collect(),
                     backends: h.backends.into_iter().collect(),
                     last_heartbeat_unix_ms: unix_ms(std::time::SystemTime::now()),
+                    vs_pps: h.vs_pps.into_iter().take(MAX_REPORTED).collect(),
                     // Bounded: an engine claims at most one entry per virtual service and reports
                     // at most one per engine (ids are 0..=255).
                     claims: h

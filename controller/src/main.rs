@@ -15,6 +15,7 @@ use controller::{
     cluster::{Cluster, Settings},
     engines::EngineService,
     health::HealthSettings,
+    rebalance::{Criterion, RebalanceSettings},
     store::RedbStore,
     tls,
 };
@@ -62,6 +63,36 @@ struct Args {
     /// Virtual service ids handed out: 0..N (the engines' `daemon.max_virtual_services`).
     #[arg(long, default_value_t = 64)]
     max_virtual_services: u32,
+    /// The auto-rebalance loop (Avi's `auto_rebalance`; off: scaling is manual).
+    #[arg(long)]
+    auto_rebalance: bool,
+    /// Decisions are events only (`lbctl rebalance log`); nothing changes.
+    #[arg(long)]
+    rebalance_dry_run: bool,
+    /// `auto_rebalance_interval`, seconds.
+    #[arg(long, default_value_t = 300)]
+    rebalance_interval_s: u64,
+    /// The last part of the interval whose average counts, seconds.
+    #[arg(long, default_value_t = 30)]
+    rebalance_window_s: u64,
+    /// `cpu`, `pps`, `mbps`, `connections` or `new_connections`.
+    #[arg(long, default_value = "cpu")]
+    rebalance_criterion: String,
+    /// Above it an engine is hot (`max_cpu_usage`, 40–90 for CPU).
+    #[arg(long, default_value_t = 80.0)]
+    rebalance_max: f64,
+    /// Below it an engine is cold (`min_cpu_usage`, 20–60 for CPU).
+    #[arg(long, default_value_t = 30.0)]
+    rebalance_min: f64,
+    /// No decision this long after a change, seconds.
+    #[arg(long, default_value_t = 300)]
+    rebalance_cooldown_s: u64,
+    /// `max_scaleout_per_vs` (1–64).
+    #[arg(long, default_value_t = 4)]
+    max_scaleout_per_vs: u32,
+    /// `buffer_se`: free engines a scale-out or migration may not take (N+M).
+    #[arg(long, default_value_t = 1)]
+    buffer_se: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,7 +134,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         RedbStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?,
     );
     let interval = Duration::from_millis(args.heartbeat_interval_ms);
+    let rebalance = RebalanceSettings {
+        enabled: args.auto_rebalance,
+        dry_run: args.rebalance_dry_run,
+        interval: Duration::from_secs(args.rebalance_interval_s),
+        window: Duration::from_secs(args.rebalance_window_s),
+        criterion: Criterion::parse(&args.rebalance_criterion)
+            .map_err(|e| anyhow::anyhow!("--rebalance-criterion: {e}"))?,
+        max: args.rebalance_max,
+        min: args.rebalance_min,
+        cooldown: Duration::from_secs(args.rebalance_cooldown_s),
+        max_scaleout_per_vs: args.max_scaleout_per_vs,
+        buffer_se: args.buffer_se,
+        ..RebalanceSettings::default()
+    };
+    rebalance
+        .validate()
+        .map_err(|e| anyhow::anyhow!("rebalance settings: {e}"))?;
     let settings = Settings {
+        rebalance,
         max_virtual_services: args.max_virtual_services,
         promotion_grace: Duration::from_millis(args.promotion_grace_ms),
         health: HealthSettings {

@@ -64,7 +64,7 @@ impl Criterion {
 }
 
 /// The group's knobs, with the Avi service-engine group's names, meanings and ranges.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RebalanceSettings {
     /// `auto_rebalance`: off (manual) by default.
     pub enabled: bool,

@@ -24,6 +24,8 @@ use crate::{
 struct Last {
     cpu: Option<(u64, u64)>,
     packets: Option<(u64, Instant)>,
+    /// Per virtual service id: its packets at the last beat.
+    vs_packets: HashMap<u32, u64>,
 }
 
 pub struct Sampler {
@@ -119,12 +121,12 @@ impl Sampler {
             .inventory
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let packets: u64 = inv
+        let per_vs: Vec<(u32, String, u64)> = inv
             .virtual_services
             .iter()
-            .filter_map(|(id, _)| self.counters.vs(*id).ok())
-            .map(|t| t.packets)
-            .sum();
+            .filter_map(|(id, name)| Some((*id, name.clone(), self.counters.vs(*id).ok()?.packets)))
+            .collect();
+        let packets: u64 = per_vs.iter().map(|(_, _, p)| p).sum();
         let mut backends_up = HashMap::new();
         let mut backends = HashMap::new();
         for p in &inv.pools {
@@ -151,17 +153,19 @@ impl Sampler {
             }
             _ => 0.0,
         };
-        let pps = match last.packets {
-            Some((p0, t0)) => {
-                let secs = now.duration_since(t0).as_secs_f64();
-                if secs > 0.0 {
-                    (packets.saturating_sub(p0) as f64 / secs) as u64
-                } else {
-                    0
-                }
-            }
-            None => 0,
+        let secs = last
+            .packets
+            .map_or(0.0, |(_, t0)| now.duration_since(t0).as_secs_f64());
+        let rate = |now: u64, before: Option<u64>| match before {
+            Some(b) if secs > 0.0 => now.saturating_sub(b) as f64 / secs,
+            _ => 0.0,
         };
+        let pps = rate(packets, last.packets.map(|(p, _)| p)) as u64;
+        let vs_pps = per_vs
+            .iter()
+            .map(|(id, name, p)| (name.clone(), rate(*p, last.vs_packets.get(id).copied())))
+            .collect();
+        last.vs_packets = per_vs.iter().map(|(id, _, p)| (*id, *p)).collect();
         last.cpu = cpu;
         last.packets = Some((packets, now));
         drop(last);
@@ -175,6 +179,7 @@ impl Sampler {
             backends,
             claims,
             peers,
+            vs_pps,
         }
     }
 }

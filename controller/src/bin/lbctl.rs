@@ -74,10 +74,26 @@ enum Command {
     Events {
         #[arg(long)]
         follow: bool,
+        /// Only events whose kind starts with this (e.g. `promotion`, `rebalance`).
+        #[arg(long)]
+        kind: Option<String>,
     },
+    /// The auto-rebalance loop.
+    #[command(subcommand)]
+    Rebalance(RebalanceCmd),
     /// Development PKI.
     #[command(subcommand)]
     Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum RebalanceCmd {
+    /// Every decision of the loop, and every decision not taken, with its reason and the loads
+    /// (the `rebalance` and `rebalance_failed` events).
+    Log {
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -765,8 +781,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
-        Command::Events { follow } => {
+        Command::Events { .. } | Command::Rebalance(RebalanceCmd::Log { .. }) => {
+            let (follow, kind) = match &cli.command {
+                Command::Events { follow, kind } => (*follow, kind.clone()),
+                Command::Rebalance(RebalanceCmd::Log { follow }) => {
+                    (*follow, Some("rebalance".to_owned()))
+                }
+                _ => (false, None),
+            };
+            let wanted =
+                |e: &pb::Event| kind.as_ref().is_none_or(|k| e.kind.starts_with(k.as_str()));
             let print = |e: &pb::Event| {
+                if !wanted(e) {
+                    return;
+                }
                 if cli.json {
                     println!("{}", views::event(e));
                 } else {
@@ -779,7 +807,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     );
                 }
             };
-            if *follow {
+            if follow {
                 let mut s = c.watch_events(pb::Empty {}).await?.into_inner();
                 while let Some(e) = s.message().await? {
                     print(&e);

@@ -662,3 +662,78 @@ fn never_two_primaries_at_one_epoch() {
     );
     assert_eq!(events_of(&c, "promotion").len(), 3);
 }
+
+/// The rebalance loop run by the cluster on a virtual clock (compressed timings: a 10 s interval,
+/// a 3 s window), from heartbeats: a hot engine whose load is one service scales it out; the
+/// decision is an event with its reason and the loads; a dry run only logs it.
+#[test]
+fn the_rebalance_loop_scales_a_hot_service_out_from_heartbeats() {
+    for dry_run in [false, true] {
+        let start = Instant::now();
+        let store = Arc::new(MemStore::default());
+        let settings = Settings {
+            rebalance: RebalanceSettings {
+                enabled: true,
+                dry_run,
+                interval: Duration::from_secs(10),
+                window: Duration::from_secs(3),
+                buffer_se: 0,
+                cooldown: Duration::ZERO,
+                ..RebalanceSettings::default()
+            },
+            ..Settings::default()
+        };
+        let mut c = Cluster::load(settings, store, start).unwrap();
+        for (n, id) in [("se1", 1), ("se2", 2), ("se3", 3)] {
+            c.register(engine(n, id, "a"), start).unwrap();
+        }
+        c.create_pool(pool("web")).unwrap();
+        let placed = c.create_vs(spec("web", 80, 1)).unwrap().placement;
+        assert_eq!(placed.len(), 1);
+        let hot = placed[0].clone();
+        for s in 1..=12u64 {
+            let now = start + Duration::from_secs(s);
+            for e in ["se1", "se2", "se3"] {
+                let busy = e == hot;
+                c.heartbeat(
+                    e,
+                    Observed {
+                        cpu_pct: if busy { 92.0 } else { 35.0 },
+                        vs_pps: if busy {
+                            BTreeMap::from([("web".to_owned(), 50_000.0)])
+                        } else {
+                            BTreeMap::new()
+                        },
+                        ..Observed::default()
+                    },
+                    now,
+                );
+            }
+            c.tick(now).unwrap();
+        }
+        let events: Vec<_> = c
+            .events
+            .recent()
+            .into_iter()
+            .filter(|e| e.kind == "rebalance")
+            .collect();
+        assert_eq!(events.len(), 1, "one decision in 12 s: {events:?}");
+        let reason = &events[0].reason;
+        assert!(
+            reason.starts_with(&format!(
+                "{hot} at 92 % CPU: web makes 100 % of its packets → scale out web to "
+            )),
+            "{reason}"
+        );
+        assert!(reason.contains("loads: se1 "), "{reason}");
+        let placement = &c.persisted().services["web"].placement;
+        if dry_run {
+            assert!(reason.contains("(dry run: not carried out)"), "{reason}");
+            assert_eq!(*placement, placed, "nothing changed");
+        } else {
+            assert_eq!(placement.len(), 2, "scaled out: {placement:?}");
+            assert_eq!(placement[0], hot, "the primary stays");
+            assert!(desired(&c).virtual_services[0].engines.len() == 2);
+        }
+    }
+}
