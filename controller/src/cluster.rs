@@ -165,6 +165,8 @@ pub struct Observed {
     pub peers: BTreeMap<u32, PeerReport>,
     /// Packets per second per virtual service (name) since its last heartbeat.
     pub vs_pps: BTreeMap<String, f64>,
+    /// Connections its proxy accepted per second since its last heartbeat.
+    pub new_connections_per_s: f64,
 }
 
 /// A lasting difference between desired and observed state.
@@ -432,7 +434,11 @@ impl Cluster {
                 pps: o.pps as f64,
                 mbps: 0.0,
                 connections: o.connections as f64,
-                new_connections_per_s: 0.0,
+                new_connections_per_s: if o.new_connections_per_s.is_finite() {
+                    o.new_connections_per_s.max(0.0)
+                } else {
+                    0.0
+                },
                 vs_pps: o
                     .vs_pps
                     .iter()
@@ -442,6 +448,7 @@ impl Cluster {
             },
         );
         entry.vs_pps = o.vs_pps;
+        entry.new_connections_per_s = o.new_connections_per_s;
         let before = std::mem::replace(&mut entry.peers, peers.clone());
         self.heartbeat_at(engine, now);
         self.peer_events(engine, &before, &peers);

@@ -194,6 +194,7 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
                     backends: h.backends.into_iter().collect(),
                     last_heartbeat_unix_ms: unix_ms(std::time::SystemTime::now()),
                     vs_pps: h.vs_pps.into_iter().take(MAX_REPORTED).collect(),
+                    new_connections_per_s: h.new_connections_per_s,
                     // Bounded: an engine claims at most one entry per virtual service and reports
                     // at most one per engine (ids are 0..=255).
                     claims: h

@@ -26,6 +26,8 @@ struct Last {
     packets: Option<(u64, Instant)>,
     /// Per virtual service id: its packets at the last beat.
     vs_packets: HashMap<u32, u64>,
+    /// Connections the proxy had accepted in all at the last beat.
+    accepted: Option<u64>,
 }
 
 pub struct Sampler {
@@ -127,6 +129,11 @@ impl Sampler {
             .filter_map(|(id, name)| Some((*id, name.clone(), self.counters.vs(*id).ok()?.packets)))
             .collect();
         let packets: u64 = per_vs.iter().map(|(_, _, p)| p).sum();
+        let accepted: u64 = inv
+            .services
+            .iter()
+            .map(|s| s.stats.total.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
         let mut backends_up = HashMap::new();
         let mut backends = HashMap::new();
         for p in &inv.pools {
@@ -166,6 +173,8 @@ impl Sampler {
             .map(|(id, name, p)| (name.clone(), rate(*p, last.vs_packets.get(id).copied())))
             .collect();
         last.vs_packets = per_vs.iter().map(|(id, _, p)| (*id, *p)).collect();
+        let new_connections_per_s = rate(accepted, last.accepted);
+        last.accepted = Some(accepted);
         last.cpu = cpu;
         last.packets = Some((packets, now));
         drop(last);
@@ -180,6 +189,7 @@ impl Sampler {
             claims,
             peers,
             vs_pps,
+            new_connections_per_s,
         }
     }
 }

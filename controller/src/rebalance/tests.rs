@@ -483,3 +483,43 @@ fn engines_without_samples_or_services_are_no_cause_and_no_target() {
     assert!((r.load("se1", t0 + S * 1000).unwrap() - 10.0).abs() < 1e-9);
     assert_eq!(r.samples["se1"].len(), 1, "the old ones went");
 }
+
+#[test]
+fn another_criterion_reads_its_own_measure() {
+    let t0 = Instant::now();
+    let healthy = engines(&["se1", "se2"]);
+    let services = [vs("web", &["se1"])];
+    let mut r = Rebalancer::new(RebalanceSettings {
+        criterion: Criterion::NewConnections,
+        max: 1000.0,
+        min: 10.0,
+        ..settings()
+    });
+    assert!(r.tick(t0, &healthy, &services).is_none());
+    for i in 1..=300u32 {
+        for (e, rate, cpu) in [("se1", 5000.0, 20.0), ("se2", 100.0, 20.0)] {
+            r.record(
+                e,
+                Sample {
+                    at: t0 + S * i,
+                    cpu_pct: cpu,
+                    pps: 0.0,
+                    mbps: 0.0,
+                    connections: 0.0,
+                    new_connections_per_s: rate,
+                    vs_pps: if e == "se1" {
+                        BTreeMap::from([("web".to_owned(), 1.0)])
+                    } else {
+                        BTreeMap::new()
+                    },
+                },
+            );
+        }
+    }
+    let d = r.tick(t0 + S * 300, &healthy, &services).unwrap();
+    assert_eq!(
+        d.reason,
+        "se1 at 5000 new connections/s: web makes 100 % of its packets → scale out web to se2",
+        "CPU (20 %) would have said nothing"
+    );
+}
