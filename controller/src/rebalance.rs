@@ -399,6 +399,11 @@ impl Rebalancer {
             t.sort_by(|a, b| load_of(a).total_cmp(&load_of(b)).then(a.cmp(b)));
             t.into_iter().cloned().collect()
         };
+        let migrate = |v: &Service, from: &str, to: String| Action::Migrate {
+            vs: v.name.clone(),
+            from: from.to_owned(),
+            to,
+        };
         let mut not_taken: Vec<String> = Vec::new();
         for (engine, load) in &hot {
             let mine: Vec<&Service> = services
@@ -458,14 +463,7 @@ impl Rebalancer {
                         share(v) * 100.0,
                         v.name
                     );
-                    return decision(
-                        Some(Action::Migrate {
-                            vs: v.name.clone(),
-                            from: (*engine).clone(),
-                            to,
-                        }),
-                        reason,
-                    );
+                    return decision(Some(migrate(v, engine, to)), reason);
                 }
             }
             not_taken.push(format!(
@@ -510,14 +508,7 @@ impl Rebalancer {
                         "{engine} at {load:.0} {unit} (below {:.0}), {} at its minimum → consolidate: migrate {} from {engine} to {to}",
                         st.min, v.name, v.name
                     );
-                    return decision(
-                        Some(Action::Migrate {
-                            vs: v.name.clone(),
-                            from: (*engine).clone(),
-                            to,
-                        }),
-                        reason,
-                    );
+                    return decision(Some(migrate(v, engine, to)), reason);
                 }
             }
             not_taken.push(format!(

@@ -287,7 +287,11 @@ impl ControllerLab {
     /// The engines that have the VIP on their `eth0` (they answer ARP for it): the daemons place it
     /// there where they are primary, and on `lo` elsewhere.
     pub fn vip_holders(&self) -> Result<Vec<String>> {
-        let vip = self.lab.vip().to_string();
+        self.holders_of(self.lab.vip().into())
+    }
+
+    /// The engines that have `addr` on their `eth0` (either family).
+    pub fn holders_of(&self, addr: std::net::IpAddr) -> Result<Vec<String>> {
         let mut holders = Vec::new();
         for e in &self.lab.engines {
             let Ok(out) = self
@@ -297,11 +301,36 @@ impl ControllerLab {
             else {
                 continue;
             };
-            if out.contains(&format!("\"{vip}\"")) {
+            if out.contains(&format!("\"{addr}\"")) {
                 holders.push(e.name.clone());
             }
         }
         Ok(holders)
+    }
+
+    /// The MAC of engine `id`'s `eth0`.
+    pub fn engine_mac(&self, id: u8) -> Result<String> {
+        let out = self
+            .lab
+            .lab
+            .ip(&self.engine_ns(id)?, &["-j", "link", "show", "eth0"])?;
+        let v: Value = serde_json::from_str(&out)?;
+        Ok(v[0]["address"].as_str().context("no address")?.to_owned())
+    }
+
+    /// The first client's neighbour entry for `addr` on its `eth0`: (MAC, state).
+    pub fn client_neighbour(&self, addr: std::net::IpAddr) -> Option<(String, String)> {
+        let out = self
+            .lab
+            .lab
+            .ip(
+                self.lab.client(0),
+                &["-j", "neigh", "show", &addr.to_string(), "dev", "eth0"],
+            )
+            .ok()?;
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let e = v.as_array()?.first()?;
+        Some((e["lladdr"].as_str()?.to_owned(), e["state"].to_string()))
     }
 
     /// The `--backend=ADDR` arguments of `lbctl pool create` naming every backend's nginx.

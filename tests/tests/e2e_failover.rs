@@ -116,35 +116,6 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     println!("controller's view 3.5 s after the kill: {}", e["state"]);
 }
 
-/// The MAC of `ns`'s `eth0`.
-fn mac_of(l: &ControllerLab, ns: &lb_tests::Ns) -> String {
-    let out = l.lab.lab.ip(ns, &["-j", "link", "show", "eth0"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v[0]["address"].as_str().unwrap().to_owned()
-}
-
-/// The client's neighbour entry for the VIP: (MAC, state).
-fn vip_neighbour(l: &ControllerLab) -> Option<(String, String)> {
-    let out = l
-        .lab
-        .lab
-        .ip(
-            l.lab.client(0),
-            &[
-                "-j",
-                "neigh",
-                "show",
-                &l.lab.vip().to_string(),
-                "dev",
-                "eth0",
-            ],
-        )
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    let e = v.as_array()?.first()?;
-    Some((e["lladdr"].as_str()?.to_owned(), e["state"].to_string()))
-}
-
 /// The primary's host goes away (its link down): the first engine of the succession takes over
 /// within a second, on its own (the engines agree by the succession rule; the controller is not
 /// needed), announces the VIP with gratuitous ARP, and learns the surviving engines' flows, so
@@ -162,7 +133,6 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
     let old = id_of(&placement[0]);
     let new = id_of(&placement[1]);
     let old_ns = l.engine_ns(old).unwrap();
-    let new_ns = l.engine_ns(new).unwrap();
     let target = l.lab.vip_http();
     let client = l.lab.client(0).clone();
     let keeper = Keeper::start(&client, target, 500, Duration::from_secs(1)).unwrap();
@@ -202,7 +172,7 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         println!(
             "holders {:?}, neighbour {:?}",
             l.vip_holders(),
-            vip_neighbour(&l)
+            l.client_neighbour(l.lab.vip().into())
         );
         panic!("the VIP is not served again");
     }
@@ -315,8 +285,8 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
         "the new primary learned the survivors' flows"
     );
     // The client's neighbour entry (arp_accept=0 here: an existing entry is updated by the GARP).
-    let want = mac_of(&l, &new_ns);
-    let neigh = vip_neighbour(&l);
+    let want = l.engine_mac(new).unwrap();
+    let neigh = l.client_neighbour(l.lab.vip().into());
     assert_eq!(
         neigh.as_ref().map(|n| n.0.clone()),
         Some(want.clone()),
@@ -343,7 +313,7 @@ fn a_gone_primary_is_replaced_and_the_survivors_connections_live() {
     );
     let r = l.lab.load(60).unwrap();
     assert_eq!(r.errors, 0, "{r}");
-    let neigh = vip_neighbour(&l);
+    let neigh = l.client_neighbour(l.lab.vip().into());
     assert_eq!(
         neigh.map(|n| n.0),
         Some(want),

@@ -529,21 +529,8 @@ fn an_ipv6_vip_fails_over_with_unsolicited_neighbour_advertisements() {
     })
     .unwrap();
     l.wait_all_hear(&placement).unwrap();
-    let holders = |l: &ControllerLab| -> Vec<String> {
-        l.lab
-            .engines
-            .iter()
-            .filter(|e| {
-                l.lab
-                    .lab
-                    .ip(&e.ns, &["-6", "-j", "addr", "show", "dev", "eth0"])
-                    .is_ok_and(|o| o.contains(&format!("\"{vip}\"")))
-            })
-            .map(|e| e.name.clone())
-            .collect()
-    };
     l.wait(Duration::from_secs(10), "the primary holds the VIP", |l| {
-        Ok(holders(l) == [placement[0].clone()])
+        Ok(l.holders_of(vip.into())? == [placement[0].clone()])
     })
     .unwrap();
     let client = l.lab.client(0).clone();
@@ -561,32 +548,11 @@ fn an_ipv6_vip_fails_over_with_unsolicited_neighbour_advertisements() {
     );
     let r = lb_tests::client::http_load(&client, &lb_tests::client::Load::new(target, 60)).unwrap();
     assert_eq!(r.errors, 0, "{r}");
-    let neighbour_mac = |l: &ControllerLab| -> Option<String> {
-        let out = l
-            .lab
-            .lab
-            .ip(
-                &client,
-                &["-6", "-j", "neigh", "show", &vip.to_string(), "dev", "eth0"],
-            )
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        Some(v.as_array()?.first()?["lladdr"].as_str()?.to_owned())
-    };
-    let mac_of = |id: u8| -> String {
-        let out = l
-            .lab
-            .lab
-            .ip(&l.engine_ns(id).unwrap(), &["-j", "link", "show", "eth0"])
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v[0]["address"].as_str().unwrap().to_owned()
-    };
     let old = l.id_of(&placement[0]).unwrap();
     let new = l.id_of(&placement[1]).unwrap();
     assert_eq!(
-        neighbour_mac(&l),
-        Some(mac_of(old)),
+        l.client_neighbour(vip.into()).map(|n| n.0),
+        Some(l.engine_mac(old).unwrap()),
         "the client goes to the primary"
     );
 
@@ -606,13 +572,13 @@ fn an_ipv6_vip_fails_over_with_unsolicited_neighbour_advertisements() {
     let served = served.expect("the IPv6 VIP is served again");
     assert!(served < Duration::from_secs(1), "{served:?}");
     assert_eq!(
-        neighbour_mac(&l),
-        Some(mac_of(new)),
+        l.client_neighbour(vip.into()).map(|n| n.0),
+        Some(l.engine_mac(new).unwrap()),
         "the neighbour advertisement moved the client"
     );
     let m = l.daemon(new).unwrap().metrics().unwrap();
     assert!(metric_sum(&m, "lb_unsolicited_na_sent_total", &[]) >= 1.0);
-    assert!(holders(&l).contains(&placement[1]));
+    assert!(l.holders_of(vip.into()).unwrap().contains(&placement[1]));
     let r = lb_tests::client::http_load(&client, &lb_tests::client::Load::new(target, 60)).unwrap();
     assert_eq!(r.errors, 0, "{r}");
 }
