@@ -253,15 +253,20 @@ pub fn vs_from_pb(v: pb::VirtualService, native_max: u32) -> Result<VsSpec, Clus
 
 pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
     let healthy = |e: &str| c.health(e).is_some_and(EngineHealth::is_healthy);
-    let placement = r
-        .placement
-        .iter()
-        .enumerate()
-        .map(|(i, e)| pb::Placement {
-            engine: e.clone(),
-            role: if i == 0 { "primary" } else { "secondary" }.into(),
-            weight: 1,
-            state: c.health(e).map_or("unknown", EngineHealth::name).into(),
+    let placement = c
+        .placement_view(r)
+        .into_iter()
+        .map(|p| pb::Placement {
+            state: c
+                .health(&p.engine)
+                .map_or("unknown", EngineHealth::name)
+                .into(),
+            engine: p.engine,
+            role: p.role.into(),
+            weight: p.weight,
+            phase: p.phase.into(),
+            open_connections: p.open_connections,
+            remaining_ms: p.remaining_ms,
         })
         .collect();
     let serving = u32::try_from(r.placement.iter().filter(|e| healthy(e)).count()).unwrap_or(0);
@@ -340,6 +345,10 @@ pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
         virtual_services: u32::try_from(roles.len()).unwrap_or(u32::MAX),
         roles: roles.into_iter().collect(),
         cpu_pct: o.cpu_pct,
+        cpu_source: o.cpu_source.clone(),
+        host_cpu_pct: o.host_cpu_pct,
+        daemon_cpu_pct: o.daemon_cpu_pct,
+        softirq_pct: o.softirq_pct,
         memory_bytes: o.memory_bytes,
         pps: o.pps,
         connections: o.connections,

@@ -31,6 +31,8 @@ use lb_model::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use self::scaling::Scaling;
+pub use self::scaling::{DrainReport, PlacementView, primary_weight};
 use crate::{
     events::Events,
     health::{EngineHealth, HealthManager, HealthSettings, Transition},
@@ -167,6 +169,17 @@ pub struct Observed {
     pub vs_pps: BTreeMap<String, f64>,
     /// Connections its proxy accepted per second since its last heartbeat.
     pub new_connections_per_s: f64,
+    /// Megabits per second per virtual service (name) since its last heartbeat.
+    pub vs_mbps: BTreeMap<String, f64>,
+    /// The services its proxy serves (listening, with a usable backend).
+    pub serving: BTreeSet<String>,
+    /// Its drains of services, until each has ended.
+    pub drains: Vec<DrainReport>,
+    /// What `cpu_pct` is ("cgroup" or "host"), and the host's, the daemon's and the softirq share.
+    pub cpu_source: String,
+    pub host_cpu_pct: f64,
+    pub daemon_cpu_pct: f64,
+    pub softirq_pct: f64,
 }
 
 /// A lasting difference between desired and observed state.
@@ -189,6 +202,9 @@ pub struct Cluster {
     /// Per engine, what of its last heartbeat was ignored (logged once, when it first appears).
     ignored: BTreeMap<String, BTreeSet<String>>,
     rebalancer: Rebalancer,
+    scaling: Scaling,
+    /// The time of the latest heartbeat or tick: the clock of the operators' calls.
+    clock: Instant,
     pub events: Events,
     snapshot: watch::Sender<Snapshot>,
 }
@@ -210,16 +226,23 @@ impl Cluster {
         let p = store.load()?;
         let mut health = HealthManager::new(settings.health);
         let mut failed_since = BTreeMap::new();
+        let last = serde_json::from_str::<Desired>(&p.snapshot).ok();
         // Engines that were down in the last snapshot stay down until they heartbeat.
-        let down: BTreeSet<u32> = serde_json::from_str::<Desired>(&p.snapshot)
-            .map(|d| {
-                d.engines
-                    .iter()
-                    .filter(|e| e.state == EngineState::Down)
-                    .map(|e| e.id)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let down: BTreeSet<u32> = last
+            .iter()
+            .flat_map(|d| &d.engines)
+            .filter(|e| e.state == EngineState::Down)
+            .map(|e| e.id)
+            .collect();
+        let scaling = last.as_ref().map_or_else(Scaling::default, |d| {
+            let name_of = |id: u32| {
+                p.engines
+                    .values()
+                    .find(|e| e.id == id)
+                    .map(|e| e.name.clone())
+            };
+            Scaling::restore(d, name_of, p.version, now)
+        });
         for (name, e) in &p.engines {
             if down.contains(&e.id) {
                 health.track_failed(name, now);
@@ -236,6 +259,8 @@ impl Cluster {
         });
         let mut c = Cluster {
             rebalancer: Rebalancer::new(settings.rebalance),
+            scaling,
+            clock: now,
             settings,
             store,
             p,
@@ -321,11 +346,16 @@ impl Cluster {
 
     /// The desired state every engine gets.
     pub fn desired(&self) -> Desired {
-        desired_of(&self.p, |name| {
-            self.health
-                .state(name)
-                .is_some_and(EngineHealth::is_healthy)
-        })
+        desired_of(
+            &self.p,
+            |name| {
+                self.health
+                    .state(name)
+                    .is_some_and(EngineHealth::is_healthy)
+            },
+            |v| self.weights_of(v),
+            self.settings.rebalance.scalein_timeout,
+        )
     }
 
     /// Rebuilds the snapshot; a different one gets the next version (persisted) and is published.
@@ -432,7 +462,11 @@ impl Cluster {
                 at: now,
                 cpu_pct: o.cpu_pct,
                 pps: o.pps as f64,
-                mbps: 0.0,
+                mbps: o
+                    .vs_mbps
+                    .values()
+                    .filter(|m| m.is_finite() && **m >= 0.0)
+                    .sum(),
                 connections: o.connections as f64,
                 new_connections_per_s: if o.new_connections_per_s.is_finite() {
                     o.new_connections_per_s.max(0.0)
@@ -449,6 +483,15 @@ impl Cluster {
         );
         entry.vs_pps = o.vs_pps;
         entry.new_connections_per_s = o.new_connections_per_s;
+        entry.vs_mbps = o.vs_mbps;
+        entry.serving = o.serving;
+        entry.cpu_source = o.cpu_source;
+        entry.host_cpu_pct = o.host_cpu_pct;
+        entry.daemon_cpu_pct = o.daemon_cpu_pct;
+        entry.softirq_pct = o.softirq_pct;
+        self.clock = self.clock.max(now);
+        self.drain_reports(engine, o.drains, now);
+        let entry = self.observed.entry(engine.to_owned()).or_default();
         let before = std::mem::replace(&mut entry.peers, peers.clone());
         self.heartbeat_at(engine, now);
         self.peer_events(engine, &before, &peers);
@@ -805,8 +848,10 @@ impl Cluster {
         for t in self.health.tick(now) {
             self.on_health(&t, now);
         }
+        self.clock = self.clock.max(now);
         self.promote_failed_primaries(now)?;
         self.replace_failed()?;
+        self.advance_scaling(now)?;
         self.rebalance(now);
         self.refresh()?;
         self.update_anomalies(now);
@@ -863,25 +908,20 @@ impl Cluster {
         let Some(action) = d.action.filter(|_| !d.dry_run) else {
             return;
         };
+        if let Some(busy) = self.scaling.in_progress() {
+            self.events.emit(
+                "rebalance_failed",
+                &objects,
+                format!("{action}: deferred, one change at a time ({busy})"),
+            );
+            return;
+        }
         let done = match &action {
             Action::ScaleOut { vs, to } => self.scale_out(vs, Some(to)).map(|_| ()),
             Action::ScaleIn { vs, engine } => self.scale_in(vs, Some(engine)).map(|_| ()),
-            Action::Migrate { vs, from, to } => {
-                let primary = self
-                    .p
-                    .services
-                    .values()
-                    .find(|v| v.spec.name == *vs)
-                    .and_then(|v| v.placement.first().cloned());
-                if primary.as_deref() == Some(from.as_str()) {
-                    self.migrate(vs, Some(from), Some(to)).map(|_| ())
-                } else {
-                    // A secondary moves: the new one first, then the old one drains.
-                    self.scale_out(vs, Some(to))
-                        .and_then(|_| self.scale_in(vs, Some(from)))
-                        .map(|_| ())
-                }
-            }
+            // A primary's migration promotes the target once it serves; a secondary's scales
+            // the old one in once the new one serves.
+            Action::Migrate { vs, from, to } => self.migrate(vs, Some(from), Some(to)).map(|_| ()),
         };
         if let Err(e) = done {
             warn!("rebalance: {action}: {e}");
@@ -1296,134 +1336,6 @@ impl Cluster {
             .ok_or_else(|| ClusterError::NotFound(format!("virtual service {name:?}")))
     }
 
-    /// Adds a secondary (`engine`, or placement's choice).
-    pub fn scale_out(
-        &mut self,
-        name: &str,
-        engine: Option<&str>,
-    ) -> Result<VsRecord, ClusterError> {
-        let mut rec = self.vs(name)?;
-        if rec.placement.len() >= rec.spec.max_engines as usize {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "virtual service {name:?} is at its max_engines ({})",
-                rec.spec.max_engines
-            )));
-        }
-        let chosen = match engine {
-            Some(e) => {
-                let c = self.candidates();
-                let ok = placement::ranked(&c, &rec.spec.tags, &rec.placement)
-                    .iter()
-                    .any(|c| c.name == e);
-                if !ok {
-                    return Err(ClusterError::FailedPrecondition(format!(
-                        "engine {e:?} is not eligible for {name:?} (unknown, failed, already placed, or without its tags)"
-                    )));
-                }
-                e.to_owned()
-            }
-            None => placement::choose(&self.candidates(), &rec.spec.tags, 1, &rec.placement)
-                .map_err(|e| ClusterError::FailedPrecondition(format!("no eligible engine: {e}")))?
-                .remove(0),
-        };
-        rec.placement.push(chosen.clone());
-        rec.resource_version += 1;
-        self.events.emit(
-            "scaling",
-            &[obj("vs", name), obj("engine", &chosen)],
-            "scale out: added as a secondary",
-        );
-        self.put_vs(rec, "scaled out")
-    }
-
-    /// Removes a secondary (`engine`, or the last one placed).
-    pub fn scale_in(&mut self, name: &str, engine: Option<&str>) -> Result<VsRecord, ClusterError> {
-        let mut rec = self.vs(name)?;
-        if rec.placement.len() <= rec.spec.min_engines as usize {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "virtual service {name:?} is at its min_engines ({})",
-                rec.spec.min_engines
-            )));
-        }
-        let victim = match engine {
-            Some(e) if rec.placement.first().map(String::as_str) == Some(e) => {
-                return Err(ClusterError::FailedPrecondition(format!(
-                    "{e:?} is the primary of {name:?}: migrate it instead"
-                )));
-            }
-            Some(e) if !rec.placement.iter().any(|p| p == e) => {
-                return Err(ClusterError::NotFound(format!(
-                    "engine {e:?} is not placed for {name:?}"
-                )));
-            }
-            Some(e) => e.to_owned(),
-            None => rec
-                .placement
-                .last()
-                .cloned()
-                .expect("more than min_engines"),
-        };
-        rec.placement.retain(|p| *p != victim);
-        rec.resource_version += 1;
-        self.events.emit(
-            "scaling",
-            &[obj("vs", name), obj("engine", &victim)],
-            "scale in: removed (it drains its connections)",
-        );
-        self.put_vs(rec, "scaled in")
-    }
-
-    /// Moves the primary role: the target (a placed secondary, or a new engine) becomes primary and
-    /// the old primary leaves.
-    pub fn migrate(
-        &mut self,
-        name: &str,
-        from: Option<&str>,
-        to: Option<&str>,
-    ) -> Result<VsRecord, ClusterError> {
-        let mut rec = self.vs(name)?;
-        let primary = rec.placement.first().cloned().unwrap_or_default();
-        if let Some(f) = from
-            && f != primary
-        {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "{f:?} is not the primary of {name:?} ({primary})"
-            )));
-        }
-        let target = match to {
-            Some(t) if rec.placement.iter().any(|p| p == t) => t.to_owned(),
-            Some(t) => {
-                let c = self.candidates();
-                if !placement::ranked(&c, &rec.spec.tags, &rec.placement)
-                    .iter()
-                    .any(|c| c.name == t)
-                {
-                    return Err(ClusterError::FailedPrecondition(format!(
-                        "engine {t:?} is not eligible for {name:?}"
-                    )));
-                }
-                t.to_owned()
-            }
-            None => placement::choose(&self.candidates(), &rec.spec.tags, 1, &rec.placement)
-                .map_err(|e| ClusterError::FailedPrecondition(format!("no eligible engine: {e}")))?
-                .remove(0),
-        };
-        rec.placement.retain(|p| *p != target && *p != primary);
-        rec.placement.insert(0, target.clone());
-        rec.epoch += 1;
-        rec.resource_version += 1;
-        self.events.emit(
-            "scaling",
-            &[
-                obj("vs", name),
-                obj("engine", &primary),
-                obj("engine", &target),
-            ],
-            format!("migrate: primary {primary} → {target}"),
-        );
-        self.put_vs(rec, "migrated")
-    }
-
     fn check_spec(&self, spec: &VsSpec) -> Result<(), ClusterError> {
         check_name("name", &spec.name)?;
         if !self.p.pools.contains_key(&spec.pool) {
@@ -1467,7 +1379,12 @@ impl Cluster {
     /// The model's own validation, over what the engines would get, with the first registered
     /// engine as the host (every engine runs the same checks when it applies the snapshot).
     fn check_desired(&self, p: &Persisted) -> Result<(), ClusterError> {
-        let desired = desired_of(p, |_| true);
+        let desired = desired_of(
+            p,
+            |_| true,
+            |v| self.weights_of(v),
+            self.settings.rebalance.scalein_timeout,
+        );
         let host = desired.engines.first().map_or(0, |e| e.id);
         let mut daemon = DaemonConfig::new("eth0", host);
         daemon.max_virtual_services = self.settings.max_virtual_services;
@@ -1504,7 +1421,12 @@ impl Cluster {
 /// so its peers keep probing it and what they report of its data plane (still steering, or gone)
 /// stays current, for them (they replace it once it is gone) and for the controller (it does not
 /// replace a primary whose data plane steers). Its peers' own view keeps new flows off its proxy.
-fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
+fn desired_of(
+    p: &Persisted,
+    healthy: impl Fn(&str) -> bool,
+    weights: impl Fn(&VsRecord) -> Vec<u32>,
+    scalein_timeout: Duration,
+) -> Desired {
     let primaries: BTreeSet<&str> = p
         .services
         .values()
@@ -1535,8 +1457,13 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
             let members: Vec<Member> = v
                 .placement
                 .iter()
-                .filter_map(|n| id_of(n))
-                .map(|id| Member { id, weight: 1 })
+                .zip(weights(v))
+                .filter_map(|(n, weight)| {
+                    Some(Member {
+                        id: id_of(n)?,
+                        weight,
+                    })
+                })
                 .collect();
             let primary = members.first()?.id;
             Some(VirtualServiceConfig {
@@ -1556,7 +1483,10 @@ fn desired_of(p: &Persisted, healthy: impl Fn(&str) -> bool) -> Desired {
         })
         .collect();
     Desired {
-        proxy: ProxyConfig::default(),
+        proxy: ProxyConfig {
+            drain_timeout_s: u32::try_from(scalein_timeout.as_secs()).unwrap_or(u32::MAX),
+            ..ProxyConfig::default()
+        },
         engines,
         virtual_services,
         pools: p.pools.values().map(|r| r.config.clone()).collect(),
@@ -1595,5 +1525,6 @@ pub fn check_name(field: &str, name: &str) -> Result<(), ClusterError> {
     }
 }
 
+mod scaling;
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{Shared, lock},
-    cluster::{Claim, Observed, PeerReport, Snapshot, invalid},
+    cluster::{Claim, DrainReport, Observed, PeerReport, Snapshot, invalid},
     events::unix_ms,
     store::EngineRecord,
     tls::{Role, require},
@@ -195,6 +195,25 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
                     last_heartbeat_unix_ms: unix_ms(std::time::SystemTime::now()),
                     vs_pps: h.vs_pps.into_iter().take(MAX_REPORTED).collect(),
                     new_connections_per_s: h.new_connections_per_s,
+                    vs_mbps: h.vs_mbps.into_iter().take(MAX_REPORTED).collect(),
+                    serving: h.serving.into_iter().take(MAX_REPORTED).collect(),
+                    cpu_source: h.cpu_source.chars().take(16).collect(),
+                    host_cpu_pct: h.host_cpu_pct,
+                    daemon_cpu_pct: h.daemon_cpu_pct,
+                    softirq_pct: h.softirq_pct,
+                    drains: h
+                        .drains
+                        .into_iter()
+                        .take(MAX_REPORTED)
+                        .map(|d| DrainReport {
+                            virtual_service: d.virtual_service,
+                            open: d.open,
+                            finished: d.finished,
+                            reset: d.reset,
+                            remaining_ms: d.remaining_ms,
+                            done: d.done,
+                        })
+                        .collect(),
                     // Bounded: an engine claims at most one entry per virtual service and reports
                     // at most one per engine (ids are 0..=255).
                     claims: h

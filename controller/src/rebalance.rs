@@ -156,6 +156,12 @@ impl RebalanceSettings {
         if !(self.hot_share > 0.0 && self.hot_share < 1.0) {
             return err("hot_share", format!("{} must be in (0, 1)", self.hot_share));
         }
+        if !(1..=3600).contains(&self.scalein_timeout.as_secs()) {
+            return err(
+                "vs_scalein_timeout",
+                format!("{:?} is outside 1–3600 s", self.scalein_timeout),
+            );
+        }
         if !(1..=64).contains(&self.max_scaleout_per_vs) {
             return err(
                 "max_scaleout_per_vs",

@@ -28,7 +28,7 @@ use lb_daemon::{
     dataplane::Dataplane,
     engine::{Applied as Applied_, Engine},
     failover::{Ends, Failover, FailoverCounters},
-    heartbeat::Sampler,
+    heartbeat::{self, Sampler},
     links::SystemLinks,
     managed::{self, Applied},
     metrics::{self, Metrics},
@@ -64,6 +64,10 @@ struct Args {
     /// daemon runs on that pin directory. A plain stop (SIGTERM) leaves the program steering.
     #[arg(long, conflicts_with = "check")]
     detach: bool,
+    /// Managed mode: also append every heartbeat to this file as a JSON line (the trace
+    /// `controller simulate --trace` replays).
+    #[arg(long, value_name = "FILE")]
+    record_heartbeats: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -317,8 +321,20 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             )
             .with_peers(plan_rx.clone(), view_rx.clone()),
         );
-        let beat: Arc<dyn Fn() -> lb_api::v1::Heartbeat + Send + Sync> =
-            Arc::new(move || sampler.sample());
+        let recorder = match &args.record_heartbeats {
+            Some(path) => Some(
+                heartbeat::Recorder::create(path, &cfg.name)
+                    .map_err(|e| anyhow::anyhow!("--record-heartbeats {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let beat: Arc<dyn Fn() -> lb_api::v1::Heartbeat + Send + Sync> = Arc::new(move || {
+            let h = sampler.sample();
+            if let Some(r) = &recorder {
+                r.record(&h);
+            }
+            h
+        });
         tokio::spawn(managed::run(cfg, identity, status.clone(), apply_tx, beat));
     } else {
         drop(apply_tx);

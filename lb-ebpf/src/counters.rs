@@ -32,3 +32,9 @@ pub fn traffic(vs_id: u32, engine_id: u32, bytes: u64, new_flow: bool) {
     add(VS_STATS.get_ptr_mut(vs_id), bytes, new_flow);
     add(ENGINE_STATS.get_ptr_mut(engine_id), bytes, new_flow);
 }
+
+/// Accounts a VIP packet that goes up to this engine's proxy as a secondary to its service only.
+#[inline(always)]
+pub fn received(vs_id: u32, bytes: u64, new_flow: bool) {
+    add(VS_STATS.get_ptr_mut(vs_id), bytes, new_flow);
+}

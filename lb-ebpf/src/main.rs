@@ -4,7 +4,7 @@
 //! flow's owner (connection table, persistence, Maglev ring) and passes the packet up (owner is this
 //! host), rewrites MACs and transmits it (owner on the segment), or tunnels it (owner routed away).
 //! Everything else — not IP, not a VIP, a VIP this engine is secondary of — goes up the stack
-//! untouched. No path aborts: every outcome is a verdict plus a reason counter.
+//! untouched (a secondary's VIP packets counted against their service). No path aborts: every outcome is a verdict plus a reason counter.
 //!
 //! Lab and benchmark helper programs live in `lb-xdp-testkit` (`testkit.rs`).
 #![no_std]
@@ -144,14 +144,17 @@ fn steer(ctx: &XdpContext) -> Result<u32, Reason> {
     let (owner, flow_label) = if v4 {
         let flow = FlowV4::new(ip.src_be[0], ip.dst_be[0], ports[0], ports[1], ip.proto);
         let found = owner_v4(&flow, &vip, syn, non_syn, Mode::Record);
-        (
-            settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v4(&flow, vs))?,
-            0,
-        )
+        let owner = settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v4(&flow, vs));
+        (secondary_share(ctx, &vip, syn, owner)?, 0)
     } else {
         let flow = FlowV6::new(ip.src_be, ip.dst_be, ports[0], ports[1], ip.proto);
         let found = owner_v6(&flow, &vip, syn, non_syn, Mode::Record);
-        let owner = settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v6(&flow, vs))?;
+        let owner = secondary_share(
+            ctx,
+            &vip,
+            syn,
+            settle(ctx, &tuple, &vip, syn, found, |vs| place_away_v6(&flow, vs)),
+        )?;
         let label = if owner.engine.mode == ENGINE_MODE_TUNNEL {
             flow_hash_v6(&flow)
         } else {
@@ -200,6 +203,25 @@ fn settle(
         }
         other => other,
     }
+}
+
+/// A packet of a virtual service this engine is a secondary of goes up to its proxy: counted
+/// against the service, so that a secondary's heartbeats show its own share of the service (a
+/// primary's counters hold all the service's packets, those it steers away included).
+#[inline(always)]
+fn secondary_share(
+    ctx: &XdpContext,
+    vip: &VipKey,
+    syn: bool,
+    owner: Result<Owner, Reason>,
+) -> Result<Owner, Reason> {
+    if matches!(owner, Err(Reason::PassNotPrimary)) {
+        if let Some(id) = maps::VIPS.get_ptr(vip) {
+            // SAFETY: a map value pointer from a successful lookup.
+            counters::received(unsafe { *id }, (ctx.data_end() - ctx.data()) as u64, syn);
+        }
+    }
+    owner
 }
 
 /// Whether virtual service `vs_id` drains: its new connections are refused on purpose.

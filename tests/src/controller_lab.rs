@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::cgroup::CpuQuota;
 use crate::daemon::{ControllerSection, Daemon, DaemonSection, PinDir};
 use crate::lab::{Ns, Output, Proc};
 use crate::netns::in_ns;
@@ -55,6 +56,10 @@ pub struct ControllerLab {
     pub pki: PathBuf,
     pub heartbeat_ms: u64,
     pub max_missed: u32,
+    /// More arguments of the controller (e.g. the rebalance loop's).
+    pub controller_args: Vec<String>,
+    /// Per engine id, a cgroup with a CPU quota its daemon runs in.
+    quotas: BTreeMap<u8, CpuQuota>,
     pub lab: ProxyLab,
 }
 
@@ -62,6 +67,17 @@ impl ControllerLab {
     /// Builds the topology, the PKI, starts the controller and a managed daemon on every engine,
     /// and waits until every engine is connected.
     pub fn build(prefix: &str) -> Result<Self> {
+        Self::build_with(prefix, &[], None)
+    }
+
+    /// [`ControllerLab::build`] with more controller arguments and, with `cpu_quota`, each daemon
+    /// in a cgroup of its own limited to that many CPUs (its heartbeats then report its CPU
+    /// against the quota).
+    pub fn build_with(
+        prefix: &str,
+        controller_args: &[&str],
+        cpu_quota: Option<f64>,
+    ) -> Result<Self> {
         let lab = ProxyLab::build(&Options {
             lab_prefix: prefix.to_owned(),
             engines: (1..=4)
@@ -106,8 +122,16 @@ impl ControllerLab {
             pki,
             heartbeat_ms: 1000,
             max_missed: 3,
+            controller_args: controller_args.iter().map(|&a| a.to_owned()).collect(),
+            quotas: BTreeMap::new(),
             lab,
         };
+        if let Some(cpus) = cpu_quota {
+            for e in &this.lab.engines {
+                let q = CpuQuota::new(&format!("{}-{}", this.lab.lab.base(), e.name), cpus)?;
+                this.quotas.insert(e.id, q);
+            }
+        }
         this.start_controller()?;
         let ids: Vec<u8> = this.lab.engines.iter().map(|e| e.id).collect();
         for id in ids {
@@ -136,23 +160,27 @@ impl ControllerLab {
         );
         let listen = format!("0.0.0.0:{CONTROLLER_PORT}");
         let db = self.db();
+        let heartbeat_ms = self.heartbeat_ms.to_string();
+        let max_missed = self.max_missed.to_string();
+        let mut argv: Vec<&str> = vec![
+            bin.to_str().context("path")?,
+            "--listen",
+            &listen,
+            "--db",
+            db.to_str().context("path")?,
+            "--tls-dir",
+            self.pki.to_str().context("path")?,
+            "--heartbeat-interval-ms",
+            &heartbeat_ms,
+            "--max-missed",
+            &max_missed,
+            "--max-virtual-services",
+            "4",
+        ];
+        argv.extend(self.controller_args.iter().map(String::as_str));
         let p = self.lab.lab.spawn(
             &self.ctl,
-            &[
-                bin.to_str().context("path")?,
-                "--listen",
-                &listen,
-                "--db",
-                db.to_str().context("path")?,
-                "--tls-dir",
-                self.pki.to_str().context("path")?,
-                "--heartbeat-interval-ms",
-                &self.heartbeat_ms.to_string(),
-                "--max-missed",
-                &self.max_missed.to_string(),
-                "--max-virtual-services",
-                "4",
-            ],
+            &argv,
             &Output::File(self.state.path().join("controller.log")),
         )?;
         self.controller = Some(p);
@@ -213,6 +241,11 @@ impl ControllerLab {
             pins,
             &crate::daemon_bin(),
             &crate::xdp_object(),
+            &self
+                .quotas
+                .get(&id)
+                .map(CpuQuota::wrapper)
+                .unwrap_or_default(),
         )?;
         self.daemons.insert(id, d);
         Ok(())
@@ -277,6 +310,24 @@ impl ControllerLab {
             placement(&v).first().cloned(),
             v["epoch"].as_u64().unwrap_or(0),
         ))
+    }
+
+    /// Waits until no engine placed for `vs` is pending a scale-out (each it has gets new
+    /// connections); returns the placement, the primary first.
+    pub fn wait_serving(&self, vs: &str, timeout: Duration) -> Result<Vec<String>> {
+        let mut placed = Vec::new();
+        self.wait(
+            timeout,
+            &format!("every engine placed for {vs} serves it"),
+            |l| {
+                let v = l.lbctl(&["vs", "get", vs])?.json()?;
+                placed = placement(&v);
+                Ok(v["placement"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|p| p["phase"] != "pending")))
+            },
+        )?;
+        Ok(placed)
     }
 
     /// The snapshot engine `name` applied last, as it saved it.
@@ -540,12 +591,14 @@ impl ControllerLab {
     }
 }
 
-/// The engines of a virtual service as lbctl shows it, the primary first.
+/// The engines of a virtual service (`lbctl vs get --json`), the primary first; engines draining
+/// it are left out.
 pub fn placement(vs: &Value) -> Vec<String> {
     vs["placement"]
         .as_array()
         .map(|a| {
             a.iter()
+                .filter(|p| p["phase"] != "draining")
                 .filter_map(|p| p["engine"].as_str().map(str::to_owned))
                 .collect()
         })

@@ -381,7 +381,9 @@ impl Daemon {
     }
 
     /// Starts `lb-daemon` in managed mode: a file with `daemon` (its `pin_dir` replaced by `pins`)
-    /// and `[controller]` only; waits like [`Daemon::start`].
+    /// and `[controller]` only; waits like [`Daemon::start`]. `wrapper`: a command that runs
+    /// first and `exec`s the daemon's argv it is given (empty: none).
+    #[allow(clippy::too_many_arguments)]
     pub fn start_managed(
         lab: &Lab,
         ns: &Ns,
@@ -390,6 +392,7 @@ impl Daemon {
         pins: Arc<PinDir>,
         bin: &Path,
         object: &Path,
+        wrapper: &[String],
     ) -> Result<Self> {
         #[derive(Serialize)]
         struct File<'a> {
@@ -410,17 +413,15 @@ impl Daemon {
             })?,
         )?;
         let conf_s = conf_path.to_str().context("non-UTF-8 path")?;
-        let proc = lab.spawn(
-            ns,
-            &[
-                bin.to_str().context("non-UTF-8 path")?,
-                "--config",
-                conf_s,
-                "--bpf-object",
-                object.to_str().context("non-UTF-8 path")?,
-            ],
-            &Output::File(dir.path().join("daemon.log")),
-        )?;
+        let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        argv.extend([
+            bin.to_str().context("non-UTF-8 path")?,
+            "--config",
+            conf_s,
+            "--bpf-object",
+            object.to_str().context("non-UTF-8 path")?,
+        ]);
+        let proc = lab.spawn(ns, &argv, &Output::File(dir.path().join("daemon.log")))?;
         let d = Self {
             ns: ns.clone(),
             proc,

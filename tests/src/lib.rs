@@ -21,6 +21,7 @@
 //! checksum offload turned off ([`Lab::attach`]).
 
 pub mod baselines;
+pub mod cgroup;
 pub mod client;
 pub mod cmd;
 pub mod controller_lab;

@@ -415,6 +415,12 @@ fn a_promoted_primary_sends_persistent_clients_where_they_went() {
     })
     .unwrap();
     l.wait_all_hear(&joined).unwrap();
+    // It gets new connections (a new ring) once it serves.
+    l.wait_serving("web", Duration::from_secs(20)).unwrap();
+    l.wait(Duration::from_secs(20), "the new ring applied", |l| {
+        Ok(l.applied_everywhere(&ids)?.is_some())
+    })
+    .unwrap();
     assert_eq!(
         engines_of(&l, &sources),
         before,

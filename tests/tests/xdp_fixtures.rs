@@ -845,7 +845,15 @@ fn ipv4_options_and_ethernet_padding() {
 fn vip_of_another_primary_passes() {
     let Some(tb) = testbed() else { return };
     let pkt = Packet::syn(client4(40000), sock(VIP4_SECONDARY, 80)).build();
+    let len = pkt.len() as u64;
     tb.check_pass("not primary", pkt, Reason::PassNotPrimary);
+    // Counted against its service: a secondary's heartbeats carry its own share of it.
+    let vs = tb.dp.counters.vs(VS_SECONDARY).unwrap();
+    assert_eq!((vs.packets, vs.bytes, vs.new_flows), (1, len, 1));
+    let ack = Packet::ack(client4(40000), sock(VIP4_SECONDARY, 80)).build();
+    tb.check_pass("not primary, later packet", ack, Reason::PassNotPrimary);
+    let vs = tb.dp.counters.vs(VS_SECONDARY).unwrap();
+    assert_eq!((vs.packets, vs.new_flows), (2, 1));
     assert_eq!(
         tb.conn_owner(&Packet::syn(client4(40000), sock(VIP4_SECONDARY, 80)).flow()),
         None

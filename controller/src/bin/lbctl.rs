@@ -394,7 +394,9 @@ mod views {
     pub fn engine(e: &pb::EngineStatus) -> Value {
         json!({"name": e.name, "id": e.id, "addresses": e.addresses, "mac": e.mac, "tags": e.tags,
             "state": e.state, "connected": e.connected, "virtual_services": e.virtual_services,
-            "roles": e.roles, "cpu_pct": e.cpu_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
+            "roles": e.roles, "cpu_pct": e.cpu_pct, "cpu_source": e.cpu_source,
+            "host_cpu_pct": e.host_cpu_pct, "daemon_cpu_pct": e.daemon_cpu_pct,
+            "softirq_pct": e.softirq_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
             "connections": e.connections, "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
             "applied_version": e.applied_version, "last_error": e.last_error,
             "peers": e.peers.iter().map(|p| json!({"engine": p.engine, "id": p.id,
@@ -418,7 +420,9 @@ mod views {
             "pool": v.pool, "resource_version": v.resource_version, "epoch": v.epoch,
             "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags},
             "placement": v.placement.iter().map(|p| json!({"engine": p.engine, "role": p.role,
-                "weight": p.weight, "state": p.state})).collect::<Vec<_>>(),
+                "weight": p.weight, "state": p.state, "phase": p.phase,
+                "open_connections": p.open_connections, "remaining_ms": p.remaining_ms}))
+                .collect::<Vec<_>>(),
             "health": {"engines_serving": h.engines_serving, "engines_requested": h.engines_requested,
                 "backends_up": h.backends_up, "backends": h.backends, "score": h.score}})
     }
@@ -490,7 +494,7 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
         v.resource_version
     );
     table(
-        &["ENGINE", "ROLE", "WEIGHT", "STATE"],
+        &["ENGINE", "ROLE", "WEIGHT", "STATE", "PHASE", "DRAINING"],
         v.placement
             .iter()
             .map(|p| {
@@ -499,6 +503,16 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
                     p.role.clone(),
                     p.weight.to_string(),
                     p.state.clone(),
+                    p.phase.clone(),
+                    if p.phase == "draining" && p.remaining_ms > 0 {
+                        format!(
+                            "{} open, {:.0} s left",
+                            p.open_connections,
+                            Duration::from_millis(p.remaining_ms).as_secs_f64()
+                        )
+                    } else {
+                        String::new()
+                    },
                 ]
             })
             .collect(),
@@ -685,7 +699,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                     v.epoch.to_string(),
                                     v.placement
                                         .iter()
-                                        .map(|p| p.engine.as_str())
+                                        .map(|p| match p.phase.as_str() {
+                                            "pending" => format!("{}(pending)", p.engine),
+                                            "draining" => format!("{}(draining)", p.engine),
+                                            _ => format!("{}({})", p.engine, p.weight),
+                                        })
                                         .collect::<Vec<_>>()
                                         .join(","),
                                     format!("{:.2}", v.health.unwrap_or_default().score),

@@ -2,7 +2,10 @@ use std::collections::BTreeMap;
 
 use lb_model::{Algorithm, BackendConfig, Protocol};
 
-use super::*;
+use super::{
+    scaling::{BASE_WEIGHT, PRIMARY_WEIGHT_MAX, PRIMARY_WEIGHT_MIN},
+    *,
+};
 use crate::store::MemStore;
 
 fn engine(name: &str, id: u32, zone: &str) -> EngineRecord {
@@ -319,43 +322,270 @@ fn acks_nacks_and_anomalies() {
     assert!(c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"));
 }
 
+/// `engine` has applied the current snapshot and its proxy serves `serving`, at `now`.
+fn serves(c: &mut Cluster, engine: &str, serving: &[&str], cpu_pct: f64, now: Instant) {
+    // The others stay alive, as they were.
+    for other in ["se1", "se2", "se3", "se4"] {
+        if other != engine {
+            let o = c.observed(other).cloned().unwrap_or_default();
+            c.heartbeat(other, o, now);
+        }
+    }
+    let version = c.snapshot().version;
+    c.ack(engine, version, now);
+    c.heartbeat(
+        engine,
+        Observed {
+            cpu_pct,
+            last_heartbeat_unix_ms: 1,
+            serving: serving.iter().map(|s| (*s).to_owned()).collect(),
+            ..Observed::default()
+        },
+        now,
+    );
+    c.tick(now).unwrap();
+}
+
+/// (engine id, weight) of virtual service 0 in the snapshot.
+fn members(c: &Cluster) -> Vec<(u32, u32)> {
+    desired(c).virtual_services[0]
+        .engines
+        .iter()
+        .map(|m| (m.id, m.weight))
+        .collect()
+}
+
+fn phases(c: &Cluster) -> Vec<(String, u32, &'static str)> {
+    let rec = c.persisted().services["web"].clone();
+    c.placement_view(&rec)
+        .into_iter()
+        .map(|p| (p.engine, p.weight, p.phase))
+        .collect()
+}
+
 #[test]
-fn scale_out_in_and_migrate() {
+fn a_scaled_out_engine_gets_new_connections_once_it_serves() {
     let now = Instant::now();
     let (mut c, _) = standard(now);
     c.create_vs(spec("web", 80, 1)).unwrap();
+    assert_eq!(members(&c), [(1, BASE_WEIGHT)], "alone: a plain weight");
     let vs = c.scale_out("web", None).unwrap();
     assert_eq!(vs.placement, ["se1", "se2"]);
-    let vs = c.scale_out("web", Some("se4")).unwrap();
-    assert_eq!(vs.placement, ["se1", "se2", "se4"]);
-    assert!(
-        c.scale_out("web", Some("se4"))
-            .unwrap_err()
-            .to_string()
-            .contains("not eligible")
-    );
-    let vs = c.scale_in("web", Some("se2")).unwrap();
-    assert_eq!(vs.placement, ["se1", "se4"]);
-    assert!(
-        c.scale_in("web", Some("se1"))
-            .unwrap_err()
-            .to_string()
-            .contains("migrate it instead")
-    );
-    let vs = c.migrate("web", None, Some("se4")).unwrap();
     assert_eq!(
-        vs.placement,
-        ["se4"],
-        "the target is primary, the old primary left"
+        members(&c),
+        [(1, 80), (2, 0)],
+        "pending: nothing new for se2"
     );
+    assert_eq!(phases(&c)[1], ("se2".into(), 0, "pending"));
+    // Applied, but its proxy does not serve yet (no healthy backend): still nothing.
+    serves(&mut c, "se2", &[], 10.0, now + Duration::from_secs(1));
+    assert_eq!(members(&c), [(1, 80), (2, 0)]);
+    // Serving, but not the version that placed it: still nothing.
+    c.heartbeat(
+        "se3",
+        Observed {
+            serving: BTreeSet::from(["web".to_owned()]),
+            ..Observed::default()
+        },
+        now,
+    );
+    serves(&mut c, "se2", &["web"], 10.0, now + Duration::from_secs(2));
+    assert_eq!(members(&c), [(1, 80), (2, BASE_WEIGHT)]);
+    assert_eq!(phases(&c)[1], ("se2".into(), BASE_WEIGHT, "serving"));
+    assert!(
+        events_of(&c, "scaling")
+            .iter()
+            .any(|e| e.reason.contains("se2 serves web"))
+    );
+}
+
+#[test]
+fn a_scaled_in_engine_drains_and_its_resets_are_flagged() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    c.scale_out("web", Some("se3")).unwrap();
+    serves(&mut c, "se3", &["web"], 10.0, now);
+    assert_eq!(
+        desired(&c).proxy.drain_timeout_s,
+        30,
+        "vs_scalein_timeout is the engines' drain timeout"
+    );
+    let vs = c.scale_in("web", Some("se3")).unwrap();
+    assert_eq!(vs.placement, ["se1"]);
+    assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
+    let report = |open, finished, reset, done| Observed {
+        drains: vec![DrainReport {
+            virtual_service: "web".into(),
+            open,
+            finished,
+            reset,
+            remaining_ms: 12_000,
+            done,
+        }],
+        ..Observed::default()
+    };
+    c.heartbeat("se3", report(5, 3, 0, false), now + Duration::from_secs(18));
+    let rec = c.persisted().services["web"].clone();
+    let view = c.placement_view(&rec);
+    assert_eq!(
+        (view[1].open_connections, view[1].remaining_ms),
+        (5, 12_000)
+    );
+    assert!(events_of(&c, "drain_reset").is_empty());
+    c.heartbeat("se3", report(0, 6, 2, true), now + Duration::from_secs(31));
+    let flagged = events_of(&c, "drain_reset");
+    assert_eq!(flagged.len(), 1);
+    assert!(
+        flagged[0]
+            .reason
+            .contains("6 connections finished, 2 reset"),
+        "{}",
+        flagged[0].reason
+    );
+    assert!(flagged[0].objects.contains(&"vs/web".to_owned()));
+    assert_eq!(phases(&c).len(), 1, "the drain has ended");
+    // A drain without resets is an event of its own kind.
+    c.heartbeat("se4", report(0, 4, 0, true), now + Duration::from_secs(32));
+    assert_eq!(events_of(&c, "drain").len(), 1);
+}
+
+#[test]
+fn a_migration_promotes_the_target_once_it_serves_then_the_old_primary_leaves() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    let epoch = c.persisted().services["web"].epoch;
+    let vs = c.migrate("web", None, Some("se4")).unwrap();
+    assert_eq!(vs.placement, ["se1", "se4"], "the target first joins");
+    assert_eq!(members(&c), [(1, 80), (4, 0)]);
+    assert!(
+        c.migrate("web", None, Some("se3"))
+            .unwrap_err()
+            .to_string()
+            .contains("already migrating")
+    );
+    assert!(
+        c.scale_in("web", Some("se4"))
+            .unwrap_err()
+            .to_string()
+            .contains("migrating")
+    );
+    let t = now + Duration::from_secs(1);
+    serves(&mut c, "se4", &["web"], 10.0, t);
+    let rec = c.persisted().services["web"].clone();
+    assert_eq!(rec.placement, ["se4", "se1"], "the target is primary");
+    assert_eq!(rec.epoch, epoch + 1);
+    assert_eq!(primary_epoch(&c), (4, epoch + 1));
+    assert_eq!(
+        members(&c),
+        [(4, 80), (1, 0)],
+        "the old primary gets nothing new"
+    );
+    assert_eq!(phases(&c)[1], ("se1".into(), 0, "draining"));
+    // Only the target has applied the promotion: the old primary stays.
+    serves(&mut c, "se4", &["web"], 10.0, t + Duration::from_secs(1));
+    assert_eq!(c.persisted().services["web"].placement, ["se4", "se1"]);
+    serves(&mut c, "se1", &["web"], 10.0, t + Duration::from_secs(2));
+    assert_eq!(c.persisted().services["web"].placement, ["se4"]);
+    assert_eq!(phases(&c)[1], ("se1".into(), 0, "draining"), "it drains");
     assert!(
         c.scale_in("web", None)
             .unwrap_err()
             .to_string()
             .contains("min_engines")
     );
-    let d = desired(&c);
-    assert_eq!(d.virtual_services[0].primary, 4);
+    // A secondary's migration: the new one serves, then the old one leaves.
+    c.scale_out("web", Some("se2")).unwrap();
+    serves(&mut c, "se2", &["web"], 10.0, t + Duration::from_secs(3));
+    c.migrate("web", Some("se2"), Some("se3")).unwrap();
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se4", "se2", "se3"]
+    );
+    serves(&mut c, "se3", &["web"], 10.0, t + Duration::from_secs(4));
+    assert_eq!(c.persisted().services["web"].placement, ["se4", "se3"]);
+    assert_eq!(primary_epoch(&c), (4, epoch + 1), "no promotion");
+}
+
+#[test]
+fn a_restarted_controller_keeps_the_weights_in_force() {
+    let now = Instant::now();
+    let (mut c, store) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    c.scale_out("web", Some("se2")).unwrap();
+    serves(&mut c, "se2", &["web"], 10.0, now);
+    serves(&mut c, "se1", &["web"], 65.0, now);
+    c.scale_out("web", Some("se3")).unwrap();
+    assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT), (3, 0)]);
+    let before = c.snapshot();
+    drop(c);
+    let mut c = cluster(store, now + Duration::from_secs(1));
+    c.tick(now + Duration::from_secs(2)).unwrap();
+    assert_eq!(c.snapshot(), before, "same snapshot, same version");
+    // The pending engine still gets its weight once it serves.
+    serves(&mut c, "se3", &["web"], 10.0, now + Duration::from_secs(3));
+    assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT), (3, BASE_WEIGHT)]);
+}
+
+#[test]
+fn scaling_errors_say_which_limit() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    let e = c.scale_out("web", Some("se9")).unwrap_err().to_string();
+    assert!(e.contains("no such engine"), "{e}");
+    let e = c.scale_out("web", Some("se1")).unwrap_err().to_string();
+    assert!(e.contains("already placed"), "{e}");
+    for _ in 0..3 {
+        c.scale_out("web", None).unwrap();
+    }
+    let e = c.scale_out("web", None).unwrap_err().to_string();
+    assert!(
+        e.contains("max_engines (4)") && e.contains("BGP/ECMP"),
+        "{e}"
+    );
+    let e = c.scale_in("web", Some("se1")).unwrap_err().to_string();
+    assert!(e.contains("migrate it instead"), "{e}");
+    c.create_vs(VsSpec {
+        max_engines: 2,
+        ..spec("api", 81, 1)
+    })
+    .unwrap();
+    c.scale_out("api", None).unwrap();
+    let e = c.scale_out("api", None).unwrap_err().to_string();
+    assert!(
+        e.contains("max_engines (2)") && !e.contains("BGP"),
+        "below the native limit the service's own max is the reason: {e}"
+    );
+    let e = c.scale_out("nope", None).unwrap_err().to_string();
+    assert!(e.contains("\"nope\""), "{e}");
+}
+
+#[test]
+fn the_primary_weight_follows_its_spare_cpu_in_steps() {
+    assert_eq!(primary_weight(0.0), PRIMARY_WEIGHT_MAX);
+    assert_eq!(primary_weight(35.0), 60);
+    assert_eq!(primary_weight(95.0), PRIMARY_WEIGHT_MIN);
+    assert_eq!(primary_weight(f64::NAN), PRIMARY_WEIGHT_MIN);
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    c.scale_out("web", Some("se2")).unwrap();
+    serves(&mut c, "se2", &["web"], 10.0, now);
+    serves(&mut c, "se1", &["web"], 65.0, now);
+    assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT)]);
+    assert_eq!(events_of(&c, "weights").len(), 1);
+    // Within the hold time nothing changes, however far the CPU moves.
+    serves(&mut c, "se1", &["web"], 5.0, now + Duration::from_secs(10));
+    assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT)]);
+    // After it, a small move changes nothing, a large one does.
+    serves(&mut c, "se1", &["web"], 55.0, now + Duration::from_secs(40));
+    assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT)]);
+    serves(&mut c, "se1", &["web"], 5.0, now + Duration::from_secs(41));
+    assert_eq!(members(&c), [(1, 80), (2, BASE_WEIGHT)]);
+    let rec = c.persisted().services["web"].clone();
+    assert_eq!(c.placement_view(&rec)[0].weight, 80, "the API shows it");
 }
 
 #[test]

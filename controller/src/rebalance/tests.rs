@@ -105,6 +105,14 @@ fn the_defaults_are_avis_and_bad_settings_are_refused_by_name() {
     bad(&|s| s.hot_share = 1.0, "hot_share");
     bad(&|s| s.max_scaleout_per_vs = 65, "max_scaleout_per_vs");
     bad(&|s| s.min_scaleout_per_vs = 5, "min_scaleout_per_vs");
+    bad(
+        &|s| s.scalein_timeout = Duration::ZERO,
+        "vs_scalein_timeout",
+    );
+    bad(
+        &|s| s.scalein_timeout = Duration::from_secs(3601),
+        "vs_scalein_timeout",
+    );
     assert_eq!(Criterion::parse("pps"), Ok(Criterion::Pps));
     assert!(Criterion::parse("load").unwrap_err().contains("one of"));
     // Another criterion: its own thresholds, no CPU ranges.

@@ -1,0 +1,702 @@
+//! Scale out, scale in and migrate, step by step.
+//!
+//! - **Scale out**: the engine joins the placement with weight 0 (`pending`): it opens its
+//!   listeners and health-checks the pool, but the primary sends it nothing new. Once it has
+//!   applied the version that placed it and its heartbeats list the service as served (listening,
+//!   a usable backend), it gets its weight.
+//! - **Scale in**: the engine leaves the placement. Its proxy closes the listener and lets open
+//!   connections finish for the scale-in timeout (`vs_scalein_timeout`, the engines'
+//!   `proxy.drain_timeout_s`), then resets the rest; the primary keeps sending it the packets of
+//!   the flows it owns meanwhile. Its heartbeats report the drain; its end is an event (`drain`,
+//!   or `drain_reset` when connections were reset).
+//! - **Migrate**: the target scales out as above; once it serves, it becomes primary at the next
+//!   epoch (the engines' promotion path: it takes the VIP and announces it) while the old primary
+//!   stays placed with weight 0, so it hands its flows over and answers owner queries. Once both
+//!   have applied that version, the old primary leaves as in a scale-in. A secondary's migration
+//!   is a scale-out and, once the target serves, a scale-in.
+//! - **The primary's share**: it also steers every packet of the service, so while other engines
+//!   serve it gets a smaller weight than theirs (`BASE_WEIGHT`), from its spare CPU.
+//!
+//! This state lives in memory: a restarted controller finds a consistent placement (a pending
+//! engine gets its weight, a half-done migration stays a scale-out) and does not resume a step.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use super::{Cluster, ClusterError, EngineHealth, obj, placement};
+use crate::store::VsRecord;
+
+/// A serving secondary's weight in the ring of new connections.
+pub const BASE_WEIGHT: u32 = 100;
+/// The primary's weight bounds: always below a secondary's, never none.
+pub const PRIMARY_WEIGHT_MAX: u32 = 80;
+pub const PRIMARY_WEIGHT_MIN: u32 = 10;
+/// The primary's weight changes by at least this much, and at most once per
+/// [`PRIMARY_WEIGHT_HOLD`], so CPU noise does not churn the rings.
+pub const PRIMARY_WEIGHT_STEP: u32 = 20;
+pub const PRIMARY_WEIGHT_HOLD: Duration = Duration::from_secs(30);
+/// A drain nobody reports on is forgotten this long after its timeout.
+const DRAIN_REPORT_GRACE: Duration = Duration::from_secs(30);
+
+/// The primary's weight for its CPU use: its spare CPU in steps of 10 %, within the bounds.
+#[must_use]
+pub fn primary_weight(cpu_pct: f64) -> u32 {
+    let spare = if cpu_pct.is_finite() {
+        (100.0 - cpu_pct).clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let stepped = (spare / 10.0).floor() as u32 * 10;
+    stepped.clamp(PRIMARY_WEIGHT_MIN, PRIMARY_WEIGHT_MAX)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// The target scaled out and does not serve yet.
+    TargetPending,
+    /// The target is primary at `version`; the old primary stays until both have applied it.
+    Promoted { version: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Migration {
+    from: String,
+    to: String,
+    stage: Stage,
+}
+
+/// An engine's drain of a service, from its heartbeats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    pub virtual_service: String,
+    pub open: u64,
+    pub finished: u64,
+    pub reset: u64,
+    pub remaining_ms: u64,
+    pub done: bool,
+}
+
+#[derive(Debug, Clone)]
+struct DrainView {
+    report: Option<DrainReport>,
+    since: Instant,
+}
+
+/// One engine of a service as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementView {
+    pub engine: String,
+    pub role: &'static str,
+    pub weight: u32,
+    /// "serving", "pending", "draining".
+    pub phase: &'static str,
+    pub open_connections: u64,
+    pub remaining_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Scaling {
+    /// Scaled-out engines not serving yet: (service, engine) → the version that placed them.
+    pending: BTreeMap<(String, String), u64>,
+    migrations: BTreeMap<String, Migration>,
+    /// (service, engine) → a drain begun or reported, until it has ended.
+    drains: BTreeMap<(String, String), DrainView>,
+    /// Service → its primary's weight and when it was set.
+    primary_weights: BTreeMap<String, (u32, Instant)>,
+}
+
+impl Scaling {
+    /// What the last snapshot (`desired`, at `version`) says of the steps in flight, so that a
+    /// restarted controller builds the same snapshot: each primary's weight, and secondaries of
+    /// weight 0 as pending (they get their weight once they serve).
+    pub fn restore(
+        desired: &lb_model::Desired,
+        name_of: impl Fn(u32) -> Option<String>,
+        version: u64,
+        now: Instant,
+    ) -> Scaling {
+        let mut s = Scaling::default();
+        for vs in &desired.virtual_services {
+            let Some((primary, rest)) = vs.engines.split_first() else {
+                continue;
+            };
+            if rest.is_empty() {
+                continue;
+            }
+            if (PRIMARY_WEIGHT_MIN..=PRIMARY_WEIGHT_MAX).contains(&primary.weight) {
+                s.primary_weights
+                    .insert(vs.name.clone(), (primary.weight, now));
+            }
+            for m in rest.iter().filter(|m| m.weight == 0) {
+                if let Some(engine) = name_of(m.id) {
+                    s.pending.insert((vs.name.clone(), engine), version);
+                }
+            }
+        }
+        s
+    }
+
+    /// The weight of `engine`, at `index` of `v`'s placement, in the snapshot.
+    pub fn weight(&self, v: &VsRecord, index: usize, engine: &str) -> u32 {
+        let name = &v.spec.name;
+        if self
+            .pending
+            .contains_key(&(name.clone(), engine.to_owned()))
+        {
+            return 0;
+        }
+        if let Some(m) = self.migrations.get(name)
+            && matches!(m.stage, Stage::Promoted { .. })
+            && m.from == engine
+        {
+            return 0;
+        }
+        if index == 0 && v.placement.len() > 1 {
+            return self
+                .primary_weights
+                .get(name)
+                .map_or(PRIMARY_WEIGHT_MAX, |w| w.0);
+        }
+        BASE_WEIGHT
+    }
+
+    /// What is in progress, if anything (the rebalance loop makes one change at a time).
+    pub fn in_progress(&self) -> Option<String> {
+        if let Some(((vs, e), _)) = self.pending.iter().next() {
+            return Some(format!("{e} scaling out {vs} is not serving yet"));
+        }
+        if let Some((vs, m)) = self.migrations.iter().next() {
+            return Some(format!("migrating {vs} from {} to {}", m.from, m.to));
+        }
+        self.drains
+            .keys()
+            .next()
+            .map(|(vs, e)| format!("{e} drains {vs}"))
+    }
+}
+
+impl Cluster {
+    /// The weight of every placed engine of `v`, in placement order.
+    pub(super) fn weights_of(&self, v: &VsRecord) -> Vec<u32> {
+        let w: Vec<u32> = v
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.scaling.weight(v, i, e))
+            .collect();
+        // The model needs one engine with a weight: never the case here, but never refused.
+        if w.iter().all(|&x| x == 0) {
+            return vec![BASE_WEIGHT; w.len()];
+        }
+        w
+    }
+
+    /// The placement as the API shows it: placed engines, then those draining the service.
+    pub fn placement_view(&self, v: &VsRecord) -> Vec<PlacementView> {
+        let name = &v.spec.name;
+        let weights = self.weights_of(v);
+        let mut out: Vec<PlacementView> =
+            v.placement
+                .iter()
+                .zip(weights)
+                .enumerate()
+                .map(|(i, (e, weight))| {
+                    let key = (name.clone(), e.clone());
+                    let handing_over =
+                        self.scaling.migrations.get(name).is_some_and(|m| {
+                            matches!(m.stage, Stage::Promoted { .. }) && m.from == *e
+                        });
+                    PlacementView {
+                        engine: e.clone(),
+                        role: if i == 0 { "primary" } else { "secondary" },
+                        weight,
+                        phase: if self.scaling.pending.contains_key(&key) {
+                            "pending"
+                        } else if handing_over {
+                            "draining"
+                        } else {
+                            "serving"
+                        },
+                        open_connections: 0,
+                        remaining_ms: 0,
+                    }
+                })
+                .collect();
+        for ((vs, e), d) in &self.scaling.drains {
+            if vs != name || v.placement.contains(e) {
+                continue;
+            }
+            let r = d.report.clone().unwrap_or_default();
+            out.push(PlacementView {
+                engine: e.clone(),
+                role: "secondary",
+                weight: 0,
+                phase: "draining",
+                open_connections: r.open,
+                remaining_ms: r.remaining_ms,
+            });
+        }
+        out
+    }
+
+    /// Adds a secondary (`engine`, or placement's choice); it gets new connections once it serves.
+    pub fn scale_out(
+        &mut self,
+        name: &str,
+        engine: Option<&str>,
+    ) -> Result<VsRecord, ClusterError> {
+        let mut rec = self.vs(name)?;
+        if rec.placement.len() >= rec.spec.max_engines as usize {
+            let native = if rec.spec.max_engines >= self.settings.native_max_engines {
+                format!(
+                    "; native scaling stops at {} engines per virtual service (the controller's \
+                     --native-max-engines, up to 64): beyond it a virtual service scales by \
+                     BGP/ECMP",
+                    self.settings.native_max_engines
+                )
+            } else {
+                String::new()
+            };
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {name:?} is at its max_engines ({}){native}",
+                rec.spec.max_engines
+            )));
+        }
+        let chosen = self.target_for(&rec, engine)?;
+        rec.placement.push(chosen.clone());
+        rec.resource_version += 1;
+        self.events.emit(
+            "scaling",
+            &[obj("vs", name), obj("engine", &chosen)],
+            "scale out: added as a secondary; it gets new connections once it serves",
+        );
+        let key = (name.to_owned(), chosen);
+        // Pending before the snapshot is built: its first snapshot already gives it weight 0.
+        self.scaling.pending.insert(key.clone(), u64::MAX);
+        match self.put_vs(rec, "scaled out") {
+            Ok(rec) => {
+                self.scaling.pending.insert(key, self.p.version);
+                Ok(rec)
+            }
+            Err(e) => {
+                self.scaling.pending.remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// An eligible engine for `rec`: `engine` if it is one, else placement's choice.
+    fn target_for(&self, rec: &VsRecord, engine: Option<&str>) -> Result<String, ClusterError> {
+        let name = &rec.spec.name;
+        let c = self.candidates();
+        match engine {
+            Some(e) => {
+                if placement::ranked(&c, &rec.spec.tags, &rec.placement)
+                    .iter()
+                    .any(|c| c.name == e)
+                {
+                    return Ok(e.to_owned());
+                }
+                let why = match self.p.engines.get(e) {
+                    None => "no such engine",
+                    Some(_) if rec.placement.iter().any(|p| p == e) => "already placed",
+                    Some(_) if !self.health.state(e).is_some_and(EngineHealth::is_healthy) => {
+                        "not healthy"
+                    }
+                    Some(_) => "without the service's tags",
+                };
+                Err(ClusterError::FailedPrecondition(format!(
+                    "engine {e:?} is not eligible for {name:?}: {why}"
+                )))
+            }
+            None => Ok(placement::choose(&c, &rec.spec.tags, 1, &rec.placement)
+                .map_err(|e| {
+                    ClusterError::FailedPrecondition(format!(
+                        "no eligible engine for {name:?}: {e}"
+                    ))
+                })?
+                .remove(0)),
+        }
+    }
+
+    /// Removes a secondary (`engine`, or the last one placed); it drains for the scale-in timeout.
+    pub fn scale_in(&mut self, name: &str, engine: Option<&str>) -> Result<VsRecord, ClusterError> {
+        let mut rec = self.vs(name)?;
+        if rec.placement.len() <= rec.spec.min_engines as usize {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {name:?} is at its min_engines ({})",
+                rec.spec.min_engines
+            )));
+        }
+        let victim = match engine {
+            Some(e) if rec.placement.first().map(String::as_str) == Some(e) => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{e:?} is the primary of {name:?}: migrate it instead"
+                )));
+            }
+            Some(e) if !rec.placement.iter().any(|p| p == e) => {
+                return Err(ClusterError::NotFound(format!(
+                    "engine {e:?} is not placed for {name:?}"
+                )));
+            }
+            Some(e) => e.to_owned(),
+            None => rec
+                .placement
+                .last()
+                .cloned()
+                .expect("more than min_engines"),
+        };
+        if let Some(m) = self.scaling.migrations.get(name)
+            && (m.to == victim || m.from == victim)
+        {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "{victim:?} is migrating {name:?} ({} → {}): wait for it to end",
+                m.from, m.to
+            )));
+        }
+        rec.placement.retain(|p| *p != victim);
+        rec.resource_version += 1;
+        let timeout = self.settings.rebalance.scalein_timeout;
+        self.events.emit(
+            "scaling",
+            &[obj("vs", name), obj("engine", &victim)],
+            format!(
+                "scale in: removed; its connections drain for {} s, then the rest are reset",
+                timeout.as_secs()
+            ),
+        );
+        let rec = self.put_vs(rec, "scaled in")?;
+        self.began_draining(name, &victim, self.clock);
+        Ok(rec)
+    }
+
+    fn began_draining(&mut self, vs: &str, engine: &str, now: Instant) {
+        let key = (vs.to_owned(), engine.to_owned());
+        self.scaling.pending.remove(&key);
+        self.scaling.drains.insert(
+            key,
+            DrainView {
+                report: None,
+                since: now,
+            },
+        );
+    }
+
+    /// Moves the primary role (or a secondary's place) to `to` (or placement's choice): the target
+    /// scales out first; the rest follows as it serves ([`Cluster::advance_scaling`]).
+    pub fn migrate(
+        &mut self,
+        name: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<VsRecord, ClusterError> {
+        let rec = self.vs(name)?;
+        if let Some(m) = self.scaling.migrations.get(name) {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "{name:?} is already migrating ({} → {})",
+                m.from, m.to
+            )));
+        }
+        let primary = rec.placement.first().cloned().unwrap_or_default();
+        let from = from.unwrap_or(&primary).to_owned();
+        if !rec.placement.contains(&from) {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "{from:?} is not placed for {name:?}"
+            )));
+        }
+        let to = match to {
+            Some(t) if t == from => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{t:?} is already where {name:?} would migrate"
+                )));
+            }
+            Some(t) if rec.placement.iter().any(|p| p == t) => {
+                if from != primary {
+                    return Err(ClusterError::FailedPrecondition(format!(
+                        "{t:?} already serves {name:?}: scale {from} in instead"
+                    )));
+                }
+                t.to_owned()
+            }
+            t => self.target_for(&rec, t)?,
+        };
+        if !rec.placement.contains(&to) {
+            if rec.placement.len() >= rec.spec.max_engines as usize {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "virtual service {name:?} is at its max_engines ({}): a migration adds the \
+                     target before the old engine leaves",
+                    rec.spec.max_engines
+                )));
+            }
+            self.scale_out(name, Some(&to))?;
+        }
+        self.events.emit(
+            "scaling",
+            &[obj("vs", name), obj("engine", &from), obj("engine", &to)],
+            format!("migrate {from} → {to}: once {to} serves"),
+        );
+        self.scaling.migrations.insert(
+            name.to_owned(),
+            Migration {
+                from,
+                to,
+                stage: Stage::TargetPending,
+            },
+        );
+        self.advance_scaling(self.clock)?;
+        self.vs(name)
+    }
+
+    /// A heartbeat's drain reports: recorded; a drain that has ended is an event.
+    pub(super) fn drain_reports(&mut self, engine: &str, reports: Vec<DrainReport>, now: Instant) {
+        for r in reports {
+            let key = (r.virtual_service.clone(), engine.to_owned());
+            if !r.done {
+                self.scaling.drains.insert(
+                    key,
+                    DrainView {
+                        report: Some(r),
+                        since: now,
+                    },
+                );
+                continue;
+            }
+            self.scaling.drains.remove(&key);
+            let (kind, reason) = if r.reset > 0 {
+                (
+                    "drain_reset",
+                    format!(
+                        "{engine} drained {}: {} connections finished, {} reset at the scale-in \
+                         timeout",
+                        r.virtual_service, r.finished, r.reset
+                    ),
+                )
+            } else {
+                (
+                    "drain",
+                    format!(
+                        "{engine} drained {}: {} connections finished, none reset",
+                        r.virtual_service, r.finished
+                    ),
+                )
+            };
+            self.events.emit(
+                kind,
+                &[obj("vs", &r.virtual_service), obj("engine", engine)],
+                reason,
+            );
+        }
+    }
+
+    /// The next step of every operation in progress, and the primaries' weights.
+    pub(super) fn advance_scaling(&mut self, now: Instant) -> Result<(), ClusterError> {
+        let mut changed = false;
+        // Scaled-out engines that serve now get their weight.
+        let pending: Vec<((String, String), u64)> = self
+            .scaling
+            .pending
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for ((vs, e), version) in pending {
+            let placed = self
+                .p
+                .services
+                .get(&vs)
+                .is_some_and(|v| v.placement.contains(&e));
+            let serves = self
+                .observed
+                .get(&e)
+                .is_some_and(|o| o.applied_version >= version && o.serving.contains(&vs));
+            if !placed {
+                self.scaling.pending.remove(&(vs, e));
+            } else if serves {
+                self.scaling.pending.remove(&(vs.clone(), e.clone()));
+                self.events.emit(
+                    "scaling",
+                    &[obj("vs", &vs), obj("engine", &e)],
+                    format!("{e} serves {vs}: it gets new connections now"),
+                );
+                changed = true;
+            }
+        }
+        changed |= self.advance_migrations(now)?;
+        changed |= self.adjust_primary_weights(now);
+        let timeout = self.settings.rebalance.scalein_timeout;
+        self.scaling
+            .drains
+            .retain(|_, d| now.duration_since(d.since) < timeout + DRAIN_REPORT_GRACE);
+        if changed {
+            self.refresh()?;
+        }
+        Ok(())
+    }
+
+    fn advance_migrations(&mut self, now: Instant) -> Result<bool, ClusterError> {
+        let mut changed = false;
+        let migrations: Vec<(String, Migration)> = self
+            .scaling
+            .migrations
+            .iter()
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        for (vs, m) in migrations {
+            let Some(mut rec) = self.p.services.get(&vs).cloned() else {
+                self.scaling.migrations.remove(&vs);
+                continue;
+            };
+            if !rec.placement.contains(&m.to) || !rec.placement.contains(&m.from) {
+                self.scaling.migrations.remove(&vs);
+                self.events.emit(
+                    "scaling",
+                    &[obj("vs", &vs)],
+                    format!(
+                        "migrate {} → {}: abandoned, the placement changed under it",
+                        m.from, m.to
+                    ),
+                );
+                continue;
+            }
+            match m.stage {
+                Stage::TargetPending
+                    if !self
+                        .scaling
+                        .pending
+                        .contains_key(&(vs.clone(), m.to.clone())) =>
+                {
+                    if rec.placement.first() == Some(&m.from) {
+                        rec.placement.retain(|p| *p != m.to && *p != m.from);
+                        rec.placement.insert(0, m.to.clone());
+                        rec.placement.push(m.from.clone());
+                        rec.epoch += 1;
+                        rec.resource_version += 1;
+                        let epoch = rec.epoch;
+                        self.events.emit(
+                            "scaling",
+                            &[obj("vs", &vs), obj("engine", &m.from), obj("engine", &m.to)],
+                            format!(
+                                "migrate: {} is primary at epoch {epoch}; {} gets no new \
+                                 connections and hands its flows over",
+                                m.to, m.from
+                            ),
+                        );
+                        // Promoted before the snapshot is built: the old primary's weight is 0.
+                        self.scaling.migrations.insert(
+                            vs.clone(),
+                            Migration {
+                                stage: Stage::Promoted { version: u64::MAX },
+                                ..m.clone()
+                            },
+                        );
+                        self.put_vs(rec, "migrated")?;
+                        let version = self.p.version;
+                        self.scaling.migrations.insert(
+                            vs.clone(),
+                            Migration {
+                                stage: Stage::Promoted { version },
+                                ..m
+                            },
+                        );
+                    } else {
+                        self.scaling.migrations.remove(&vs);
+                        self.leave(rec, &m.from, "migrated away", now)?;
+                    }
+                    changed = true;
+                }
+                Stage::Promoted { version } => {
+                    let applied = |e: &str| {
+                        self.observed
+                            .get(e)
+                            .is_some_and(|o| o.applied_version >= version)
+                    };
+                    let from_gone = !self
+                        .health
+                        .state(&m.from)
+                        .is_some_and(EngineHealth::is_healthy);
+                    if applied(&m.to) && (applied(&m.from) || from_gone) {
+                        self.scaling.migrations.remove(&vs);
+                        self.leave(rec, &m.from, "migrated away (the old primary)", now)?;
+                        changed = true;
+                    }
+                }
+                Stage::TargetPending => {}
+            }
+        }
+        Ok(changed)
+    }
+
+    /// `engine` leaves `rec`'s placement and drains.
+    fn leave(
+        &mut self,
+        mut rec: VsRecord,
+        engine: &str,
+        what: &str,
+        now: Instant,
+    ) -> Result<(), ClusterError> {
+        let vs = rec.spec.name.clone();
+        rec.placement.retain(|p| p != engine);
+        rec.resource_version += 1;
+        self.events.emit(
+            "scaling",
+            &[obj("vs", &vs), obj("engine", engine)],
+            format!(
+                "{engine} leaves {vs}: its connections drain for {} s",
+                self.settings.rebalance.scalein_timeout.as_secs()
+            ),
+        );
+        self.put_vs(rec, what)?;
+        self.began_draining(&vs, engine, now);
+        Ok(())
+    }
+
+    /// Each primary's weight follows its spare CPU, in steps, at most every hold time.
+    fn adjust_primary_weights(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        let services: Vec<(String, String)> = self
+            .p
+            .services
+            .values()
+            .filter(|v| v.placement.len() > 1)
+            .filter_map(|v| Some((v.spec.name.clone(), v.placement.first()?.clone())))
+            .collect();
+        for (vs, primary) in services {
+            let Some(cpu) = self
+                .observed
+                .get(&primary)
+                .filter(|o| o.last_heartbeat_unix_ms > 0)
+                .map(|o| o.cpu_pct)
+            else {
+                continue;
+            };
+            let target = primary_weight(cpu);
+            let (current, since) = self.scaling.primary_weights.get(&vs).copied().unwrap_or((
+                PRIMARY_WEIGHT_MAX,
+                now.checked_sub(PRIMARY_WEIGHT_HOLD).unwrap_or(now),
+            ));
+            if target.abs_diff(current) < PRIMARY_WEIGHT_STEP
+                || now.duration_since(since) < PRIMARY_WEIGHT_HOLD
+            {
+                continue;
+            }
+            self.scaling
+                .primary_weights
+                .insert(vs.clone(), (target, now));
+            self.events.emit(
+                "weights",
+                &[obj("vs", &vs), obj("engine", &primary)],
+                format!(
+                    "primary {primary} at {cpu:.0} % CPU: its weight {current} → {target} \
+                     (secondaries {BASE_WEIGHT})"
+                ),
+            );
+            changed = true;
+        }
+        self.scaling
+            .primary_weights
+            .retain(|vs, _| self.p.services.contains_key(vs));
+        changed
+    }
+}
