@@ -4,6 +4,7 @@ mod control;
 mod e2e;
 mod failover;
 mod machine;
+mod rebalance;
 mod relay;
 mod xdp;
 
@@ -30,6 +31,9 @@ enum What {
     /// Failover: a dead secondary marked down, a gone primary replaced, held connections lost;
     /// against keepalived (VRRP) in the same lab.
     Failover(failover::Options),
+    /// The auto-rebalance loop: `controller simulate`'s replay speed, in engine-hours of trace
+    /// per second.
+    Rebalance(rebalance::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         What::Relay(opts) => relay::run(&opts),
         What::Control(opts) => control::run(&opts),
         What::Failover(opts) => failover::run(&opts),
+        What::Rebalance(opts) => rebalance::run(&opts),
     }
 }

@@ -16,5 +16,6 @@ pub mod events;
 pub mod health;
 pub mod placement;
 pub mod rebalance;
+pub mod simulate;
 pub mod store;
 pub mod tls;

@@ -1,7 +1,9 @@
 //! `controller`: serves the operator and engine APIs over mutual TLS, keeps the desired state in
 //! an embedded database, and runs the health ticker. See the crate documentation for the tasks.
+//! `controller simulate` replays heartbeat traces through the auto-rebalance decision instead.
 
 use std::{
+    io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -9,13 +11,14 @@ use std::{
 };
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use controller::{
     api::{OperatorService, lock},
     cluster::{Cluster, Settings},
     engines::EngineService,
     health::HealthSettings,
     rebalance::{Criterion, RebalanceSettings},
+    simulate::{self, Trace, TraceKind},
     store::RedbStore,
     tls,
 };
@@ -26,7 +29,8 @@ use tracing::{error, info, warn};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Load balancer controller: desired state, placement, engine health"
+    about = "Load balancer controller: desired state, placement, engine health",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
     /// gRPC listen address (operator and engine APIs, health, reflection).
@@ -63,7 +67,19 @@ struct Args {
     /// Virtual service ids handed out: 0..N (the engines' `daemon.max_virtual_services`).
     #[arg(long, default_value_t = 64)]
     max_virtual_services: u32,
-    /// The auto-rebalance loop (Avi's `auto_rebalance`; off: scaling is manual).
+    /// Engines a virtual service may scale to natively (1–64); beyond, it scales by BGP/ECMP.
+    #[arg(long, default_value_t = 4)]
+    native_max_engines: u32,
+    #[command(flatten)]
+    rebalance: RebalanceArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The auto-rebalance knobs: the controller's and `simulate`'s.
+#[derive(clap::Args)]
+struct RebalanceArgs {
+    /// The auto-rebalance loop (Avi's `auto_rebalance`; off: scaling is manual). `simulate`: always on.
     #[arg(long)]
     auto_rebalance: bool,
     /// Decisions are events only (`lbctl rebalance log`); nothing changes.
@@ -93,6 +109,96 @@ struct Args {
     /// `buffer_se`: free engines a scale-out or migration may not take (N+M).
     #[arg(long, default_value_t = 1)]
     buffer_se: u32,
+    /// `vs_scalein_timeout`, seconds (1–3600): how long an engine scaled in (or migrated away)
+    /// lets its open connections finish before it resets the rest.
+    #[arg(long, default_value_t = 30)]
+    vs_scalein_timeout_s: u64,
+}
+
+impl RebalanceArgs {
+    fn settings(&self, enabled: bool) -> anyhow::Result<RebalanceSettings> {
+        let settings = RebalanceSettings {
+            enabled,
+            dry_run: self.rebalance_dry_run,
+            interval: Duration::from_secs(self.rebalance_interval_s),
+            window: Duration::from_secs(self.rebalance_window_s),
+            criterion: Criterion::parse(&self.rebalance_criterion)
+                .map_err(|e| anyhow::anyhow!("--rebalance-criterion: {e}"))?,
+            max: self.rebalance_max,
+            min: self.rebalance_min,
+            cooldown: Duration::from_secs(self.rebalance_cooldown_s),
+            max_scaleout_per_vs: self.max_scaleout_per_vs,
+            buffer_se: self.buffer_se,
+            scalein_timeout: Duration::from_secs(self.vs_scalein_timeout_s),
+            ..RebalanceSettings::default()
+        };
+        settings
+            .validate()
+            .map_err(|e| anyhow::anyhow!("rebalance settings: {e}"))?;
+        Ok(settings)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What the auto-rebalance loop would have done with recorded heartbeats.
+    ///
+    /// Replays traces through the controller's decision code on a virtual clock and a modelled
+    /// load (see the printed header): every decision with its reason, the placement after each
+    /// change, and a summary.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// A JSON-lines trace (service and heartbeat lines); several are merged by time.
+    #[arg(
+        long,
+        required_unless_present = "generate",
+        conflicts_with = "generate"
+    )]
+    trace: Vec<PathBuf>,
+    /// JSON lines (a header, one object per decision, a summary) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Writes an example trace instead: `daily-ramp` or `flash-crowd`.
+    #[arg(long, value_name = "KIND")]
+    generate: Option<TraceKind>,
+    /// Where `--generate` writes (default: standard output).
+    #[arg(long, requires = "generate")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    rebalance: RebalanceArgs,
+}
+
+/// `controller simulate`: synchronous, to standard output.
+fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
+    let text = if let Some(kind) = args.generate {
+        let text = simulate::generate(kind);
+        if let Some(out) = &args.out {
+            std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+            return Ok(());
+        }
+        text
+    } else {
+        let settings = args.rebalance.settings(true)?;
+        let trace = Trace::load(&args.trace)?;
+        let sim = simulate::replay(&trace, settings);
+        if args.json {
+            simulate::render_json(&trace, &sim)
+        } else {
+            simulate::render_human(&trace, &sim)
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        // `| head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing standard output"),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,7 +208,16 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Simulate(sim)) = args.command.take() {
+        return match simulate(&sim) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("controller simulate: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -127,6 +242,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "--heartbeat-interval-ms must be above 0"
     );
     anyhow::ensure!(args.max_missed > 0, "--max-missed must be above 0");
+    anyhow::ensure!(
+        (1..=64).contains(&args.native_max_engines),
+        "--native-max-engines must be 1–64"
+    );
     if let Some(dir) = args.db.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -134,25 +253,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         RedbStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?,
     );
     let interval = Duration::from_millis(args.heartbeat_interval_ms);
-    let rebalance = RebalanceSettings {
-        enabled: args.auto_rebalance,
-        dry_run: args.rebalance_dry_run,
-        interval: Duration::from_secs(args.rebalance_interval_s),
-        window: Duration::from_secs(args.rebalance_window_s),
-        criterion: Criterion::parse(&args.rebalance_criterion)
-            .map_err(|e| anyhow::anyhow!("--rebalance-criterion: {e}"))?,
-        max: args.rebalance_max,
-        min: args.rebalance_min,
-        cooldown: Duration::from_secs(args.rebalance_cooldown_s),
-        max_scaleout_per_vs: args.max_scaleout_per_vs,
-        buffer_se: args.buffer_se,
-        ..RebalanceSettings::default()
-    };
-    rebalance
-        .validate()
-        .map_err(|e| anyhow::anyhow!("rebalance settings: {e}"))?;
+    let rebalance = args.rebalance.settings(args.rebalance.auto_rebalance)?;
     let settings = Settings {
         rebalance,
+        native_max_engines: args.native_max_engines,
         max_virtual_services: args.max_virtual_services,
         promotion_grace: Duration::from_millis(args.promotion_grace_ms),
         health: HealthSettings {

@@ -525,7 +525,7 @@ impl Rebalancer {
         }
         let reason = if not_taken.is_empty() {
             format!(
-                "every engine within {:.0}–{:.0} {unit} (or without samples)",
+                "every engine with services within {:.0}–{:.0} {unit} (or without samples)",
                 st.min, st.max
             )
         } else {

@@ -65,6 +65,8 @@ enum Bench {
     Control,
     /// Failover times and lost connections against keepalived (release daemon and controller).
     Failover,
+    /// The auto-rebalance loop: the simulator's replay speed (`bench/results/rebalance.json`).
+    Rebalance,
 }
 
 impl Bench {
@@ -75,6 +77,7 @@ impl Bench {
             Bench::Relay => "relay",
             Bench::Control => "control",
             Bench::Failover => "failover",
+            Bench::Rebalance => "rebalance",
         }
     }
 }
@@ -197,12 +200,12 @@ fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
         run(cargo().args(["build", "--release", "-p", "controller"]))?;
         bench.env("LB_CONTROLLER_BIN", target_dir().join("release/controller"));
     }
-    if matches!(what, Bench::E2e | Bench::Failover) {
+    if matches!(what, Bench::E2e | Bench::Failover | Bench::Rebalance) {
         // The daemon under test is the release build.
         run(cargo().args(["build", "--release", "-p", "lb-daemon"]))?;
         bench.env("LB_DAEMON_BIN", target_dir().join("release/lb-daemon"));
     }
-    if matches!(what, Bench::Failover) {
+    if matches!(what, Bench::Failover | Bench::Rebalance) {
         run(cargo().args(["build", "--release", "-p", "controller"]))?;
         bench
             .env("LB_CONTROLLER_BIN", target_dir().join("release/controller"))

@@ -341,7 +341,7 @@ fn thresholds_are_exclusive_on_both_sides() {
     );
     assert_eq!(
         d.reason,
-        "every engine within 30–80 % CPU (or without samples)"
+        "every engine with services within 30–80 % CPU (or without samples)"
     );
 }
 
