@@ -114,10 +114,14 @@ reasons! {
     /// An unknown flow placed by the ring without asking: this CPU's owner queries are over their
     /// rate, or the queue to the daemon is full.
     OwnerQueryOverflow = 33 => "owner_query_overflow",
+    /// A SYN matched a flow whose engine no longer takes new connections of the service (its
+    /// weight is 0, it left the service): a new connection reusing the ports, placed again. (A
+    /// retransmitted SYN whose engine still takes new connections keeps its engine.)
+    SynOffRing = 34 => "syn_off_ring",
 }
 
 /// Size of the `REASONS` map.
-pub const REASON_COUNT: u32 = 34;
+pub const REASON_COUNT: u32 = 35;
 const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);
 
 /// Transmit failures after the XDP verdict, counted from the kernel's `xdp` tracepoints (the index of

@@ -70,8 +70,26 @@ pub struct VsEntry {
     pub flags: u32,
     /// Lifetime of a persistence entry after the last new flow that used it.
     pub persist_timeout_s: u32,
+    /// The engines the ring names (weight > 0, active), one bit per engine id: a SYN follows its
+    /// connection-table entry only to one of them (see [`VsEntry::rings`]).
+    pub ring_engines: [u32; (MAX_ENGINES / 32) as usize],
 }
-const _: () = assert!(size_of::<VsEntry>() == 28);
+const _: () = assert!(size_of::<VsEntry>() == 60);
+
+impl VsEntry {
+    /// Whether the ring names engine `id`.
+    #[inline(always)]
+    pub const fn rings(&self, id: u32) -> bool {
+        id < MAX_ENGINES && self.ring_engines[(id >> 5) as usize] & (1 << (id & 31)) != 0
+    }
+
+    /// Marks engine `id` (below [`MAX_ENGINES`]) as named by the ring.
+    pub fn set_ring_engine(&mut self, id: u32) {
+        if id < MAX_ENGINES {
+            self.ring_engines[(id >> 5) as usize] |= 1 << (id & 31);
+        }
+    }
+}
 
 /// Words of the VIP port bitmap: one bit per (protocol, port), TCP ports in words
 /// `0..1024`, UDP ports in `1024..2048`. Packets to ports no VIP uses pass after one array read.

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    ENGINE_ACTIVE, ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, Engine, Globals,
-    RING_SIZE, VS_F_ASK_OWNER, VS_F_PERSIST, VS_F_PRIMARY, VS_F_REFUSE_NEW, VipKey, VsEntry,
+    ENGINE_ACTIVE, ENGINE_MODE_L2, ENGINE_MODE_LOCAL, ENGINE_MODE_TUNNEL, ENGINE_NONE, Engine,
+    Globals, RING_SIZE, VS_F_ASK_OWNER, VS_F_PERSIST, VS_F_PRIMARY, VS_F_REFUSE_NEW, VipKey,
+    VsEntry,
     addr::{ip_be, v4_be, v6_be},
     maglev::{self, Member},
     vip_port_bit,
@@ -166,14 +167,6 @@ impl Tables {
                 family,
             };
             t.vips.insert(key, vs.id);
-            t.vs.insert(
-                vs.id,
-                VsEntry {
-                    vip: key,
-                    flags,
-                    persist_timeout_s: vs.persistence_timeout_s,
-                },
-            );
             let (word, bit) = vip_port_bit(key.proto, vs.port).expect("TCP or UDP");
             *t.vip_ports.entry(word).or_default() |= bit;
             *t.vip_addrs
@@ -198,7 +191,18 @@ impl Tables {
                     weight: m.weight,
                 })
                 .collect();
-            t.rings.insert(vs.id, maglev::build(&members, RING_SIZE));
+            let ring = maglev::build(&members, RING_SIZE);
+            let mut entry = VsEntry {
+                vip: key,
+                flags,
+                persist_timeout_s: vs.persistence_timeout_s,
+                ring_engines: [0; 8],
+            };
+            for &id in ring.iter().filter(|&&id| id != ENGINE_NONE) {
+                entry.set_ring_engine(id);
+            }
+            t.vs.insert(vs.id, entry);
+            t.rings.insert(vs.id, ring);
         }
         Ok(t)
     }

@@ -2,8 +2,11 @@
 //!
 //! Fast path: the connection table (one hash lookup). A recorded flow keeps its engine while that
 //! engine is active or draining; its virtual service is found by id in the VS array and checked
-//! against the packet's VIP, so an entry of a removed service is never followed.
-//! Slow path (a miss, a stale entry, an owner that is down or removed, a SYN to a draining owner):
+//! against the packet's VIP, so an entry of a removed service is never followed. A SYN keeps its
+//! entry's engine only while the service's ring names it: a retransmission stays where its first
+//! SYN went, a new connection reusing the ports of a flow whose engine has left is placed again.
+//! Slow path (a miss, a stale entry, an owner that is down or removed, a SYN to a draining owner
+//! or to one the ring no longer names):
 //! the VIP table, then source-IP persistence for persistent services, then the Maglev ring.
 //! A new flow the ring gives to this host while nothing here listens is placed on the next other
 //! engine of the ring (`place_away_*`).
@@ -46,9 +49,9 @@ fn engine(id: u32) -> Option<Engine> {
 
 /// The virtual service `vs_id`, if it still is the one of `vip` and this engine steers it.
 #[inline(always)]
-fn live_vs(vs_id: u32, vip: &VipKey) -> Option<VsEntry> {
+fn live_vs(vs_id: u32, vip: &VipKey) -> Option<&'static VsEntry> {
     let vs = VS.get(vs_id)?;
-    (vs.vip == *vip && vs.flags & VS_F_PRIMARY != 0).then_some(*vs)
+    (vs.vip == *vip && vs.flags & VS_F_PRIMARY != 0).then_some(vs)
 }
 
 /// Ring slot → engine. Userspace writes rings before it deactivates an engine and after it
@@ -172,7 +175,8 @@ macro_rules! owner_fn {
                 if let Some(vs) = live_vs(vs_id, vip) {
                     let e = engine(engine_id).unwrap_or_default();
                     let state = e.state;
-                    if state == ENGINE_ACTIVE || (state == ENGINE_DRAINING && !syn) {
+                    let takes_it = !syn || (state == ENGINE_ACTIVE && vs.rings(engine_id));
+                    if (state == ENGINE_ACTIVE || state == ENGINE_DRAINING) && takes_it {
                         count(Reason::ConnHit);
                         return Ok(Owner {
                             vs_id,
@@ -181,12 +185,14 @@ macro_rules! owner_fn {
                             new_flow: false,
                         });
                     }
-                    count(if state == ENGINE_DRAINING {
+                    count(if state == ENGINE_DRAINING && syn {
                         Reason::SynToDraining
+                    } else if state == ENGINE_ACTIVE {
+                        Reason::SynOffRing
                     } else {
                         Reason::ConnOwnerDown
                     });
-                    let (id, e) = place(vs_id, &vs, $hash(flow), &client, mode)?;
+                    let (id, e) = place(vs_id, vs, $hash(flow), &client, mode)?;
                     if mode == Mode::Record {
                         // SAFETY: as above.
                         unsafe { (*entry).engine_id = id };
@@ -206,20 +212,20 @@ macro_rules! owner_fn {
                     // SAFETY: a map value pointer from a successful lookup.
                     &*p
                 })?;
-            let vs = VS.get(vs_id).copied().ok_or(Reason::PassNotVip)?;
+            let vs = VS.get(vs_id).ok_or(Reason::PassNotVip)?;
             if vs.flags & VS_F_PRIMARY == 0 {
                 return Err(Reason::PassNotPrimary);
             }
             if non_syn {
                 count(Reason::TcpNonSynMiss);
             }
-            if mode == Mode::Record && ask_about(&vs, non_syn, flow.proto) {
+            if mode == Mode::Record && ask_about(vs, non_syn, flow.proto) {
                 if ask_owner(&$query(flow, vs_id)) {
                     return Err(Reason::OwnerAsked);
                 }
                 count(Reason::OwnerQueryOverflow);
             }
-            let (id, e) = place(vs_id, &vs, $hash(flow), &client, mode)?;
+            let (id, e) = place(vs_id, vs, $hash(flow), &client, mode)?;
             if mode == Mode::Record {
                 let _ = $table.insert(
                     flow,

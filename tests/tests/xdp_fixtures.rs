@@ -364,6 +364,41 @@ fn a_draining_service_without_listeners_refuses_new_connections() {
 }
 
 #[test]
+fn a_syn_follows_its_entry_only_to_an_engine_the_ring_names() {
+    let Some(mut tb) = testbed() else { return };
+    let weight0 = edit(
+        STANDARD_CONFIG,
+        "{ id = 2 }, { id = 3 }, { id = 4 } ] # web engines",
+        "{ id = 2, weight = 0 }, { id = 3 }, { id = 4 } ] # web engines",
+    );
+    let port = moving_port(&tb.tables, &tb.plan(&weight0).unwrap(), E_L2_A, E_L2_B);
+    let syn = Packet::syn(client4(port), web4());
+    record(&tb, &syn);
+    tb.check(&tx_to(
+        "a retransmitted SYN keeps its engine",
+        syn.build(),
+        E_L2_A,
+        &[Reason::ConnHit, Reason::TxL2],
+    ));
+    // Engine 2 gets weight 0 (it is scaled in): a SYN on the same ports is a new connection
+    // reusing them, placed by the ring, not sent to an engine that may have stopped listening.
+    tb.reconfigure(&weight0).unwrap();
+    tb.check(&tx_to(
+        "SYN on the ports of a flow whose engine left the ring",
+        syn.build(),
+        E_L2_B,
+        &[Reason::SynOffRing, Reason::TxL2],
+    ));
+    assert_eq!(tb.conn_owner(&syn.flow()), Some(E_L2_B));
+    tb.check(&tx_to(
+        "the new connection sticks",
+        Packet::ack(client4(port), web4()).build(),
+        E_L2_B,
+        &[Reason::ConnHit, Reason::TxL2],
+    ));
+}
+
+#[test]
 fn recorded_flow_keeps_its_engine_after_the_ring_changes() {
     let Some(mut tb) = testbed() else { return };
     let port = web_port(&tb, E_L2_A, 0);
@@ -1746,6 +1781,7 @@ fn terminal(r: Reason) -> Option<&'static [u32]> {
         | Reason::PersistHit
         | Reason::IcmpSteered
         | Reason::SynToDraining
+        | Reason::SynOffRing
         | Reason::PlacedAwayNoListener
         | Reason::OwnerQueryOverflow => None,
     }

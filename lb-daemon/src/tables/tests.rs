@@ -148,7 +148,9 @@ fn virtual_service_maps_to_vip_entry_and_full_ring() {
         VsEntry {
             vip: vip_key(80),
             flags: VS_F_PRIMARY,
-            persist_timeout_s: 0
+            persist_timeout_s: 0,
+            // Engines 1, 2 and 3.
+            ring_engines: [0b1110, 0, 0, 0, 0, 0, 0, 0],
         }
     );
     // Port 80 is bit 16 of TCP word 1.
@@ -184,6 +186,8 @@ fn draining_and_down_engines_leave_the_ring_but_keep_their_entry() {
     assert_eq!(t.engines[&2].state, ENGINE_DRAINING);
     assert!(!t.rings[&0].contains(&2));
     assert!(t.rings[&0].contains(&1) && t.rings[&0].contains(&3));
+    let vs = t.vs[&0];
+    assert!(vs.rings(1) && !vs.rings(2) && vs.rings(3) && !vs.rings(4));
 }
 
 #[test]
