@@ -422,6 +422,9 @@ fn drains(tracked: &mut Vec<Draining>, services: &[Arc<Service>]) -> Vec<pb::Dra
                 .unwrap_or(u64::MAX),
             done,
         });
+        if done {
+            d.service.drain_end_reported();
+        }
         !done
     });
     reports

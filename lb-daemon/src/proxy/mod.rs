@@ -20,7 +20,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -137,10 +137,18 @@ pub struct Service {
     max_connections: AtomicU32,
     settings: RwLock<Settings>,
     drain: watch::Sender<Drain>,
+    /// The end of its current drain has been reported in a heartbeat: until then a retiring
+    /// service stays listed (a drain with nothing open ends at once, between two beats).
+    drain_reported: AtomicBool,
     pub stats: ServiceStats,
 }
 
 impl Service {
+    /// A heartbeat has reported the end of this drain.
+    pub fn drain_end_reported(&self) {
+        self.drain_reported.store(true, Ordering::Relaxed);
+    }
+
     pub fn settings(&self) -> Settings {
         *self
             .settings
@@ -338,9 +346,14 @@ impl Proxy {
             self.start_draining(&entry.service);
             self.retiring.push(entry);
         }
+        let now = Instant::now();
         self.retiring.retain(|e| {
-            e.service.stats.active.load(Ordering::Relaxed) > 0
+            let s = &e.service;
+            let unreported = !s.drain_reported.load(Ordering::Relaxed)
+                && matches!(s.drain_state(), Drain::Draining { deadline } if now < deadline);
+            s.stats.active.load(Ordering::Relaxed) > 0
                 || e.task.as_ref().is_some_and(|t| !t.is_finished())
+                || unreported
         });
         Ok(())
     }
@@ -434,6 +447,7 @@ impl Proxy {
                 max_connections: AtomicU32::new(vs.max_connections),
                 settings: RwLock::new(settings),
                 drain: watch::Sender::new(Drain::Serving),
+                drain_reported: AtomicBool::new(false),
                 stats: ServiceStats::default(),
             }),
             task: None,
@@ -461,6 +475,7 @@ impl Proxy {
 
     fn start_draining(&self, s: &Service) {
         if s.drain_state() == Drain::Serving {
+            s.drain_reported.store(false, Ordering::Relaxed);
             let deadline = Instant::now() + self.drain_timeout;
             s.drain.send_replace(Drain::Draining { deadline });
             info!(vs = %s.name, timeout_s = self.drain_timeout.as_secs(), active = s.stats.active.load(Ordering::Relaxed), "draining");
@@ -515,4 +530,88 @@ fn route_check(dst: IpAddr, source: Option<IpAddr>) -> io::Result<()> {
 /// Sets `SO_LINGER` 0 so that closing the socket sends a reset.
 pub fn reset_on_close(s: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(port: u16, placed: bool) -> Config {
+        let services = if placed {
+            format!(
+                r#"
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "127.0.0.1"
+port = {port}
+protocol = "tcp"
+primary = 1
+pool = "web"
+engines = [ {{ id = 1 }} ]
+"#
+            )
+        } else {
+            String::new()
+        };
+        Config::parse(&format!(
+            r#"
+[daemon]
+interface = "lo"
+engine_id = 1
+
+[[engines]]
+id = 1
+
+[[pools]]
+name = "web"
+backends = [ {{ address = "127.0.0.1", port = 9 }} ]
+{services}"#
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_removed_service_stays_listed_until_a_heartbeat_reported_its_drain_end() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut proxy = Proxy::new(Arc::new(ConnTable::default()));
+        proxy.apply(&config(port, true)).unwrap();
+        assert_eq!(proxy.services().len(), 1);
+        // Removed with nothing open: its drain has ended at once, but nobody has seen it yet.
+        proxy.apply(&config(port, false)).unwrap();
+        let listed = proxy.services();
+        assert_eq!(listed.len(), 1, "still listed for the heartbeat");
+        assert!(matches!(listed[0].drain_state(), Drain::Draining { .. }));
+        assert_eq!(listed[0].stats.active.load(Ordering::Relaxed), 0);
+        // Its listener task ends (it closes the listener on the drain).
+        for _ in 0..100 {
+            if proxy
+                .retiring
+                .iter()
+                .all(|e| e.task.as_ref().is_none_or(JoinHandle::is_finished))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            proxy
+                .retiring
+                .iter()
+                .all(|e| e.task.as_ref().is_none_or(JoinHandle::is_finished))
+        );
+        proxy.apply(&config(port, false)).unwrap();
+        assert_eq!(
+            proxy.services().len(),
+            1,
+            "nothing open, no task, not reported"
+        );
+        listed[0].drain_end_reported();
+        proxy.apply(&config(port, false)).unwrap();
+        assert!(proxy.services().is_empty(), "reported: forgotten");
+    }
 }
