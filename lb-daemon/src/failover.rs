@@ -176,9 +176,15 @@ impl Failover {
                         vs_id,
                         primary = to,
                         epoch,
-                        "DEMOTED: another engine holds a higher epoch; rejoining as a secondary"
+                        "DEMOTED: another engine holds a higher epoch; rejoining as a secondary; \
+                         pushing it the flows held here"
                     );
                     self.ask_udp.remove(&vs_id);
+                    // A planned migration demotes the engine that terminated most flows: the new
+                    // primary learns them at once instead of asking about each.
+                    let _ = self
+                        .commands
+                        .try_send(Command::PushFlows { vs_id, primary: to });
                 }
                 Change::Followed {
                     vs_id,
@@ -241,7 +247,10 @@ impl Failover {
                 let peers = vs
                     .succession()
                     .into_iter()
-                    .filter(|id| *id != self_id && view.get(id).is_some_and(|s| s.daemon_up))
+                    // A daemon that missed its probes but whose data plane answers is alive,
+                    // perhaps only slow (an overloaded engine is the one a migration leaves):
+                    // it is asked too, rather than its flows given up unasked.
+                    .filter(|id| *id != self_id && view.get(id).is_some_and(|s| !s.gone()))
                     .filter_map(|id| targets.get(&id).map(|a| (id, *a)))
                     .collect::<Vec<(u32, SocketAddr)>>();
                 (

@@ -140,8 +140,13 @@ impl Collector for PeerCollector {
             ),
             (
                 "lb_owner_queries_unanswered",
-                "Asked flows some peer did not answer about in time",
+                "Asked flows some peer did not answer about in time, retries spent",
                 &o.unanswered,
+            ),
+            (
+                "lb_owner_queries_retried",
+                "Flows asked about again: some peer had not answered in time",
+                &o.retried,
             ),
             (
                 "lb_owner_queries_overflow",

@@ -2,22 +2,27 @@
 //! their connections never notice the failover.
 //!
 //! - **Bulk load.** An engine that sees a new primary for a virtual service (a [`Change::Followed`]
-//!   from [`crate::roles`]) sends it every flow its proxy holds for that service (`Owned`
-//!   messages, seq 0). The new primary writes them into its connection table: most flows hit at
+//!   or, the old primary of a migration, a `Change::Demoted` from [`crate::roles`]) sends it
+//!   every flow its proxy holds for that service (`Owned` messages, seq 0). A list that arrives
+//!   before the receiver has taken the role (the old primary may apply a migration first) is
+//!   kept for [`EARLY_TTL`] and written when it does. The new primary writes them into its connection table: most flows hit at
 //!   once.
 //! - **Query.** For a flow the primary's table does not know — a TCP segment without SYN, or (for
 //!   a while after a promotion) a UDP datagram — the XDP program hands the 5-tuple to this task
 //!   (the `OWNER_QUERIES` ring buffer) and drops the packet. The task asks every engine of the
-//!   service whose daemon answers (`Query`), each says which of the flows are its own (`Owned`,
-//!   the query's seq), and the answer goes into the connection table: the client's
-//!   retransmission reaches the owner. A TCP flow no engine owns is given to this engine, whose
+//!   service that is not gone (`Query`; a daemon that missed its probes while its data plane
+//!   answers is asked too), each says which of the flows are its own (`Owned`, the query's seq),
+//!   and the answer goes into the connection table: the client's retransmission reaches the
+//!   owner. Engines that have not answered within [`QUERY_TIMEOUT`] are asked again, up to
+//!   [`QUERY_RETRIES`] times: a slow daemon (an overloaded engine, the one a migration leaves)
+//!   costs the flow a retransmission or two, not its connection. A TCP flow no engine owns is given to this engine, whose
 //!   stack resets it (the connection is lost); a UDP flow no engine owns goes where the ring
 //!   places it (the ring as the data plane has it, [`crate::engine::Rings`]): a new session there.
 //!
 //! Cost to a surviving flow: at most one retransmission (the dropped segment), no reset. Bounds:
 //! the data plane rate-limits queries per CPU and the ring buffer is fixed in size (beyond either,
 //! flows are placed by the ring, counted `owner_query_overflow`); this task keeps at most
-//! [`MAX_PENDING`] flows waiting and gives each [`QUERY_TIMEOUT`] for answers.
+//! [`MAX_PENDING`] flows waiting and gives each `QUERY_TIMEOUT × (1 + QUERY_RETRIES)` for answers.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,6 +59,13 @@ use crate::{
 pub const MAX_PENDING: usize = 4096;
 /// How long the engines have to answer a query.
 pub const QUERY_TIMEOUT: Duration = Duration::from_millis(100);
+/// How many times engines that have not answered are asked again before the flow is given up.
+pub const QUERY_RETRIES: u32 = 4;
+/// Pushed flows that arrive before this engine has taken the primary role (the old primary of a
+/// migration may apply the change first) are kept this long, at most [`EARLY_MAX`] of them, and
+/// written when it takes the role.
+pub const EARLY_TTL: Duration = Duration::from_secs(10);
+pub const EARLY_MAX: usize = 65_536;
 const FLOW_LEN: usize = 18;
 /// Flows per message.
 pub const FLOWS_PER_MESSAGE: usize = (MAX_BODY - 4) / FLOW_LEN;
@@ -64,7 +76,7 @@ const _: () = assert!(4 + FLOWS_PER_MESSAGE * FLOW_LEN <= MAX_BODY);
 pub struct Service {
     pub vip: SocketAddr,
     pub protocol: Protocol,
-    /// The other engines of the service whose daemons answer, with their peer addresses.
+    /// The other engines of the service that are not gone, with their peer addresses.
     pub peers: Vec<(u32, SocketAddr)>,
     /// This engine steers it.
     pub primary: bool,
@@ -94,6 +106,8 @@ pub struct OwnerCounters {
     pub answered: AtomicU64,
     pub unowned: AtomicU64,
     pub unanswered: AtomicU64,
+    /// Flows asked about again because an engine had not answered in time.
+    pub retried: AtomicU64,
     pub overflow: AtomicU64,
     pub bulk_loaded: AtomicU64,
     pub bulk_sent: AtomicU64,
@@ -109,12 +123,13 @@ impl Default for OwnerCounters {
             answered: AtomicU64::new(0),
             unowned: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
             bulk_loaded: AtomicU64::new(0),
             bulk_sent: AtomicU64::new(0),
             queries_answered: AtomicU64::new(0),
             latency: Histogram::new([
-                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
             ]),
         }
     }
@@ -259,7 +274,11 @@ struct Pending {
     asked: Vec<u32>,
     answered: Vec<u32>,
     owner: Option<u32>,
+    /// When it was first asked about, and when last.
+    first: Instant,
     since: Instant,
+    /// Times it was asked again.
+    retries: u32,
 }
 
 /// The task's ends.
@@ -295,6 +314,8 @@ pub async fn run(
         }
     };
     let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
+    // Service → (when, from, flow) pushed before this engine was its primary.
+    let mut early: HashMap<u32, Vec<(Instant, u32, Client)>> = HashMap::new();
     let mut seq = 0u64;
     let mut batch: BTreeMap<u32, Vec<Client>> = BTreeMap::new();
     let mut sweep = tokio::time::interval(QUERY_TIMEOUT / 4);
@@ -302,6 +323,22 @@ pub async fn run(
         tokio::select! {
             changed = ch.plan.changed() => {
                 if changed.is_err() { return; }
+                let plan = ch.plan.borrow().clone();
+                let now = Instant::now();
+                early.retain(|vs_id, flows| {
+                    let Some(s) = plan.services.get(vs_id).filter(|s| s.primary) else {
+                        return true;
+                    };
+                    let mut n = 0u64;
+                    for (at, from, c) in flows.drain(..) {
+                        if now.duration_since(at) < EARLY_TTL && tables.write(s, *vs_id, c, from) {
+                            n += 1;
+                        }
+                    }
+                    counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
+                    info!(vs_id, flows = n, "flows pushed before this engine took the role, bulk-loaded");
+                    false
+                });
             }
             guard = queries.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
@@ -325,7 +362,9 @@ pub async fn run(
                         asked: s.peers.iter().map(|(id, _)| *id).collect(),
                         answered: Vec::new(),
                         owner: mine.then_some(plan.self_id),
+                        first: Instant::now(),
                         since: Instant::now(),
+                        retries: 0,
                     });
                     batch.entry(q.vs_id).or_default().push(client);
                 }
@@ -380,7 +419,19 @@ pub async fn run(
                         counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
                         info!(engine = m.from, vs_id, flows = n, "flows bulk-loaded from a surviving engine");
                     }
-                    Kind::Owned if m.seq == 0 => {}
+                    // Pushed before this engine has taken the role: kept for when it does.
+                    Kind::Owned if m.seq == 0 => {
+                        let held: usize = early.values().map(Vec::len).sum();
+                        let now = Instant::now();
+                        let room = EARLY_MAX.saturating_sub(held);
+                        if flows.len() > room {
+                            debug!(engine = m.from, vs_id, dropped = flows.len() - room, "too many flows pushed early");
+                        }
+                        early
+                            .entry(vs_id)
+                            .or_default()
+                            .extend(flows.into_iter().take(room).map(|c| (now, m.from, c)));
+                    }
                     Kind::Owned => {
                         for c in &flows {
                             if let Some(p) = pending.get_mut(&(vs_id, *c)) {
@@ -412,16 +463,42 @@ pub async fn run(
                 info!(vs_id, primary, flows = clients.len(), "flows pushed to the new primary");
             }
             _ = sweep.tick() => {
+                let now = Instant::now();
+                early.retain(|_, flows| {
+                    flows.retain(|(at, _, _)| now.duration_since(*at) < EARLY_TTL);
+                    !flows.is_empty()
+                });
                 if !pending.is_empty() {
                     let plan = ch.plan.borrow().clone();
-                    settle(&mut pending, &plan, &mut tables, &rings, &counters, true);
+                    let again = settle(&mut pending, &plan, &mut tables, &rings, &counters, true);
+                    let sender = ch.sender.borrow().clone();
+                    if let Some(sender) = sender {
+                        for ((vs_id, peers), clients) in again {
+                            for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
+                                seq += 1;
+                                for c in chunk {
+                                    if let Some(p) = pending.get_mut(&(vs_id, *c)) {
+                                        p.seq = seq;
+                                    }
+                                }
+                                for addr in &peers {
+                                    sender.send(*addr, Kind::Query, seq, encode_flows(vs_id, chunk)).await;
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// Decides the flows that can be: an owner found, everyone answered, or (`sweep`) time is up.
+/// (service, the peers to ask) → the flows to ask them about again.
+type AskAgain = BTreeMap<(u32, Vec<SocketAddr>), Vec<Client>>;
+
+/// Decides the flows that can be: an owner found, everyone answered, or (`sweep`) time is up and
+/// the retries are spent. Returns the flows whose engines are to be asked again: time is up, some
+/// have not answered, retries are left.
 fn settle(
     pending: &mut HashMap<(u32, Client), Pending>,
     plan: &OwnerPlan,
@@ -429,8 +506,9 @@ fn settle(
     rings: &Rings,
     counters: &OwnerCounters,
     sweep: bool,
-) {
+) -> AskAgain {
     let now = Instant::now();
+    let mut again = AskAgain::new();
     pending.retain(|(vs_id, client), p| {
         let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
         let timed_out = sweep && now.duration_since(p.since) >= QUERY_TIMEOUT;
@@ -440,6 +518,21 @@ fn settle(
         let Some(s) = plan.services.get(vs_id) else {
             return false;
         };
+        if p.owner.is_none() && !all_answered && p.retries < QUERY_RETRIES {
+            let silent: Vec<SocketAddr> = s
+                .peers
+                .iter()
+                .filter(|(id, _)| p.asked.contains(id) && !p.answered.contains(id))
+                .map(|(_, addr)| *addr)
+                .collect();
+            if !silent.is_empty() {
+                p.retries += 1;
+                p.since = now;
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                again.entry((*vs_id, silent)).or_default().push(*client);
+                return true;
+            }
+        }
         let owner = if let Some(o) = p.owner {
             counters.answered.fetch_add(1, Ordering::Relaxed);
             o
@@ -463,10 +556,11 @@ fn settle(
         };
         counters
             .latency
-            .observe(now.duration_since(p.since).as_secs_f64());
+            .observe(now.duration_since(p.first).as_secs_f64());
         tables.write(s, *vs_id, *client, owner);
         false
     });
+    again
 }
 
 /// The ring buffer, pollable.
