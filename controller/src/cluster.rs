@@ -159,8 +159,8 @@ pub struct Observed {
     pub applied_version: u64,
     /// (version, error) of the last NACK.
     pub nack: Option<(u64, String)>,
-    /// When the current snapshot was last sent to it.
-    pub sent_at: Option<Instant>,
+    /// The version last sent to it, and when.
+    pub sent: Option<(u64, Instant)>,
     /// What it claims (virtual services of known ids only).
     pub claims: Vec<Claim>,
     /// Its peer view: engine id (registered engines only) → what its probes tell.
@@ -425,13 +425,13 @@ impl Cluster {
     pub fn disconnected(&mut self, engine: &str) {
         if let Some(o) = self.observed.get_mut(engine) {
             o.connected = false;
-            o.sent_at = None;
+            o.sent = None;
         }
     }
 
-    /// The version the session sent to `engine`.
-    pub fn sent(&mut self, engine: &str, now: Instant) {
-        self.observed.entry(engine.to_owned()).or_default().sent_at = Some(now);
+    /// The session sent `version` to `engine`.
+    pub fn sent(&mut self, engine: &str, version: u64, now: Instant) {
+        self.observed.entry(engine.to_owned()).or_default().sent = Some((version, now));
     }
 
     fn heartbeat_at(&mut self, engine: &str, now: Instant) {
@@ -1040,8 +1040,11 @@ impl Cluster {
                 });
             } else if o.connected
                 && o.applied_version != version
-                && o.sent_at
-                    .is_some_and(|t| now.saturating_duration_since(t) > self.settings.ack_timeout)
+                // Unacked for the timeout since this version went out: a version made just
+                // now is not late because the one before went out long ago.
+                && o.sent.is_some_and(|(v, t)| {
+                    v == version && now.saturating_duration_since(t) > self.settings.ack_timeout
+                })
             {
                 found.push(Anomaly {
                     kind: "not_acked",

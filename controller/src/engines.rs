@@ -147,7 +147,7 @@ impl EngineApi for EngineService {
                         break;
                     }
                     sent_version = Some(current.version);
-                    lock(&cluster).sent(&name, Instant::now());
+                    lock(&cluster).sent(&name, current.version, Instant::now());
                 }
                 tokio::select! {
                     _ = shutdown.wait_for(|stop| *stop) => break,

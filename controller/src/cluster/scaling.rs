@@ -4,21 +4,28 @@
 //!   listeners and health-checks the pool, but the primary sends it nothing new. Once it has
 //!   applied the version that placed it and its heartbeats list the service as served (listening,
 //!   a usable backend), it gets its weight.
-//! - **Scale in**: the engine leaves the placement. Its proxy closes the listener and lets open
-//!   connections finish for the scale-in timeout (`vs_scalein_timeout`, the engines'
-//!   `proxy.drain_timeout_s`), then resets the rest; the primary keeps sending it the packets of
-//!   the flows it owns meanwhile. Its heartbeats report the drain; its end is an event (`drain`,
-//!   or `drain_reset` when connections were reset).
+//! - **Scale in**: first the engine gets weight 0 (`leaving`), still placed and listening: the
+//!   primary stops sending it new connections, and a SYN already on its way is still answered.
+//!   Once the primary has applied that version, the engine leaves the placement. Its proxy closes
+//!   the listener and lets open connections finish for the scale-in timeout
+//!   (`vs_scalein_timeout`, the engines' `proxy.drain_timeout_s`), then resets the rest; the
+//!   primary keeps sending it the packets of the flows it owns meanwhile. Its heartbeats report
+//!   the drain; its end is an event (`drain`, or `drain_reset` when connections were reset).
+//!   (Leaving in one step raced: an engine that closed its listener before the primary applied
+//!   the new ring got SYNs it dropped, and the primary's connection table kept sending their
+//!   retransmissions there.)
 //! - **Migrate**: the target scales out as above; once it serves, it becomes primary at the next
 //!   epoch (the engines' promotion path: it takes the VIP and announces it) while the old primary
 //!   stays placed with weight 0, so it hands its flows over and answers owner queries. Once both
-//!   have applied that version, the old primary leaves as in a scale-in. A secondary's migration
-//!   is a scale-out and, once the target serves, a scale-in.
+//!   have applied that version, the old primary leaves as in a scale-in (its weight is already
+//!   0 on the new primary). A secondary's migration is a scale-out and, once the target serves,
+//!   a scale-in.
 //! - **The primary's share**: it also steers every packet of the service, so while other engines
 //!   serve it gets a smaller weight than theirs (`BASE_WEIGHT`), from its spare CPU.
 //!
 //! This state lives in memory: a restarted controller finds a consistent placement (a pending
-//! engine gets its weight, a half-done migration stays a scale-out) and does not resume a step.
+//! engine gets its weight, a half-done migration stays a scale-out, a leaving engine is taken for
+//! a pending one and gets its weight back) and does not resume a step.
 
 use std::{
     collections::BTreeMap,
@@ -61,6 +68,14 @@ enum Stage {
     Promoted { version: u64 },
 }
 
+/// An engine leaving a service once its primary has applied `version` (its weight 0 there;
+/// `u64::MAX` until that snapshot is built); `what` names the leave in events.
+#[derive(Debug, Clone, Copy)]
+struct Leaving {
+    version: u64,
+    what: &'static str,
+}
+
 #[derive(Debug, Clone)]
 struct Migration {
     from: String,
@@ -101,6 +116,9 @@ pub struct PlacementView {
 pub struct Scaling {
     /// Scaled-out engines not serving yet: (service, engine) → the version that placed them.
     pending: BTreeMap<(String, String), u64>,
+    /// Engines on their way out, at weight 0 until the primary has applied it: (service, engine)
+    /// → the leave.
+    leaving: BTreeMap<(String, String), Leaving>,
     migrations: BTreeMap<String, Migration>,
     /// (service, engine) → a drain begun or reported, until it has ended.
     drains: BTreeMap<(String, String), DrainView>,
@@ -142,10 +160,8 @@ impl Scaling {
     /// The weight of `engine`, at `index` of `v`'s placement, in the snapshot.
     pub fn weight(&self, v: &VsRecord, index: usize, engine: &str) -> u32 {
         let name = &v.spec.name;
-        if self
-            .pending
-            .contains_key(&(name.clone(), engine.to_owned()))
-        {
+        let key = (name.clone(), engine.to_owned());
+        if self.pending.contains_key(&key) || self.leaving.contains_key(&key) {
             return 0;
         }
         if let Some(m) = self.migrations.get(name)
@@ -170,6 +186,9 @@ impl Scaling {
         }
         if let Some((vs, m)) = self.migrations.iter().next() {
             return Some(format!("migrating {vs} from {} to {}", m.from, m.to));
+        }
+        if let Some(((vs, e), _)) = self.leaving.iter().next() {
+            return Some(format!("{e} leaves {vs}"));
         }
         self.drains
             .keys()
@@ -198,6 +217,8 @@ impl Cluster {
     pub fn placement_view(&self, v: &VsRecord) -> Vec<PlacementView> {
         let name = &v.spec.name;
         let weights = self.weights_of(v);
+        let timeout_ms =
+            u64::try_from(self.settings.rebalance.scalein_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut out: Vec<PlacementView> =
             v.placement
                 .iter()
@@ -208,7 +229,7 @@ impl Cluster {
                     let handing_over =
                         self.scaling.migrations.get(name).is_some_and(|m| {
                             matches!(m.stage, Stage::Promoted { .. }) && m.from == *e
-                        });
+                        }) || self.scaling.leaving.contains_key(&key);
                     PlacementView {
                         engine: e.clone(),
                         role: if i == 0 { "primary" } else { "secondary" },
@@ -221,7 +242,8 @@ impl Cluster {
                             "serving"
                         },
                         open_connections: 0,
-                        remaining_ms: 0,
+                        // Its drain has not begun: all of it is left.
+                        remaining_ms: if handing_over { timeout_ms } else { 0 },
                     }
                 })
                 .collect();
@@ -322,15 +344,18 @@ impl Cluster {
         }
     }
 
-    /// Removes a secondary (`engine`, or the last one placed); it drains for the scale-in timeout.
+    /// Takes a secondary (`engine`, or the last one placed) out: it gets no new connections from
+    /// the next snapshot on; once the primary has applied that, it leaves and drains for the
+    /// scale-in timeout ([`Cluster::advance_scaling`]).
     pub fn scale_in(&mut self, name: &str, engine: Option<&str>) -> Result<VsRecord, ClusterError> {
-        let mut rec = self.vs(name)?;
-        if rec.placement.len() <= rec.spec.min_engines as usize {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "virtual service {name:?} is at its min_engines ({})",
-                rec.spec.min_engines
-            )));
-        }
+        let rec = self.vs(name)?;
+        let is_leaving = |e: &str| {
+            self.scaling
+                .leaving
+                .contains_key(&(name.to_owned(), e.to_owned()))
+        };
+        let staying: Vec<&String> = rec.placement.iter().filter(|e| !is_leaving(e)).collect();
+        let at_min = staying.len() <= rec.spec.min_engines as usize;
         let victim = match engine {
             Some(e) if rec.placement.first().map(String::as_str) == Some(e) => {
                 return Err(ClusterError::FailedPrecondition(format!(
@@ -342,12 +367,19 @@ impl Cluster {
                     "engine {e:?} is not placed for {name:?}"
                 )));
             }
+            Some(e) if is_leaving(e) => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{e:?} is already leaving {name:?}"
+                )));
+            }
+            _ if at_min => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "virtual service {name:?} is at its min_engines ({})",
+                    rec.spec.min_engines
+                )));
+            }
             Some(e) => e.to_owned(),
-            None => rec
-                .placement
-                .last()
-                .cloned()
-                .expect("more than min_engines"),
+            None => (*staying.last().expect("more than min_engines")).clone(),
         };
         if let Some(m) = self.scaling.migrations.get(name)
             && (m.to == victim || m.from == victim)
@@ -357,25 +389,48 @@ impl Cluster {
                 m.from, m.to
             )));
         }
-        rec.placement.retain(|p| *p != victim);
-        rec.resource_version += 1;
-        let timeout = self.settings.rebalance.scalein_timeout;
+        self.begin_leaving(name, &victim, "scaled in")?;
         self.events.emit(
             "scaling",
             &[obj("vs", name), obj("engine", &victim)],
             format!(
-                "scale in: removed; its connections drain for {} s, then the rest are reset",
-                timeout.as_secs()
+                "scale in: {victim} gets no new connections; once the primary has applied that, \
+                 it leaves and its connections drain for {} s, then the rest are reset",
+                self.settings.rebalance.scalein_timeout.as_secs()
             ),
         );
-        let rec = self.put_vs(rec, "scaled in")?;
-        self.began_draining(name, &victim, self.clock);
-        Ok(rec)
+        self.vs(name)
+    }
+
+    /// `engine` gets weight 0 in a new snapshot, whose version it leaves at.
+    fn begin_leaving(
+        &mut self,
+        vs: &str,
+        engine: &str,
+        what: &'static str,
+    ) -> Result<(), ClusterError> {
+        let key = (vs.to_owned(), engine.to_owned());
+        self.scaling.pending.remove(&key);
+        self.scaling.leaving.insert(
+            key.clone(),
+            Leaving {
+                version: u64::MAX,
+                what,
+            },
+        );
+        if let Err(e) = self.refresh() {
+            self.scaling.leaving.remove(&key);
+            return Err(e);
+        }
+        let version = self.p.version;
+        self.scaling.leaving.insert(key, Leaving { version, what });
+        Ok(())
     }
 
     fn began_draining(&mut self, vs: &str, engine: &str, now: Instant) {
         let key = (vs.to_owned(), engine.to_owned());
         self.scaling.pending.remove(&key);
+        self.scaling.leaving.remove(&key);
         self.scaling.drains.insert(
             key,
             DrainView {
@@ -524,6 +579,7 @@ impl Cluster {
             }
         }
         changed |= self.advance_migrations(now)?;
+        changed |= self.advance_leaving(now)?;
         changed |= self.adjust_primary_weights(now);
         let timeout = self.settings.rebalance.scalein_timeout;
         self.scaling
@@ -602,7 +658,7 @@ impl Cluster {
                         );
                     } else {
                         self.scaling.migrations.remove(&vs);
-                        self.leave(rec, &m.from, "migrated away", now)?;
+                        self.begin_leaving(&vs, &m.from, "migrated away")?;
                     }
                     changed = true;
                 }
@@ -623,6 +679,55 @@ impl Cluster {
                     }
                 }
                 Stage::TargetPending => {}
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Leaving engines leave once their primary has applied their weight 0 (or is gone).
+    fn advance_leaving(&mut self, now: Instant) -> Result<bool, ClusterError> {
+        let mut changed = false;
+        let leaving: Vec<((String, String), Leaving)> = self
+            .scaling
+            .leaving
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for ((vs, e), Leaving { version, what }) in leaving {
+            let key = (vs.clone(), e.clone());
+            let Some(rec) = self
+                .p
+                .services
+                .get(&vs)
+                .filter(|r| r.placement.contains(&e))
+                .cloned()
+            else {
+                self.scaling.leaving.remove(&key);
+                continue;
+            };
+            let primary = rec.placement[0].clone();
+            if primary == e {
+                // Promoted by a failover meanwhile: it stays, with its weight.
+                self.scaling.leaving.remove(&key);
+                self.events.emit(
+                    "scaling",
+                    &[obj("vs", &vs), obj("engine", &e)],
+                    format!("{e} does not leave {vs}: it became its primary"),
+                );
+                changed = true;
+                continue;
+            }
+            let applied = self
+                .observed
+                .get(&primary)
+                .is_some_and(|o| o.applied_version >= version);
+            let primary_gone = !self
+                .health
+                .state(&primary)
+                .is_some_and(EngineHealth::is_healthy);
+            if applied || primary_gone {
+                self.leave(rec, &e, what, now)?;
+                changed = true;
             }
         }
         Ok(changed)

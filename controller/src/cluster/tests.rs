@@ -300,7 +300,7 @@ fn acks_nacks_and_anomalies() {
     let (mut c, _) = standard(start);
     let v = c.snapshot().version;
     c.connected("se1", 0, start);
-    c.sent("se1", start);
+    c.sent("se1", v, start);
     c.nack("se1", v, "interface eth9: no such interface", start);
     c.tick(start).unwrap();
     let a = c.anomalies();
@@ -315,11 +315,33 @@ fn acks_nacks_and_anomalies() {
     let kinds: Vec<&str> = c.events.recent().iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&"anomaly_raised") && kinds.contains(&"anomaly_cleared"));
     // Not acked for longer than the timeout.
+    let alive = |c: &mut Cluster, t: Instant| {
+        for e in ["se1", "se2", "se3", "se4"] {
+            c.heartbeat(e, Observed::default(), t);
+        }
+    };
     c.connected("se2", 0, start);
-    c.sent("se2", start);
-    c.heartbeat("se2", Observed::default(), start + Duration::from_secs(5));
+    let v = c.snapshot().version;
+    c.sent("se2", v - 1, start);
+    alive(&mut c, start + Duration::from_secs(5));
     c.tick(start + Duration::from_secs(6)).unwrap();
-    assert!(c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"));
+    assert_eq!(c.snapshot().version, v);
+    assert!(
+        !c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"),
+        "the current version has not gone out yet: not late"
+    );
+    c.sent("se2", v, start + Duration::from_secs(6));
+    alive(&mut c, start + Duration::from_secs(9));
+    c.tick(start + Duration::from_secs(10)).unwrap();
+    assert!(!c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"));
+    alive(&mut c, start + Duration::from_secs(12));
+    c.tick(start + Duration::from_secs(12)).unwrap();
+    assert_eq!(c.snapshot().version, v);
+    assert!(
+        c.anomalies().iter().any(|(a, _)| a.kind == "not_acked"),
+        "{:?}",
+        c.anomalies()
+    );
 }
 
 /// `engine` has applied the current snapshot and its proxy serves `serving`, at `now`.
@@ -412,7 +434,33 @@ fn a_scaled_in_engine_drains_and_its_resets_are_flagged() {
         "vs_scalein_timeout is the engines' drain timeout"
     );
     let vs = c.scale_in("web", Some("se3")).unwrap();
-    assert_eq!(vs.placement, ["se1"]);
+    // First nothing new for se3, which still listens: the primary has not applied that yet.
+    assert_eq!(vs.placement, ["se1", "se3"]);
+    assert_eq!(members(&c), [(1, 80), (3, 0)]);
+    assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
+    assert!(
+        c.scale_in("web", Some("se3"))
+            .unwrap_err()
+            .to_string()
+            .contains("already leaving")
+    );
+    assert!(
+        c.scale_in("web", None)
+            .unwrap_err()
+            .to_string()
+            .contains("min_engines"),
+        "a leaving engine does not count toward min_engines"
+    );
+    assert!(
+        c.scaling
+            .in_progress()
+            .is_some_and(|p| p.contains("se3 leaves web"))
+    );
+    // se3 applying it changes nothing: the primary's ring is what sends it connections.
+    serves(&mut c, "se3", &["web"], 10.0, now + Duration::from_secs(1));
+    assert_eq!(c.persisted().services["web"].placement, ["se1", "se3"]);
+    serves(&mut c, "se1", &["web"], 10.0, now + Duration::from_secs(1));
+    assert_eq!(c.persisted().services["web"].placement, ["se1"]);
     assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
     let report = |open, finished, reset, done| Observed {
         drains: vec![DrainReport {
@@ -504,6 +552,12 @@ fn a_migration_promotes_the_target_once_it_serves_then_the_old_primary_leaves() 
         ["se4", "se2", "se3"]
     );
     serves(&mut c, "se3", &["web"], 10.0, t + Duration::from_secs(4));
+    assert_eq!(
+        members(&c),
+        [(4, 80), (2, 0), (3, BASE_WEIGHT)],
+        "se2 gets nothing new"
+    );
+    serves(&mut c, "se4", &["web"], 10.0, t + Duration::from_secs(5));
     assert_eq!(c.persisted().services["web"].placement, ["se4", "se3"]);
     assert_eq!(primary_epoch(&c), (4, epoch + 1), "no promotion");
 }
