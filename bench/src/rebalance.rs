@@ -64,10 +64,6 @@ struct EndToEnd {
 /// One end-to-end run: (threshold → decision, decision → traffic), seconds.
 fn end_to_end_run(run: usize) -> Result<(f64, f64)> {
     use lb_tests::controller_lab::{ControllerLab, placement};
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
     let l = ControllerLab::build_with(
         &format!("lbbr{}", char::from(b'a' + u8::try_from(run % 26)?)),
         &[
@@ -86,29 +82,14 @@ fn end_to_end_run(run: usize) -> Result<(f64, f64)> {
         .first()
         .cloned()
         .context("placed")?;
-    l.wait(Duration::from_secs(10), "engines report cgroup CPU", |l| {
-        let e = l.lbctl(&["engines"])?.json()?;
-        Ok(e.as_array()
-            .is_some_and(|a| a.iter().all(|e| e["cpu_source"] == "cgroup")))
-    })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let ns = l.lab.client(0).clone();
+    l.wait_cgroup_cpu()?;
     let wrk = lb_tests::tools::Wrk {
         connections: 8,
         duration: Duration::from_secs(3),
         close: true,
         ..lb_tests::tools::Wrk::new(&format!("http://{}/", l.lab.vip_http()))
     };
-    // Bounded: at most 20 runs of 3 s.
-    let load = std::thread::spawn(move || {
-        for _ in 0..20 {
-            if flag.load(Ordering::Relaxed) {
-                break;
-            }
-            let _ = wrk.run(&ns);
-        }
-    });
+    let load = lb_tests::tools::WrkLoop::start(l.lab.client(0), wrk, 20);
     let started = Instant::now();
     let (mut crossed, mut decided, mut traffic) = (None, None, None);
     let mut new_engine = None;
@@ -144,8 +125,7 @@ fn end_to_end_run(run: usize) -> Result<(f64, f64)> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = load.join();
+    load.finish()?;
     let (Some(c), Some(d), Some(t)) = (crossed, decided, traffic) else {
         anyhow::bail!("run {run}: crossed {crossed:?}, decided {decided:?}, traffic {traffic:?}");
     };

@@ -425,12 +425,15 @@ impl NewConnections {
             let start = Instant::now();
             // Bounded: a test that forgets to finish stops after ten minutes.
             while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(10) {
+                let began = Instant::now();
                 match one_request(target, Duration::from_secs(5)) {
                     Ok(name) => *r.per_engine.entry(name).or_default() += 1,
                     Err(e) => {
                         r.errors += 1;
                         if r.error_samples.len() < MAX_ERROR_SAMPLES {
-                            r.error_samples.push(format!("{e:#}"));
+                            // When it began, after the start: to line up with what moved.
+                            let at = began.duration_since(start).as_secs_f64();
+                            r.error_samples.push(format!("at {at:.2} s: {e:#}"));
                         }
                     }
                 }

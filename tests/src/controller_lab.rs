@@ -312,6 +312,21 @@ impl ControllerLab {
         ))
     }
 
+    /// Waits until every engine reports its CPU against its cgroup's quota (a lab built with one).
+    pub fn wait_cgroup_cpu(&self) -> Result<()> {
+        self.wait(
+            Duration::from_secs(10),
+            "engines report their cgroup CPU",
+            |l| {
+                let engines = l.lbctl(&["engines"])?.json()?;
+                Ok(engines
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|e| e["cpu_source"] == "cgroup")))
+            },
+        )?;
+        Ok(())
+    }
+
     /// Waits until no engine placed for `vs` is pending a scale-out (each it has gets new
     /// connections); returns the placement, the primary first.
     pub fn wait_serving(&self, vs: &str, timeout: Duration) -> Result<Vec<String>> {
@@ -605,7 +620,7 @@ pub fn placement(vs: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn tail(text: &str, n: usize) -> String {
+pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

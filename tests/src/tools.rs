@@ -90,6 +90,42 @@ impl Wrk {
     }
 }
 
+/// `wrk` run again and again (each run as given, at most `max_runs`) from a thread until
+/// [`WrkLoop::finish`]: a load that can be stopped at a moment the test chooses.
+pub struct WrkLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(u64, u64)>>,
+}
+
+impl WrkLoop {
+    pub fn start(ns: &Ns, wrk: Wrk, max_runs: usize) -> WrkLoop {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = ns.clone();
+        let thread = std::thread::spawn(move || -> Result<(u64, u64)> {
+            let (mut requests, mut errors) = (0, 0);
+            for _ in 0..max_runs {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = wrk.run(&ns)?;
+                requests += r.requests;
+                errors += r.errors();
+            }
+            Ok((requests, errors))
+        });
+        WrkLoop { stop, thread }
+    }
+
+    /// Stops after the run in progress: (requests, failed requests) of all runs.
+    pub fn finish(self) -> Result<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("wrk loop thread panicked"))?
+    }
+}
+
 /// wrk's socket error counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketErrors {

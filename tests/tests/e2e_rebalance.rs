@@ -16,15 +16,13 @@
 //!   connection besides): zero failed requests; the new engine holds the VIP; the old one drains.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lb_tests::client::{HeldConnection, NewConnections};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::require_root;
-use lb_tests::tools::Wrk;
+use lb_tests::tools::{Wrk, WrkLoop};
 use serde_json::Value;
 
 /// The controller's events of kinds starting with `kind` (`lbctl events --kind`, JSON lines).
@@ -49,6 +47,44 @@ fn reasons(events: &[Value]) -> Vec<String> {
 fn accepted(l: &ControllerLab) -> BTreeMap<u8, f64> {
     l.metric_per_engine("lb_proxy_connections_total", &[("vs", "web")])
         .unwrap()
+}
+
+/// What each engine counted that tells where packets went: for a failure's report.
+fn dump_engines(l: &ControllerLab) {
+    for e in &l.lab.engines {
+        let Some(id) = l.id_of(&e.name) else { continue };
+        let Some(d) = l.daemon(id) else { continue };
+        let metrics = d.metrics().unwrap_or_default();
+        let lines: Vec<&str> = metrics
+            .lines()
+            .filter(|s| !s.starts_with('#'))
+            .filter(|s| {
+                [
+                    "xdp_packets",
+                    "owner_",
+                    "flows_",
+                    "drain",
+                    "refused",
+                    "promotions",
+                    "demotions",
+                    "garp",
+                ]
+                .iter()
+                .any(|k| s.contains(k))
+            })
+            .filter(|s| !s.ends_with(" 0"))
+            .collect();
+        println!(
+            "--- {} ---\n{}\n{}",
+            e.name,
+            lines.join("\n"),
+            d.log_tail(40)
+        );
+    }
+    println!(
+        "--- controller ---\n{}",
+        lb_tests::controller_lab::tail(&l.controller_log(), 40)
+    );
 }
 
 #[test]
@@ -77,17 +113,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     l.create_web_pool().unwrap();
     let first = placement(&l.create_web_service(1).unwrap());
     let primary = l.id_of(&first[0]).unwrap();
-    l.wait(
-        Duration::from_secs(10),
-        "engines report their cgroup CPU",
-        |l| {
-            let engines = l.lbctl(&["engines"])?.json()?;
-            Ok(engines
-                .as_array()
-                .is_some_and(|a| a.iter().all(|e| e["cpu_source"] == "cgroup")))
-        },
-    )
-    .unwrap();
+    l.wait_cgroup_cpu().unwrap();
 
     // A connection established before anything moves.
     let client = l.lab.client(0).clone();
@@ -97,7 +123,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     let before_addr = before.local_addr().unwrap();
 
     // Hot: wrk, one request per connection, through the one engine, in runs of 3 s until told
-    // to stop (bounded: at most 20 runs).
+    // to stop (at most 20 runs).
     let scaled_out_before = events(&l, "rebalance").unwrap().len();
     let wrk = Wrk {
         connections: 8,
@@ -105,21 +131,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         close: true,
         ..Wrk::new(&format!("http://{}/", l.lab.vip_http()))
     };
-    let wrk_ns = client.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_wrk = stop.clone();
-    let load = std::thread::spawn(move || -> Result<(u64, u64)> {
-        let (mut requests, mut errors) = (0, 0);
-        for _ in 0..20 {
-            if stop_wrk.load(Ordering::Relaxed) {
-                break;
-            }
-            let r = wrk.run(&wrk_ns)?;
-            requests += r.requests;
-            errors += r.errors();
-        }
-        Ok((requests, errors))
-    });
+    let load = WrkLoop::start(&client, wrk, 20);
     let started = Instant::now();
     let mut scaled_to = String::new();
     l.wait(Duration::from_secs(30), "the loop scales web out", |l| {
@@ -178,8 +190,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         Some(primary),
         "an established connection stays on its engine"
     );
-    stop.store(true, Ordering::Relaxed);
-    let (requests, errors) = load.join().unwrap().unwrap();
+    let (requests, errors) = load.finish().unwrap();
     println!("wrk across the scale-out: {requests} requests, {errors} failed");
     assert!(requests > 0);
     assert_eq!(errors, 0, "no request failed across the scale-out");
@@ -258,7 +269,9 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     let ns = client.clone();
     let load = std::thread::spawn(move || keepalive.run(&ns));
     let fresh = NewConnections::start(&client, l.lab.vip_http(), Duration::from_millis(20));
+    let fresh_began = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
+    let migration_at = fresh_began.elapsed().as_secs_f64();
     let out = l.lbctl(&["migrate", "web", "--to", &spare]).unwrap();
     assert_eq!(out.code, 0, "lbctl migrate: {}", out.stderr);
     let migrating = Instant::now();
@@ -283,6 +296,10 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         kept.errors(),
         kept.p99_ms
     );
+    if kept.errors() > 0 || fresh.errors > 0 {
+        println!("migration started {migration_at:.2} s after the new connections");
+        dump_engines(&l);
+    }
     assert!(kept.requests > 0 && fresh.ok() > 0);
     assert_eq!(
         kept.errors(),
@@ -291,6 +308,26 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         kept.text
     );
     assert_eq!(fresh.errors, 0, "no new connection failed: {fresh}");
+    // The old primary terminated wrk's 8 keep-alive connections: demoted, it pushed them to the
+    // target, which learnt each from that list or by asking (whichever came first).
+    let (old_id, new_id) = (l.id_of(&first[0]).unwrap(), l.id_of(&spare).unwrap());
+    let pushed = l.metric_per_engine("lb_flows_pushed_total", &[]).unwrap()[&old_id];
+    let loaded = l
+        .metric_per_engine("lb_flows_bulk_loaded_total", &[])
+        .unwrap()[&new_id];
+    let answered = l
+        .metric_per_engine("lb_owner_queries_answered_total", &[])
+        .unwrap()[&new_id];
+    println!(
+        "flows pushed by {}: {pushed}; {spare} loaded {loaded} of them and had {answered} \
+         owner queries answered",
+        first[0]
+    );
+    assert!(
+        pushed >= 8.0,
+        "the old primary pushed its connections: {pushed}"
+    );
+    assert!(loaded + answered >= 8.0, "the target learnt them");
     l.wait(Duration::from_secs(10), "the old primary has left", |l| {
         let v = l.lbctl(&["vs", "get", "web"])?.json()?;
         Ok(!placement(&v).contains(&first[0]))
