@@ -586,6 +586,17 @@ impl ControllerLab {
         }
     }
 
+    /// Waits until every engine in `ids` runs the same version above `after`; returns it (the one
+    /// seen: the controller may make another at any time, e.g. a primary's weight).
+    pub fn wait_applied_after(&self, ids: &[u8], after: u64, what: &str) -> Result<u64> {
+        let mut seen = 0;
+        self.wait(Duration::from_secs(10), what, |l| {
+            seen = l.applied_everywhere(ids)?.unwrap_or(0);
+            Ok(seen > after)
+        })?;
+        Ok(seen)
+    }
+
     /// Every engine in `ids` runs the same version, > 0, and none reports an error.
     pub fn applied_everywhere(&self, ids: &[u8]) -> Result<Option<u64>> {
         let engines = self.lbctl(&["engines"])?.json()?;
