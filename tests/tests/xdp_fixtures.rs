@@ -383,17 +383,25 @@ fn a_syn_follows_its_entry_only_to_an_engine_the_ring_names() {
     // Engine 2 gets weight 0 (it is scaled in): a SYN on the same ports is a new connection
     // reusing them, placed by the ring, not sent to an engine that may have stopped listening.
     tb.reconfigure(&weight0).unwrap();
-    tb.check(&tx_to(
+    syn_placed_again(
+        &tb,
+        port,
         "SYN on the ports of a flow whose engine left the ring",
-        syn.build(),
         E_L2_B,
-        &[Reason::SynOffRing, Reason::TxL2],
-    ));
-    assert_eq!(tb.conn_owner(&syn.flow()), Some(E_L2_B));
+        Reason::SynOffRing,
+    );
+}
+
+/// A SYN on the ports of a recorded flow whose engine takes no new connections goes to `to`
+/// (counted `reason`) and is recorded there: the flow's next segment follows it.
+fn syn_placed_again(tb: &Testbed, port: u16, what: &str, to: u32, reason: Reason) {
+    let syn = Packet::syn(client4(port), web4());
+    tb.check(&tx_to(what, syn.build(), to, &[reason, Reason::TxL2]));
+    assert_eq!(tb.conn_owner(&syn.flow()), Some(to));
     tb.check(&tx_to(
         "the new connection sticks",
         Packet::ack(client4(port), web4()).build(),
-        E_L2_B,
+        to,
         &[Reason::ConnHit, Reason::TxL2],
     ));
 }
@@ -474,20 +482,13 @@ fn draining_engine_keeps_existing_flows_and_gets_no_new_ones() {
     ));
     new_flows_avoid(&tb, 20000, 200, E_L2_B);
     // A SYN reusing the ports of a draining engine's flow is a new connection: placed again.
-    let syn = Packet::syn(client4(port), web4());
-    tb.check(&tx_to(
+    syn_placed_again(
+        &tb,
+        port,
         "SYN on the ports of a draining engine's flow",
-        syn.build(),
         E_L2_A,
-        &[Reason::SynToDraining, Reason::TxL2],
-    ));
-    assert_eq!(tb.conn_owner(&syn.flow()), Some(E_L2_A));
-    tb.check(&tx_to(
-        "the new connection sticks",
-        ack,
-        E_L2_A,
-        &[Reason::ConnHit, Reason::TxL2],
-    ));
+        Reason::SynToDraining,
+    );
 }
 
 #[test]

@@ -550,13 +550,7 @@ impl Cluster {
     pub(super) fn advance_scaling(&mut self, now: Instant) -> Result<(), ClusterError> {
         let mut changed = false;
         // Scaled-out engines that serve now get their weight.
-        let pending: Vec<((String, String), u64)> = self
-            .scaling
-            .pending
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for ((vs, e), version) in pending {
+        for ((vs, e), version) in self.scaling.pending.clone() {
             let placed = self
                 .p
                 .services
@@ -687,13 +681,7 @@ impl Cluster {
     /// Leaving engines leave once their primary has applied their weight 0 (or is gone).
     fn advance_leaving(&mut self, now: Instant) -> Result<bool, ClusterError> {
         let mut changed = false;
-        let leaving: Vec<((String, String), Leaving)> = self
-            .scaling
-            .leaving
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for ((vs, e), Leaving { version, what }) in leaving {
+        for ((vs, e), Leaving { version, what }) in self.scaling.leaving.clone() {
             let key = (vs.clone(), e.clone());
             let Some(rec) = self
                 .p
