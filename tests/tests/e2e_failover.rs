@@ -60,6 +60,9 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
     let killed = start.elapsed();
     let killed_wall = std::time::SystemTime::now();
     l.kill_daemon(victim).unwrap();
+    // SIGKILL sent and the process reaped: until then its kernel listener may still complete a
+    // handshake, reset when the process's sockets close.
+    let died = start.elapsed();
     let results = worker.join().unwrap();
     let slow = Duration::from_millis(500);
     let bad: Vec<_> = results
@@ -68,15 +71,15 @@ fn a_dead_secondary_gets_no_new_flows_within_300_ms() {
         .collect();
     let last_bad = bad.iter().map(|(began, ..)| *began).max();
     println!(
-        "{} connections, killed at {killed:?}; slow or failed: {}; the last of them started at {last_bad:?}",
+        "{} connections, killed at {killed:?} (dead at {died:?}); slow or failed: {}; the last of them started at {last_bad:?}",
         results.len(),
         bad.len()
     );
-    // The loop is sequential: one connection at most is open when the daemon dies, and if the
-    // victim's proxy held it, it is lost with it (the victim's own flow). Any other fails the test.
+    // The loop is sequential: one connection at most is open while the daemon dies, and if the
+    // victim held it, it is lost with it (the victim's own flow). Any other fails the test.
     let failed: Vec<_> = results.iter().filter(|(.., r)| r.is_err()).collect();
     let in_flight_at_kill = |(began, took, _): &&(Duration, Duration, Result<String, String>)| {
-        *began <= killed && *began + *took >= killed
+        *began <= died && *began + *took >= killed
     };
     assert!(
         failed.len() <= 1 && failed.iter().all(in_flight_at_kill),
