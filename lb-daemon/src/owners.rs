@@ -3,10 +3,10 @@
 //!
 //! - **Bulk load.** An engine that sees a new primary for a virtual service (a [`Change::Followed`]
 //!   or, the old primary of a migration, a `Change::Demoted` from [`crate::roles`]) sends it
-//!   every flow its proxy holds for that service (`Owned` messages, seq 0). A list that arrives
-//!   before the receiver has taken the role (the old primary may apply a migration first) is
-//!   kept for [`EARLY_TTL`] and written when it does. The new primary writes them into its connection table: most flows hit at
-//!   once.
+//!   every flow its proxy holds for that service (`Owned` messages, seq 0). The new primary
+//!   writes them into its connection table: most flows hit at once. A list that arrives before
+//!   the receiver has taken the role (the old primary may apply a migration first) is kept for
+//!   [`EARLY_TTL`] and written when it does.
 //! - **Query.** For a flow the primary's table does not know — a TCP segment without SYN, or (for
 //!   a while after a promotion) a UDP datagram — the XDP program hands the 5-tuple to this task
 //!   (the `OWNER_QUERIES` ring buffer) and drops the packet. The task asks every engine of the
@@ -15,9 +15,10 @@
 //!   and the answer goes into the connection table: the client's retransmission reaches the
 //!   owner. Engines that have not answered within [`QUERY_TIMEOUT`] are asked again, up to
 //!   [`QUERY_RETRIES`] times: a slow daemon (an overloaded engine, the one a migration leaves)
-//!   costs the flow a retransmission or two, not its connection. A TCP flow no engine owns is given to this engine, whose
-//!   stack resets it (the connection is lost); a UDP flow no engine owns goes where the ring
-//!   places it (the ring as the data plane has it, [`crate::engine::Rings`]): a new session there.
+//!   costs the flow a retransmission or two, not its connection. A TCP flow no engine owns is
+//!   given to this engine, whose stack resets it (the connection is lost); a UDP flow no engine
+//!   owns goes where the ring places it (the ring as the data plane has it,
+//!   [`crate::engine::Rings`]): a new session there.
 //!
 //! Cost to a surviving flow: at most one retransmission (the dropped segment), no reset. Bounds:
 //! the data plane rate-limits queries per CPU and the ring buffer is fixed in size (beyond either,
@@ -329,13 +330,11 @@ pub async fn run(
                     let Some(s) = plan.services.get(vs_id).filter(|s| s.primary) else {
                         return true;
                     };
-                    let mut n = 0u64;
-                    for (at, from, c) in flows.drain(..) {
-                        if now.duration_since(at) < EARLY_TTL && tables.write(s, *vs_id, c, from) {
-                            n += 1;
-                        }
-                    }
-                    counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
+                    let fresh = flows
+                        .drain(..)
+                        .filter(|(at, ..)| now.duration_since(*at) < EARLY_TTL)
+                        .map(|(_, from, c)| (from, c));
+                    let n = bulk_load(&mut tables, &counters, s, *vs_id, fresh);
                     info!(vs_id, flows = n, "flows pushed before this engine took the role, bulk-loaded");
                     false
                 });
@@ -373,17 +372,8 @@ pub async fn run(
                 let Some(sender) = sender else { continue };
                 for (vs_id, clients) in std::mem::take(&mut batch) {
                     let Some(s) = plan.services.get(&vs_id) else { continue };
-                    for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
-                        seq += 1;
-                        for c in chunk {
-                            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
-                                p.seq = seq;
-                            }
-                        }
-                        for (_, addr) in &s.peers {
-                            sender.send(*addr, Kind::Query, seq, encode_flows(vs_id, chunk)).await;
-                        }
-                    }
+                    let peers: Vec<SocketAddr> = s.peers.iter().map(|(_, addr)| *addr).collect();
+                    ask(&sender, &mut pending, &mut seq, vs_id, &clients, &peers).await;
                 }
                 // Flows with nobody to ask are decided at once.
                 settle(&mut pending, &plan, &mut tables, &rings, &counters, false);
@@ -410,13 +400,7 @@ pub async fn run(
                     }
                     // Pushed to a new primary: write what the table does not know yet.
                     Kind::Owned if m.seq == 0 && s.primary => {
-                        let mut n = 0u64;
-                        for c in flows {
-                            if tables.write(s, vs_id, c, m.from) {
-                                n += 1;
-                            }
-                        }
-                        counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
+                        let n = bulk_load(&mut tables, &counters, s, vs_id, flows.into_iter().map(|c| (m.from, c)));
                         info!(engine = m.from, vs_id, flows = n, "flows bulk-loaded from a surviving engine");
                     }
                     // Pushed before this engine has taken the role: kept for when it does.
@@ -474,23 +458,56 @@ pub async fn run(
                     let sender = ch.sender.borrow().clone();
                     if let Some(sender) = sender {
                         for ((vs_id, peers), clients) in again {
-                            for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
-                                seq += 1;
-                                for c in chunk {
-                                    if let Some(p) = pending.get_mut(&(vs_id, *c)) {
-                                        p.seq = seq;
-                                    }
-                                }
-                                for addr in &peers {
-                                    sender.send(*addr, Kind::Query, seq, encode_flows(vs_id, chunk)).await;
-                                }
-                            }
+                            ask(&sender, &mut pending, &mut seq, vs_id, &clients, &peers).await;
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Asks `peers` which of `clients` (of `vs_id`, all pending) they own, in messages of
+/// [`FLOWS_PER_MESSAGE`]; each flow remembers the query that asked about it last.
+async fn ask(
+    sender: &Sender,
+    pending: &mut HashMap<(u32, Client), Pending>,
+    seq: &mut u64,
+    vs_id: u32,
+    clients: &[Client],
+    peers: &[SocketAddr],
+) {
+    for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
+        *seq += 1;
+        for c in chunk {
+            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
+                p.seq = *seq;
+            }
+        }
+        for addr in peers {
+            sender
+                .send(*addr, Kind::Query, *seq, encode_flows(vs_id, chunk))
+                .await;
+        }
+    }
+}
+
+/// Writes pushed (owner, flow) pairs the table does not know yet; returns how many were written.
+fn bulk_load(
+    tables: &mut ConnTables,
+    counters: &OwnerCounters,
+    s: &Service,
+    vs_id: u32,
+    flows: impl Iterator<Item = (u32, Client)>,
+) -> u64 {
+    let mut n = 0u64;
+    for (owner, c) in flows {
+        if tables.write(s, vs_id, c, owner) {
+            n += 1;
+        }
+    }
+    counters.bulk_loaded.fetch_add(n, Ordering::Relaxed);
+    n
 }
 
 /// (service, the peers to ask) → the flows to ask them about again.

@@ -196,7 +196,7 @@ impl Tables {
                 vip: key,
                 flags,
                 persist_timeout_s: vs.persistence_timeout_s,
-                ring_engines: [0; 8],
+                ring_engines: Default::default(),
             };
             for &id in ring.iter().filter(|&&id| id != ENGINE_NONE) {
                 entry.set_ring_engine(id);

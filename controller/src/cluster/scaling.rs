@@ -657,16 +657,9 @@ impl Cluster {
                     changed = true;
                 }
                 Stage::Promoted { version } => {
-                    let applied = |e: &str| {
-                        self.observed
-                            .get(e)
-                            .is_some_and(|o| o.applied_version >= version)
-                    };
-                    let from_gone = !self
-                        .health
-                        .state(&m.from)
-                        .is_some_and(EngineHealth::is_healthy);
-                    if applied(&m.to) && (applied(&m.from) || from_gone) {
+                    if self.has_applied(&m.to, version)
+                        && (self.has_applied(&m.from, version) || self.is_gone(&m.from))
+                    {
                         self.scaling.migrations.remove(&vs);
                         self.leave(rec, &m.from, "migrated away (the old primary)", now)?;
                         changed = true;
@@ -676,6 +669,21 @@ impl Cluster {
             }
         }
         Ok(changed)
+    }
+
+    /// `engine` runs `version` or a later one.
+    fn has_applied(&self, engine: &str, version: u64) -> bool {
+        self.observed
+            .get(engine)
+            .is_some_and(|o| o.applied_version >= version)
+    }
+
+    /// `engine` is not healthy: nothing it would apply is worth waiting for.
+    fn is_gone(&self, engine: &str) -> bool {
+        !self
+            .health
+            .state(engine)
+            .is_some_and(EngineHealth::is_healthy)
     }
 
     /// Leaving engines leave once their primary has applied their weight 0 (or is gone).
@@ -705,15 +713,7 @@ impl Cluster {
                 changed = true;
                 continue;
             }
-            let applied = self
-                .observed
-                .get(&primary)
-                .is_some_and(|o| o.applied_version >= version);
-            let primary_gone = !self
-                .health
-                .state(&primary)
-                .is_some_and(EngineHealth::is_healthy);
-            if applied || primary_gone {
+            if self.has_applied(&primary, version) || self.is_gone(&primary) {
                 self.leave(rec, &e, what, now)?;
                 changed = true;
             }
