@@ -315,8 +315,7 @@ pub async fn run(
         }
     };
     let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
-    // Service → (when, from, flow) pushed before this engine was its primary.
-    let mut early: HashMap<u32, Vec<(Instant, u32, Client)>> = HashMap::new();
+    let mut early = Early::default();
     let mut seq = 0u64;
     let mut batch: BTreeMap<u32, Vec<Client>> = BTreeMap::new();
     let mut sweep = tokio::time::interval(QUERY_TIMEOUT / 4);
@@ -325,19 +324,13 @@ pub async fn run(
             changed = ch.plan.changed() => {
                 if changed.is_err() { return; }
                 let plan = ch.plan.borrow().clone();
-                let now = Instant::now();
-                early.retain(|vs_id, flows| {
-                    let Some(s) = plan.services.get(vs_id).filter(|s| s.primary) else {
-                        return true;
-                    };
-                    let fresh = flows
-                        .drain(..)
-                        .filter(|(at, ..)| now.duration_since(*at) < EARLY_TTL)
-                        .map(|(_, from, c)| (from, c));
-                    let n = bulk_load(&mut tables, &counters, s, *vs_id, fresh);
-                    info!(vs_id, flows = n, "flows pushed before this engine took the role, bulk-loaded");
-                    false
-                });
+                for (vs_id, s) in plan.services.iter().filter(|(_, s)| s.primary) {
+                    let flows = early.take(*vs_id, Instant::now());
+                    if !flows.is_empty() {
+                        let n = bulk_load(&mut tables, &counters, s, *vs_id, flows.into_iter());
+                        info!(vs_id, flows = n, "flows pushed before this engine took the role, bulk-loaded");
+                    }
+                }
             }
             guard = queries.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
@@ -405,16 +398,10 @@ pub async fn run(
                     }
                     // Pushed before this engine has taken the role: kept for when it does.
                     Kind::Owned if m.seq == 0 => {
-                        let held: usize = early.values().map(Vec::len).sum();
-                        let now = Instant::now();
-                        let room = EARLY_MAX.saturating_sub(held);
-                        if flows.len() > room {
-                            debug!(engine = m.from, vs_id, dropped = flows.len() - room, "too many flows pushed early");
+                        let dropped = early.hold(vs_id, m.from, flows, Instant::now());
+                        if dropped > 0 {
+                            debug!(engine = m.from, vs_id, dropped, "too many flows pushed early");
                         }
-                        early
-                            .entry(vs_id)
-                            .or_default()
-                            .extend(flows.into_iter().take(room).map(|c| (now, m.from, c)));
                     }
                     Kind::Owned => {
                         for c in &flows {
@@ -447,11 +434,7 @@ pub async fn run(
                 info!(vs_id, primary, flows = clients.len(), "flows pushed to the new primary");
             }
             _ = sweep.tick() => {
-                let now = Instant::now();
-                early.retain(|_, flows| {
-                    flows.retain(|(at, _, _)| now.duration_since(*at) < EARLY_TTL);
-                    !flows.is_empty()
-                });
+                early.expire(Instant::now());
                 if !pending.is_empty() {
                     let plan = ch.plan.borrow().clone();
                     let again = settle(&mut pending, &plan, &mut tables, &rings, &counters, true);
@@ -464,6 +447,43 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Flows pushed before this engine took the primary role: service → (when, owner, flow), at most
+/// [`EARLY_MAX`] in all, each for [`EARLY_TTL`].
+#[derive(Debug, Default)]
+struct Early(HashMap<u32, Vec<(Instant, u32, Client)>>);
+
+impl Early {
+    /// Keeps what there is room for; returns how many flows were dropped.
+    fn hold(&mut self, vs_id: u32, owner: u32, flows: Vec<Client>, now: Instant) -> usize {
+        let room = EARLY_MAX.saturating_sub(self.0.values().map(Vec::len).sum());
+        let dropped = flows.len().saturating_sub(room);
+        self.0
+            .entry(vs_id)
+            .or_default()
+            .extend(flows.into_iter().take(room).map(|c| (now, owner, c)));
+        dropped
+    }
+
+    /// The (owner, flow) pairs of `vs_id` still fresh at `now`; none are kept.
+    fn take(&mut self, vs_id: u32, now: Instant) -> Vec<(u32, Client)> {
+        self.0
+            .remove(&vs_id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(at, ..)| now.duration_since(*at) < EARLY_TTL)
+            .map(|(_, owner, c)| (owner, c))
+            .collect()
+    }
+
+    /// Forgets what is older than [`EARLY_TTL`].
+    fn expire(&mut self, now: Instant) {
+        self.0.retain(|_, flows| {
+            flows.retain(|(at, ..)| now.duration_since(*at) < EARLY_TTL);
+            !flows.is_empty()
+        });
     }
 }
 
@@ -527,29 +547,22 @@ fn settle(
     let now = Instant::now();
     let mut again = AskAgain::new();
     pending.retain(|(vs_id, client), p| {
-        let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
-        let timed_out = sweep && now.duration_since(p.since) >= QUERY_TIMEOUT;
-        if p.owner.is_none() && !all_answered && !timed_out {
-            return true;
-        }
-        let Some(s) = plan.services.get(vs_id) else {
-            return false;
-        };
-        if p.owner.is_none() && !all_answered && p.retries < QUERY_RETRIES {
-            let silent: Vec<SocketAddr> = s
-                .peers
-                .iter()
-                .filter(|(id, _)| p.asked.contains(id) && !p.answered.contains(id))
-                .map(|(_, addr)| *addr)
-                .collect();
-            if !silent.is_empty() {
+        let peers = plan.services.get(vs_id).map_or(&[][..], |s| &s.peers[..]);
+        match next_step(p, peers, now, sweep) {
+            Step::Wait => return true,
+            Step::AskAgain(silent) => {
                 p.retries += 1;
                 p.since = now;
                 counters.retried.fetch_add(1, Ordering::Relaxed);
                 again.entry((*vs_id, silent)).or_default().push(*client);
                 return true;
             }
+            Step::Decide => {}
         }
+        let Some(s) = plan.services.get(vs_id) else {
+            return false;
+        };
+        let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
         let owner = if let Some(o) = p.owner {
             counters.answered.fetch_add(1, Ordering::Relaxed);
             o
@@ -580,6 +593,37 @@ fn settle(
     again
 }
 
+/// What a pending flow needs now.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Answers may still come.
+    Wait,
+    /// Time is up, these engines (of those asked) have not answered, retries are left.
+    AskAgain(Vec<SocketAddr>),
+    /// An owner is known, everyone answered, or nobody is left to wait for.
+    Decide,
+}
+
+/// The next step of `p`, whose service has `peers`, at `now` (`sweep`: time-outs are checked).
+fn next_step(p: &Pending, peers: &[(u32, SocketAddr)], now: Instant, sweep: bool) -> Step {
+    if p.owner.is_some() || p.asked.iter().all(|id| p.answered.contains(id)) {
+        return Step::Decide;
+    }
+    if !sweep || now.duration_since(p.since) < QUERY_TIMEOUT {
+        return Step::Wait;
+    }
+    let silent: Vec<SocketAddr> = peers
+        .iter()
+        .filter(|(id, _)| p.asked.contains(id) && !p.answered.contains(id))
+        .map(|(_, addr)| *addr)
+        .collect();
+    if p.retries < QUERY_RETRIES && !silent.is_empty() {
+        Step::AskAgain(silent)
+    } else {
+        Step::Decide
+    }
+}
+
 /// The ring buffer, pollable.
 struct QueryRing(RingBuf<MapData>);
 
@@ -603,6 +647,80 @@ impl AsRawFd for QueryRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flows_pushed_early_are_kept_a_while_within_a_bound() {
+        let t0 = Instant::now();
+        let c1: Client = "10.0.0.2:40000".parse().unwrap();
+        let c2: Client = "10.0.0.2:40001".parse().unwrap();
+        let mut early = Early::default();
+        assert_eq!(early.hold(0, 4, vec![c1], t0), 0);
+        assert_eq!(early.hold(1, 4, vec![c2], t0), 0);
+        assert_eq!(early.take(0, t0 + Duration::from_secs(1)), [(4, c1)]);
+        assert!(early.take(0, t0).is_empty(), "taken once");
+        assert!(early.take(1, t0 + EARLY_TTL).is_empty(), "stale");
+        // The bound counts every service's flows.
+        let many: Vec<Client> = (0..EARLY_MAX)
+            .map(|i| {
+                SocketAddr::new(
+                    "10.1.0.1".parse().unwrap(),
+                    u16::try_from(i % 60_000).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(early.hold(2, 5, vec![c1], t0), 0);
+        assert_eq!(early.hold(3, 5, many, t0), 1, "one over the bound");
+        early.expire(t0 + EARLY_TTL);
+        assert!(early.0.is_empty());
+    }
+
+    #[test]
+    fn silent_engines_are_asked_again_until_the_retries_are_spent() {
+        let t0 = Instant::now();
+        let a: SocketAddr = "10.0.0.2:7401".parse().unwrap();
+        let b: SocketAddr = "10.0.0.3:7401".parse().unwrap();
+        let peers = [(2, a), (3, b)];
+        let mut p = Pending {
+            vs_id: 0,
+            seq: 1,
+            asked: vec![2, 3],
+            answered: vec![3],
+            owner: None,
+            first: t0,
+            since: t0,
+            retries: 0,
+        };
+        let late = t0 + QUERY_TIMEOUT;
+        assert_eq!(next_step(&p, &peers, t0, true), Step::Wait, "in time");
+        assert_eq!(
+            next_step(&p, &peers, late, false),
+            Step::Wait,
+            "not a sweep"
+        );
+        assert_eq!(
+            next_step(&p, &peers, late, true),
+            Step::AskAgain(vec![a]),
+            "only the silent one"
+        );
+        p.retries = QUERY_RETRIES;
+        assert_eq!(
+            next_step(&p, &peers, late, true),
+            Step::Decide,
+            "retries spent"
+        );
+        p.retries = 0;
+        // The silent engine left the service meanwhile: nobody to wait for.
+        assert_eq!(next_step(&p, &[(3, b)], late, true), Step::Decide);
+        p.answered.push(2);
+        assert_eq!(
+            next_step(&p, &peers, t0, false),
+            Step::Decide,
+            "all answered"
+        );
+        p.answered.clear();
+        p.owner = Some(2);
+        assert_eq!(next_step(&p, &peers, t0, false), Step::Decide, "an owner");
+    }
 
     #[test]
     fn flows_round_trip_both_families() {
