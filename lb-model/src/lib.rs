@@ -355,9 +355,14 @@ pub struct VirtualServiceConfig {
     /// Connections the proxy of one engine holds for this virtual service at most.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
-    /// Takes no new connections; existing ones continue until `proxy.drain_timeout_s`.
+    /// Takes no new connections; existing ones continue until the drain timeout.
     #[serde(default)]
     pub draining: bool,
+    /// How long a drain of this service lets open connections finish (1–3600 s) before the rest
+    /// are reset, on an engine that drains or leaves it; unset: `proxy.drain_timeout_s`. The
+    /// controller sets it from the service's engine group (`vs_scalein_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_s: Option<u32>,
 }
 
 fn default_max_connections() -> u32 {
@@ -869,6 +874,14 @@ impl Config {
             check_unicast(&format!("{at}.vip"), vs.vip)?;
             if vs.port == 0 {
                 return Err(invalid(format!("{at}.port"), "must not be 0"));
+            }
+            if let Some(t) = vs.drain_timeout_s
+                && !(1..=3600).contains(&t)
+            {
+                return Err(invalid(
+                    format!("{at}.drain_timeout_s"),
+                    format!("{t} is outside 1–3600 s"),
+                ));
             }
             if let Some(first) = services.insert((vs.vip, vs.port, vs.protocol), i) {
                 return Err(invalid(

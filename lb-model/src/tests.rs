@@ -695,6 +695,21 @@ fn proxy_defaults() {
 }
 
 #[test]
+fn a_service_drain_timeout_is_within_1_to_3600_s() {
+    let mut c = with_pool();
+    c.virtual_services[0].drain_timeout_s = Some(45);
+    c.validate().unwrap();
+    for bad in [0, 3601] {
+        c.virtual_services[0].drain_timeout_s = Some(bad);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("virtual_services[0].drain_timeout_s") && e.contains("outside 1–3600"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn unknown_pool_is_rejected() {
     let mut c = with_pool();
     c.virtual_services[0].pool = Some("nope".into());

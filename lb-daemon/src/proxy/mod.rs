@@ -331,6 +331,17 @@ impl Proxy {
 
         let mut opened = self.open_sockets(&placed, engine_draining)?;
         self.reconcile_pools(config, sources);
+        // A service's own drain timeout, also for one that leaves this engine but stays in the
+        // configuration (a scale-in): its engine group's.
+        let default_timeout = self.drain_timeout;
+        let timeout_of = |name: &str| {
+            config
+                .virtual_services
+                .iter()
+                .find(|vs| vs.name == name)
+                .and_then(|vs| vs.drain_timeout_s)
+                .map_or(default_timeout, |s| Duration::from_secs(u64::from(s)))
+        };
         let mut services = HashMap::new();
         for (_, vs) in &placed {
             let (key, entry) = self.reconcile_service(
@@ -343,7 +354,7 @@ impl Proxy {
         }
         for (_, entry) in std::mem::replace(&mut self.services, services) {
             info!(vs = %entry.service.name, "removed from this engine: draining");
-            self.start_draining(&entry.service);
+            Self::start_draining(&entry.service, timeout_of(&entry.service.name));
             self.retiring.push(entry);
         }
         let now = Instant::now();
@@ -462,7 +473,10 @@ impl Proxy {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
         if engine_draining || vs.draining {
-            self.start_draining(s);
+            let timeout = vs
+                .drain_timeout_s
+                .map_or(self.drain_timeout, |t| Duration::from_secs(u64::from(t)));
+            Self::start_draining(s, timeout);
         } else {
             s.drain.send_replace(Drain::Serving);
             if let Some(socket) = opened.remove(&key) {
@@ -473,12 +487,12 @@ impl Proxy {
         (key, entry)
     }
 
-    fn start_draining(&self, s: &Service) {
+    fn start_draining(s: &Service, timeout: Duration) {
         if s.drain_state() == Drain::Serving {
             s.drain_reported.store(false, Ordering::Relaxed);
-            let deadline = Instant::now() + self.drain_timeout;
+            let deadline = Instant::now() + timeout;
             s.drain.send_replace(Drain::Draining { deadline });
-            info!(vs = %s.name, timeout_s = self.drain_timeout.as_secs(), active = s.stats.active.load(Ordering::Relaxed), "draining");
+            info!(vs = %s.name, timeout_s = timeout.as_secs(), active = s.stats.active.load(Ordering::Relaxed), "draining");
         }
     }
 }
@@ -613,5 +627,68 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
         listed[0].drain_end_reported();
         proxy.apply(&config(port, false)).unwrap();
         assert!(proxy.services().is_empty(), "reported: forgotten");
+    }
+
+    /// A service that leaves this engine but stays placed elsewhere (a scale-in) drains for its own
+    /// timeout (its engine group's), not the proxy's default.
+    #[tokio::test]
+    async fn a_service_leaving_this_engine_drains_for_its_own_timeout() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = |engines: &str| {
+            format!(
+                r#"
+[daemon]
+interface = "lo"
+engine_id = 1
+
+[proxy]
+drain_timeout_s = 30
+
+[[engines]]
+id = 1
+
+[[engines]]
+id = 2
+mac = "02:00:00:00:00:02"
+
+[[pools]]
+name = "web"
+backends = [ {{ address = "127.0.0.1", port = 9 }} ]
+
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "127.0.0.1"
+port = {port}
+protocol = "tcp"
+primary = 2
+pool = "web"
+drain_timeout_s = 600
+engines = [ {engines} ]
+"#
+            )
+        };
+        let mut proxy = Proxy::new(Arc::new(ConnTable::default()));
+        proxy
+            .apply(&Config::parse(&text("{ id = 2 }, { id = 1 }")).unwrap())
+            .unwrap();
+        let before = Instant::now();
+        proxy
+            .apply(&Config::parse(&text("{ id = 2 }")).unwrap())
+            .unwrap();
+        let listed = proxy.services();
+        assert_eq!(listed.len(), 1);
+        let Drain::Draining { deadline } = listed[0].drain_state() else {
+            panic!("not draining: {:?}", listed[0].drain_state());
+        };
+        let left = deadline.saturating_duration_since(before);
+        assert!(
+            left >= Duration::from_secs(600) && left < Duration::from_secs(601),
+            "{left:?}"
+        );
     }
 }
