@@ -151,6 +151,7 @@ async fn engine(addr: SocketAddr, pki: PathBuf, i: u32, acks: Arc<Acks>) -> Resu
         mac: format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256),
         tags: HashMap::new(),
         capacity: 2,
+        group: String::new(),
     })
     .await?;
     let (tx, rx) = mpsc::channel(16);

@@ -6,6 +6,7 @@ use std::{
     net::IpAddr,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use lb_api::v1::{self as pb, operator_server::Operator};
@@ -16,10 +17,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    cluster::{Cluster, ClusterError, invalid},
+    cluster::{Cluster, ClusterError, GroupView, invalid},
     events::Event,
     health::EngineHealth,
-    store::{VsRecord, VsSpec},
+    rebalance::{Criterion, RebalanceSettings},
+    store::{DEFAULT_GROUP, VsRecord, VsSpec},
     tls::{Role, require},
 };
 
@@ -248,7 +250,65 @@ pub fn vs_from_pb(v: pb::VirtualService, native_max: u32) -> Result<VsSpec, Clus
             scaling.max_engines
         },
         tags: scaling.tags.into_iter().collect(),
+        engine_group: if v.engine_group.is_empty() {
+            DEFAULT_GROUP.to_owned()
+        } else {
+            short("engine_group", &v.engine_group)?;
+            v.engine_group
+        },
     })
+}
+
+/// `g`'s settings over `base` (the defaults on create, the stored settings on update): a field
+/// left out keeps the base's value. Ranges are checked by the cluster, naming the field.
+pub fn group_settings_from_pb(
+    g: &pb::EngineGroup,
+    base: RebalanceSettings,
+) -> Result<RebalanceSettings, ClusterError> {
+    let secs = |v: Option<u32>, d: Duration| v.map_or(d, |s| Duration::from_secs(u64::from(s)));
+    let criterion = match &g.criterion {
+        Some(c) => Criterion::parse(c).map_err(|e| invalid("criterion", e))?,
+        None => base.criterion,
+    };
+    Ok(RebalanceSettings {
+        enabled: g.auto_rebalance.unwrap_or(base.enabled),
+        dry_run: g.dry_run.unwrap_or(base.dry_run),
+        interval: secs(g.auto_rebalance_interval_s, base.interval),
+        window: secs(g.window_s, base.window),
+        criterion,
+        max: g.max_usage.unwrap_or(base.max),
+        min: g.min_usage.unwrap_or(base.min),
+        hot_share: g.hot_share_pct.map_or(base.hot_share, |p| p / 100.0),
+        max_scaleout_per_vs: g.max_scaleout_per_vs.unwrap_or(base.max_scaleout_per_vs),
+        min_scaleout_per_vs: g.min_scaleout_per_vs.unwrap_or(base.min_scaleout_per_vs),
+        scalein_timeout: secs(g.vs_scalein_timeout_s, base.scalein_timeout),
+        buffer_se: g.buffer_se.unwrap_or(base.buffer_se),
+        cooldown: secs(g.cooldown_s, base.cooldown),
+    })
+}
+
+pub fn group_to_pb(g: &GroupView) -> pb::EngineGroup {
+    let s = g.record.settings;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    pb::EngineGroup {
+        name: g.record.name.clone(),
+        auto_rebalance: Some(s.enabled),
+        dry_run: Some(s.dry_run),
+        auto_rebalance_interval_s: Some(secs(s.interval)),
+        window_s: Some(secs(s.window)),
+        criterion: Some(s.criterion.name().to_owned()),
+        max_usage: Some(s.max),
+        min_usage: Some(s.min),
+        hot_share_pct: Some(s.hot_share * 100.0),
+        max_scaleout_per_vs: Some(s.max_scaleout_per_vs),
+        min_scaleout_per_vs: Some(s.min_scaleout_per_vs),
+        vs_scalein_timeout_s: Some(secs(s.scalein_timeout)),
+        buffer_se: Some(s.buffer_se),
+        cooldown_s: Some(secs(s.cooldown)),
+        resource_version: g.record.resource_version,
+        engines: g.engines.clone(),
+        virtual_services: g.virtual_services.clone(),
+    }
 }
 
 pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
@@ -303,6 +363,7 @@ pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
             max_engines: r.spec.max_engines,
             tags: r.spec.tags.clone().into_iter().collect(),
         }),
+        engine_group: r.spec.engine_group.clone(),
         resource_version: r.resource_version,
         id: r.id,
         epoch: r.epoch,
@@ -349,6 +410,7 @@ pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
         host_cpu_pct: o.host_cpu_pct,
         daemon_cpu_pct: o.daemon_cpu_pct,
         softirq_pct: o.softirq_pct,
+        group: e.group.clone(),
         memory_bytes: o.memory_bytes,
         pps: o.pps,
         connections: o.connections,
@@ -430,6 +492,63 @@ impl Operator for OperatorService {
         engine_to_pb(&name, &c)
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("engine {name:?}")))
+    }
+
+    async fn create_engine_group(
+        &self,
+        req: Request<pb::EngineGroup>,
+    ) -> Result<Response<pb::EngineGroup>, Status> {
+        self.check(&req)?;
+        let g = req.into_inner();
+        short("name", &g.name)?;
+        let settings = group_settings_from_pb(&g, RebalanceSettings::default())?;
+        let view = lock(&self.cluster).create_group(&g.name, settings)?;
+        Ok(Response::new(group_to_pb(&view)))
+    }
+
+    async fn update_engine_group(
+        &self,
+        req: Request<pb::EngineGroup>,
+    ) -> Result<Response<pb::EngineGroup>, Status> {
+        self.check(&req)?;
+        let g = req.into_inner();
+        short("name", &g.name)?;
+        let mut c = lock(&self.cluster);
+        let stored = c.group(&g.name)?.record.settings;
+        let settings = group_settings_from_pb(&g, stored)?;
+        let view = c.update_group(&g.name, settings, g.resource_version)?;
+        Ok(Response::new(group_to_pb(&view)))
+    }
+
+    async fn delete_engine_group(
+        &self,
+        req: Request<pb::Name>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.check(&req)?;
+        lock(&self.cluster).delete_group(&req.into_inner().name)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_engine_group(
+        &self,
+        req: Request<pb::Name>,
+    ) -> Result<Response<pb::EngineGroup>, Status> {
+        self.check(&req)?;
+        let view = lock(&self.cluster).group(&req.into_inner().name)?;
+        Ok(Response::new(group_to_pb(&view)))
+    }
+
+    async fn list_engine_groups(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::EngineGroupList>, Status> {
+        self.check(&req)?;
+        let groups = lock(&self.cluster)
+            .groups()
+            .iter()
+            .map(group_to_pb)
+            .collect();
+        Ok(Response::new(pb::EngineGroupList { groups }))
     }
 
     async fn create_pool(&self, req: Request<pb::Pool>) -> Result<Response<pb::Pool>, Status> {

@@ -31,6 +31,7 @@ use lb_model::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use self::groups::GroupView;
 use self::scaling::Scaling;
 pub use self::scaling::{DrainReport, PlacementView, primary_weight};
 use crate::{
@@ -38,7 +39,10 @@ use crate::{
     health::{EngineHealth, HealthManager, HealthSettings, Transition},
     placement::{self, Candidate},
     rebalance::{Action, RebalanceSettings, Rebalancer, Sample, Service as RebalanceService},
-    store::{EngineRecord, Persisted, PoolRecord, Store, StoreError, VsRecord, VsSpec, Write},
+    store::{
+        DEFAULT_GROUP, EngineRecord, GroupRecord, Persisted, PoolRecord, Store, StoreError,
+        VsRecord, VsSpec, Write,
+    },
 };
 
 /// Settings of the controller's decisions.
@@ -58,8 +62,8 @@ pub struct Settings {
     /// itself, when no engine did and no healthy engine reports the primary's data plane steering.
     pub promotion_grace: Duration,
     pub health: HealthSettings,
-    /// The auto-rebalance loop (one group: every engine).
-    pub rebalance: RebalanceSettings,
+    /// The default engine group's settings when the store has none (a first start).
+    pub default_group: RebalanceSettings,
 }
 
 impl Default for Settings {
@@ -71,7 +75,7 @@ impl Default for Settings {
             startup_grace: Duration::from_secs(15),
             promotion_grace: Duration::from_secs(2),
             health: HealthSettings::default(),
-            rebalance: RebalanceSettings::default(),
+            default_group: RebalanceSettings::default(),
         }
     }
 }
@@ -201,7 +205,8 @@ pub struct Cluster {
     failed_since: BTreeMap<String, Instant>,
     /// Per engine, what of its last heartbeat was ignored (logged once, when it first appears).
     ignored: BTreeMap<String, BTreeSet<String>>,
-    rebalancer: Rebalancer,
+    /// Per engine group, its auto-rebalance loop.
+    rebalancers: BTreeMap<String, Rebalancer>,
     scaling: Scaling,
     /// The time of the latest heartbeat or tick: the clock of the operators' calls.
     clock: Instant,
@@ -258,7 +263,11 @@ impl Cluster {
             json: p.snapshot.clone(),
         });
         let mut c = Cluster {
-            rebalancer: Rebalancer::new(settings.rebalance),
+            rebalancers: p
+                .groups
+                .values()
+                .map(|g| (g.name.clone(), Rebalancer::new(g.settings)))
+                .collect(),
             scaling,
             clock: now,
             settings,
@@ -282,6 +291,18 @@ impl Cluster {
                 s
             });
             c.commit(vec![Write::PeerKey(hex)])?;
+        }
+        if !c.p.groups.contains_key(DEFAULT_GROUP) {
+            let g = GroupRecord {
+                name: DEFAULT_GROUP.to_owned(),
+                settings: c.settings.default_group,
+                resource_version: 1,
+            };
+            c.commit(vec![Write::Group(g)])?;
+            c.rebalancers.insert(
+                DEFAULT_GROUP.to_owned(),
+                Rebalancer::new(c.settings.default_group),
+            );
         }
         c.refresh()?;
         Ok(c)
@@ -322,6 +343,12 @@ impl Cluster {
                 Write::Engine(e) => {
                     self.p.engines.insert(e.name.clone(), e);
                 }
+                Write::Group(g) => {
+                    self.p.groups.insert(g.name.clone(), g);
+                }
+                Write::DeleteGroup(n) => {
+                    self.p.groups.remove(&n);
+                }
                 Write::Pool(p) => {
                     self.p.pools.insert(p.config.name.clone(), p);
                 }
@@ -354,7 +381,6 @@ impl Cluster {
                     .is_some_and(EngineHealth::is_healthy)
             },
             |v| self.weights_of(v),
-            self.settings.rebalance.scalein_timeout,
         )
     }
 
@@ -394,6 +420,36 @@ impl Cluster {
                 "engine id {} is already registered by {}",
                 rec.id, other.name
             )));
+        }
+        check_name("group", &rec.group)?;
+        if !self.p.groups.contains_key(&rec.group) {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "engine group {:?} does not exist: create it first (lbctl group create {})",
+                rec.group, rec.group
+            )));
+        }
+        if let Some(old) = self.p.engines.get(&rec.name)
+            && old.group != rec.group
+        {
+            let placed: Vec<&str> = self
+                .p
+                .services
+                .values()
+                .filter(|v| v.placement.contains(&rec.name))
+                .map(|v| v.spec.name.as_str())
+                .collect();
+            if !placed.is_empty() {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "engine {:?} is in group {:?} and hosts {}: scale it in or migrate them before it moves to group {:?}",
+                    rec.name,
+                    old.group,
+                    placed.join(", "),
+                    rec.group
+                )));
+            }
+            if let Some(r) = self.rebalancers.get_mut(&old.group) {
+                r.forget(&rec.name);
+            }
         }
         let name = rec.name.clone();
         let known = self.p.engines.get(&rec.name) == Some(&rec);
@@ -455,32 +511,39 @@ impl Cluster {
         entry.backends = o.backends;
         entry.last_heartbeat_unix_ms = o.last_heartbeat_unix_ms;
         entry.claims = claims;
+        let group = self
+            .p
+            .engines
+            .get(engine)
+            .map_or(DEFAULT_GROUP, |e| e.group.as_str());
         #[allow(clippy::cast_precision_loss)]
-        self.rebalancer.record(
-            engine,
-            Sample {
-                at: now,
-                cpu_pct: o.cpu_pct,
-                pps: o.pps as f64,
-                mbps: o
-                    .vs_mbps
-                    .values()
-                    .filter(|m| m.is_finite() && **m >= 0.0)
-                    .sum(),
-                connections: o.connections as f64,
-                new_connections_per_s: if o.new_connections_per_s.is_finite() {
-                    o.new_connections_per_s.max(0.0)
-                } else {
-                    0.0
+        if let Some(r) = self.rebalancers.get_mut(group) {
+            r.record(
+                engine,
+                Sample {
+                    at: now,
+                    cpu_pct: o.cpu_pct,
+                    pps: o.pps as f64,
+                    mbps: o
+                        .vs_mbps
+                        .values()
+                        .filter(|m| m.is_finite() && **m >= 0.0)
+                        .sum(),
+                    connections: o.connections as f64,
+                    new_connections_per_s: if o.new_connections_per_s.is_finite() {
+                        o.new_connections_per_s.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    vs_pps: o
+                        .vs_pps
+                        .iter()
+                        .filter(|(_, p)| p.is_finite() && **p >= 0.0)
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
                 },
-                vs_pps: o
-                    .vs_pps
-                    .iter()
-                    .filter(|(_, p)| p.is_finite() && **p >= 0.0)
-                    .map(|(k, v)| (k.clone(), *v))
-                    .collect(),
-            },
-        );
+            );
+        }
         entry.vs_pps = o.vs_pps;
         entry.new_connections_per_s = o.new_connections_per_s;
         entry.vs_mbps = o.vs_mbps;
@@ -858,20 +921,34 @@ impl Cluster {
         Ok(())
     }
 
-    /// Once per rebalance interval: the decision as an event (`rebalance`, with the loads), and
-    /// the change carried out unless it is a dry run (`rebalance_failed` if it cannot be).
+    /// Once per rebalance interval of each engine group: the decision as an event (`rebalance`,
+    /// with the loads), and the change carried out unless it is a dry run (`rebalance_failed` if
+    /// it cannot be). Groups decide independently: at most one change in flight per group.
     fn rebalance(&mut self, now: Instant) {
+        let groups: Vec<String> = self.rebalancers.keys().cloned().collect();
+        for group in groups {
+            self.rebalance_group(&group, now);
+        }
+    }
+
+    fn rebalance_group(&mut self, group: &str, now: Instant) {
         let healthy: BTreeSet<String> = self
             .p
             .engines
-            .keys()
-            .filter(|n| self.health.state(n).is_some_and(EngineHealth::is_healthy))
-            .cloned()
+            .values()
+            .filter(|e| e.group == group)
+            .filter(|e| {
+                self.health
+                    .state(&e.name)
+                    .is_some_and(EngineHealth::is_healthy)
+            })
+            .map(|e| e.name.clone())
             .collect();
         let services: Vec<RebalanceService> = self
             .p
             .services
             .values()
+            .filter(|v| v.spec.engine_group == group)
             .map(|v| RebalanceService {
                 name: v.spec.name.clone(),
                 placement: v.placement.clone(),
@@ -879,7 +956,11 @@ impl Cluster {
                 max_engines: v.spec.max_engines,
             })
             .collect();
-        let Some(d) = self.rebalancer.tick(now, &healthy, &services) else {
+        let Some(d) = self
+            .rebalancers
+            .get_mut(group)
+            .and_then(|r| r.tick(now, &healthy, &services))
+        else {
             return;
         };
         let loads = d
@@ -888,7 +969,7 @@ impl Cluster {
             .map(|(e, l)| format!("{e} {l:.0}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut objects = Vec::new();
+        let mut objects = vec![obj("group", group)];
         if let Some(a) = &d.action {
             let (Action::ScaleOut { vs, .. }
             | Action::ScaleIn { vs, .. }
@@ -908,11 +989,12 @@ impl Cluster {
         let Some(action) = d.action.filter(|_| !d.dry_run) else {
             return;
         };
-        if let Some(busy) = self.scaling.in_progress() {
+        let members: BTreeSet<&str> = services.iter().map(|v| v.name.as_str()).collect();
+        if let Some(busy) = self.scaling.in_progress(|vs| members.contains(vs)) {
             self.events.emit(
                 "rebalance_failed",
                 &objects,
-                format!("{action}: deferred, one change at a time ({busy})"),
+                format!("{action}: deferred, one change at a time per group ({busy})"),
             );
             return;
         }
@@ -924,7 +1006,7 @@ impl Cluster {
             Action::Migrate { vs, from, to } => self.migrate(vs, Some(from), Some(to)).map(|_| ()),
         };
         if let Err(e) = done {
-            warn!("rebalance: {action}: {e}");
+            warn!("rebalance: group {group}: {action}: {e}");
             self.events
                 .emit("rebalance_failed", &objects, format!("{action}: {e}"));
         }
@@ -981,7 +1063,7 @@ impl Cluster {
             let healthy = placement.iter().filter(|e| !failed.contains(*e)).count();
             let want = vs.spec.min_engines as usize;
             if healthy < want {
-                let candidates = self.candidates();
+                let candidates = self.candidates(&vs.spec.engine_group);
                 for name in placement::ranked(&candidates, &vs.spec.tags, &placement)
                     .into_iter()
                     .take(want - healthy)
@@ -1143,10 +1225,12 @@ impl Cluster {
         }
     }
 
-    fn candidates(&self) -> Vec<Candidate> {
+    /// The engines of `group` as placement sees them.
+    fn candidates(&self, group: &str) -> Vec<Candidate> {
         self.p
             .engines
             .values()
+            .filter(|e| e.group == group)
             .map(|e| Candidate {
                 name: e.name.clone(),
                 tags: e.tags.clone(),
@@ -1247,12 +1331,14 @@ impl Cluster {
                 ))
             })?;
         let placement = placement::choose(
-            &self.candidates(),
+            &self.candidates(&spec.engine_group),
             &spec.tags,
             spec.min_engines as usize,
             &[],
         )
-        .map_err(|e| ClusterError::FailedPrecondition(e.to_string()))?;
+        .map_err(|e| {
+            ClusterError::FailedPrecondition(format!("engine group {:?}: {e}", spec.engine_group))
+        })?;
         let rec = VsRecord {
             spec,
             id,
@@ -1280,17 +1366,31 @@ impl Cluster {
             old.resource_version,
             resource_version,
         )?;
+        if spec.engine_group != old.spec.engine_group {
+            return Err(invalid(
+                "engine_group",
+                format!(
+                    "{:?} → {:?}: a virtual service stays in the group it was created in; create it anew in the other group",
+                    old.spec.engine_group, spec.engine_group
+                ),
+            ));
+        }
         self.check_spec(&spec)?;
         let mut placement = old.placement.clone();
         let want_min = spec.min_engines as usize;
         if placement.len() < want_min {
             let extra = placement::choose(
-                &self.candidates(),
+                &self.candidates(&spec.engine_group),
                 &spec.tags,
                 want_min - placement.len(),
                 &placement,
             )
-            .map_err(|e| ClusterError::FailedPrecondition(e.to_string()))?;
+            .map_err(|e| {
+                ClusterError::FailedPrecondition(format!(
+                    "engine group {:?}: {e}",
+                    spec.engine_group
+                ))
+            })?;
             placement.extend(extra);
         }
         placement.truncate(spec.max_engines as usize);
@@ -1344,6 +1444,12 @@ impl Cluster {
         if !self.p.pools.contains_key(&spec.pool) {
             return Err(ClusterError::NotFound(format!("pool {:?}", spec.pool)));
         }
+        if !self.p.groups.contains_key(&spec.engine_group) {
+            return Err(ClusterError::NotFound(format!(
+                "engine group {:?}",
+                spec.engine_group
+            )));
+        }
         if spec.min_engines == 0 {
             return Err(invalid("scaling.min_engines", "must be at least 1"));
         }
@@ -1382,12 +1488,7 @@ impl Cluster {
     /// The model's own validation, over what the engines would get, with the first registered
     /// engine as the host (every engine runs the same checks when it applies the snapshot).
     fn check_desired(&self, p: &Persisted) -> Result<(), ClusterError> {
-        let desired = desired_of(
-            p,
-            |_| true,
-            |v| self.weights_of(v),
-            self.settings.rebalance.scalein_timeout,
-        );
+        let desired = desired_of(p, |_| true, |v| self.weights_of(v));
         let host = desired.engines.first().map_or(0, |e| e.id);
         let mut daemon = DaemonConfig::new("eth0", host);
         daemon.max_virtual_services = self.settings.max_virtual_services;
@@ -1428,8 +1529,12 @@ fn desired_of(
     p: &Persisted,
     healthy: impl Fn(&str) -> bool,
     weights: impl Fn(&VsRecord) -> Vec<u32>,
-    scalein_timeout: Duration,
 ) -> Desired {
+    let timeout_s = |group: &str| {
+        p.groups
+            .get(group)
+            .map(|g| u32::try_from(g.settings.scalein_timeout.as_secs()).unwrap_or(u32::MAX))
+    };
     let primaries: BTreeSet<&str> = p
         .services
         .values()
@@ -1482,12 +1587,14 @@ fn desired_of(
                 pool: Some(v.spec.pool.clone()),
                 max_connections: v.spec.max_connections,
                 draining: false,
+                drain_timeout_s: timeout_s(&v.spec.engine_group),
             })
         })
         .collect();
     Desired {
         proxy: ProxyConfig {
-            drain_timeout_s: u32::try_from(scalein_timeout.as_secs()).unwrap_or(u32::MAX),
+            drain_timeout_s: timeout_s(DEFAULT_GROUP)
+                .unwrap_or(ProxyConfig::default().drain_timeout_s),
             ..ProxyConfig::default()
         },
         engines,
@@ -1528,6 +1635,7 @@ pub fn check_name(field: &str, name: &str) -> Result<(), ClusterError> {
     }
 }
 
+mod groups;
 mod scaling;
 #[cfg(test)]
 mod tests;

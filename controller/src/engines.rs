@@ -17,7 +17,7 @@ use crate::{
     api::{Shared, lock},
     cluster::{Claim, DrainReport, Observed, PeerReport, Snapshot, invalid},
     events::unix_ms,
-    store::EngineRecord,
+    store::{DEFAULT_GROUP, EngineRecord},
     tls::{Role, require},
 };
 
@@ -91,6 +91,11 @@ impl EngineApi for EngineService {
             mac,
             tags: r.tags.into_iter().collect(),
             capacity: r.capacity,
+            group: if r.group.is_empty() {
+                DEFAULT_GROUP.to_owned()
+            } else {
+                r.group
+            },
         };
         lock(&self.cluster).register(rec, Instant::now())?;
         Ok(Response::new(pb::RegisterResponse {}))

@@ -19,7 +19,7 @@ use controller::{
     health::HealthSettings,
     rebalance::{Criterion, RebalanceSettings},
     simulate::{self, Trace, TraceKind},
-    store::RedbStore,
+    store::{DEFAULT_GROUP, RedbStore},
     tls,
 };
 use lb_api::v1::{engine_api_server::EngineApiServer, operator_server::OperatorServer};
@@ -76,61 +76,69 @@ struct Args {
     command: Option<Command>,
 }
 
-/// The auto-rebalance knobs: the controller's and `simulate`'s.
+/// The auto-rebalance knobs: `simulate`'s, and the controller's for the `default` engine group.
+/// The controller keeps every group's settings in its database (`lbctl group`); a flag given here
+/// overrides the default group's stored value at start (and is stored), one left out keeps it.
 #[derive(clap::Args)]
 struct RebalanceArgs {
-    /// The auto-rebalance loop (Avi's `auto_rebalance`; off: scaling is manual). `simulate`: always on.
-    #[arg(long)]
-    auto_rebalance: bool,
+    /// The auto-rebalance loop (Avi's `auto_rebalance`; off, the default: scaling is manual).
+    /// `--auto-rebalance` or `--auto-rebalance=false`. `simulate`: always on.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    auto_rebalance: Option<bool>,
     /// Decisions are events only (`lbctl rebalance log`); nothing changes.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    rebalance_dry_run: Option<bool>,
+    /// `auto_rebalance_interval`, seconds (default 300).
     #[arg(long)]
-    rebalance_dry_run: bool,
-    /// `auto_rebalance_interval`, seconds.
-    #[arg(long, default_value_t = 300)]
-    rebalance_interval_s: u64,
-    /// The last part of the interval whose average counts, seconds.
-    #[arg(long, default_value_t = 30)]
-    rebalance_window_s: u64,
-    /// `cpu`, `pps`, `mbps`, `connections` or `new_connections`.
-    #[arg(long, default_value = "cpu")]
-    rebalance_criterion: String,
-    /// Above it an engine is hot (`max_cpu_usage`, 40–90 for CPU).
-    #[arg(long, default_value_t = 80.0)]
-    rebalance_max: f64,
-    /// Below it an engine is cold (`min_cpu_usage`, 20–60 for CPU).
-    #[arg(long, default_value_t = 30.0)]
-    rebalance_min: f64,
-    /// No decision this long after a change, seconds.
-    #[arg(long, default_value_t = 300)]
-    rebalance_cooldown_s: u64,
-    /// `max_scaleout_per_vs` (1–64).
-    #[arg(long, default_value_t = 4)]
-    max_scaleout_per_vs: u32,
-    /// `buffer_se`: free engines a scale-out or migration may not take (N+M).
-    #[arg(long, default_value_t = 1)]
-    buffer_se: u32,
-    /// `vs_scalein_timeout`, seconds (1–3600): how long an engine scaled in (or migrated away)
-    /// lets its open connections finish before it resets the rest.
-    #[arg(long, default_value_t = 30)]
-    vs_scalein_timeout_s: u64,
+    rebalance_interval_s: Option<u64>,
+    /// The last part of the interval whose average counts, seconds (default 30).
+    #[arg(long)]
+    rebalance_window_s: Option<u64>,
+    /// `cpu` (default), `pps`, `mbps`, `connections` or `new_connections`.
+    #[arg(long)]
+    rebalance_criterion: Option<String>,
+    /// Above it an engine is hot (`max_cpu_usage`, 40–90 for CPU, default 80).
+    #[arg(long)]
+    rebalance_max: Option<f64>,
+    /// Below it an engine is cold (`min_cpu_usage`, 20–60 for CPU, default 30).
+    #[arg(long)]
+    rebalance_min: Option<f64>,
+    /// No decision this long after a change, seconds (default 300).
+    #[arg(long)]
+    rebalance_cooldown_s: Option<u64>,
+    /// `max_scaleout_per_vs` (1–64, default 4).
+    #[arg(long)]
+    max_scaleout_per_vs: Option<u32>,
+    /// `buffer_se`: free engines a scale-out or migration may not take (N+M, default 1).
+    #[arg(long)]
+    buffer_se: Option<u32>,
+    /// `vs_scalein_timeout`, seconds (1–3600, default 30): how long an engine scaled in (or
+    /// migrated away) lets its open connections finish before it resets the rest.
+    #[arg(long)]
+    vs_scalein_timeout_s: Option<u64>,
 }
 
 impl RebalanceArgs {
-    fn settings(&self, enabled: bool) -> anyhow::Result<RebalanceSettings> {
+    /// `base` with the flags given, checked.
+    fn apply(&self, base: RebalanceSettings) -> anyhow::Result<RebalanceSettings> {
+        let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
         let settings = RebalanceSettings {
-            enabled,
-            dry_run: self.rebalance_dry_run,
-            interval: Duration::from_secs(self.rebalance_interval_s),
-            window: Duration::from_secs(self.rebalance_window_s),
-            criterion: Criterion::parse(&self.rebalance_criterion)
-                .map_err(|e| anyhow::anyhow!("--rebalance-criterion: {e}"))?,
-            max: self.rebalance_max,
-            min: self.rebalance_min,
-            cooldown: Duration::from_secs(self.rebalance_cooldown_s),
-            max_scaleout_per_vs: self.max_scaleout_per_vs,
-            buffer_se: self.buffer_se,
-            scalein_timeout: Duration::from_secs(self.vs_scalein_timeout_s),
-            ..RebalanceSettings::default()
+            enabled: self.auto_rebalance.unwrap_or(base.enabled),
+            dry_run: self.rebalance_dry_run.unwrap_or(base.dry_run),
+            interval: secs(self.rebalance_interval_s, base.interval),
+            window: secs(self.rebalance_window_s, base.window),
+            criterion: match &self.rebalance_criterion {
+                Some(c) => Criterion::parse(c)
+                    .map_err(|e| anyhow::anyhow!("--rebalance-criterion: {e}"))?,
+                None => base.criterion,
+            },
+            max: self.rebalance_max.unwrap_or(base.max),
+            min: self.rebalance_min.unwrap_or(base.min),
+            cooldown: secs(self.rebalance_cooldown_s, base.cooldown),
+            max_scaleout_per_vs: self.max_scaleout_per_vs.unwrap_or(base.max_scaleout_per_vs),
+            buffer_se: self.buffer_se.unwrap_or(base.buffer_se),
+            scalein_timeout: secs(self.vs_scalein_timeout_s, base.scalein_timeout),
+            ..base
         };
         settings
             .validate()
@@ -181,7 +189,10 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         }
         text
     } else {
-        let settings = args.rebalance.settings(true)?;
+        let settings = args.rebalance.apply(RebalanceSettings {
+            enabled: true,
+            ..RebalanceSettings::default()
+        })?;
         let trace = Trace::load(&args.trace)?;
         let sim = simulate::replay(&trace, settings);
         if args.json {
@@ -253,9 +264,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         RedbStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?,
     );
     let interval = Duration::from_millis(args.heartbeat_interval_ms);
-    let rebalance = args.rebalance.settings(args.rebalance.auto_rebalance)?;
     let settings = Settings {
-        rebalance,
+        default_group: args.rebalance.apply(RebalanceSettings::default())?,
         native_max_engines: args.native_max_engines,
         max_virtual_services: args.max_virtual_services,
         promotion_grace: Duration::from_millis(args.promotion_grace_ms),
@@ -268,7 +278,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         ..Settings::default()
     };
-    let cluster = Cluster::load(settings, store, Instant::now())?;
+    let mut cluster = Cluster::load(settings, store, Instant::now())?;
+    let stored = cluster.group(DEFAULT_GROUP)?.record;
+    let wanted = args.rebalance.apply(stored.settings)?;
+    if wanted != stored.settings {
+        info!("the default engine group's settings from the command line replace the stored ones");
+        cluster.update_group(DEFAULT_GROUP, wanted, stored.resource_version)?;
+    }
     info!(
         version = cluster.snapshot().version,
         engines = cluster.persisted().engines.len(),

@@ -22,7 +22,8 @@ use std::{
 };
 
 /// What load is measured by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Criterion {
     /// Host CPU, percent.
     Cpu,
@@ -52,6 +53,16 @@ impl Criterion {
         })
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::Cpu => "cpu",
+            Criterion::Pps => "pps",
+            Criterion::Mbps => "mbps",
+            Criterion::Connections => "connections",
+            Criterion::NewConnections => "new_connections",
+        }
+    }
+
     fn unit(self) -> &'static str {
         match self {
             Criterion::Cpu => "% CPU",
@@ -64,7 +75,8 @@ impl Criterion {
 }
 
 /// The group's knobs, with the Avi service-engine group's names, meanings and ranges.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RebalanceSettings {
     /// `auto_rebalance`: off (manual) by default.
     pub enabled: bool,
@@ -273,6 +285,16 @@ impl Rebalancer {
             next: None,
             last_change: None,
         }
+    }
+
+    /// New settings for the group; the samples stay. A changed interval, or the loop turned on,
+    /// starts a new interval at the next tick.
+    pub fn set_settings(&mut self, settings: RebalanceSettings) {
+        if settings.interval != self.settings.interval || settings.enabled != self.settings.enabled
+        {
+            self.next = None;
+        }
+        self.settings = settings;
     }
 
     /// Records a sample of `engine`; samples older than one interval are dropped.

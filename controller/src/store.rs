@@ -9,6 +9,16 @@ use lb_model::{MacAddr, PoolConfig, Protocol};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
+use crate::rebalance::RebalanceSettings;
+
+/// The engine group every engine and virtual service belongs to unless it names another; it
+/// always exists.
+pub const DEFAULT_GROUP: &str = "default";
+
+fn default_group() -> String {
+    DEFAULT_GROUP.to_owned()
+}
+
 /// A registered engine: what it said of itself at registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineRecord {
@@ -19,6 +29,18 @@ pub struct EngineRecord {
     pub mac: MacAddr,
     pub tags: BTreeMap<String, String>,
     pub capacity: u32,
+    /// Its engine group (from its registration).
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+/// An engine group: engines that share a virtual service's placement, its auto-rebalance loop
+/// and its scale-in timeout (Avi's service-engine group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    pub settings: RebalanceSettings,
+    pub resource_version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +62,9 @@ pub struct VsSpec {
     pub min_engines: u32,
     pub max_engines: u32,
     pub tags: BTreeMap<String, String>,
+    /// The engine group it is placed in (fixed at creation).
+    #[serde(default = "default_group")]
+    pub engine_group: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +82,7 @@ pub struct VsRecord {
 }
 
 /// Everything persisted.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Persisted {
     /// Version of the last snapshot pushed to engines.
     pub version: u64,
@@ -69,12 +94,15 @@ pub struct Persisted {
     pub engines: BTreeMap<String, EngineRecord>,
     pub pools: BTreeMap<String, PoolRecord>,
     pub services: BTreeMap<String, VsRecord>,
+    pub groups: BTreeMap<String, GroupRecord>,
 }
 
 /// One change to persist.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     Engine(EngineRecord),
+    Group(GroupRecord),
+    DeleteGroup(String),
     Pool(PoolRecord),
     DeletePool(String),
     Service(VsRecord),
@@ -101,6 +129,7 @@ const ENGINES: TableDefinition<&str, &str> = TableDefinition::new("engines");
 const POOLS: TableDefinition<&str, &str> = TableDefinition::new("pools");
 const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const GROUPS: TableDefinition<&str, &str> = TableDefinition::new("groups");
 
 /// The embedded store: one redb file, one JSON value per object.
 pub struct RedbStore {
@@ -116,7 +145,7 @@ impl RedbStore {
         let db = redb::Database::create(path).map_err(backend)?;
         // Create the tables so that a fresh database reads as empty.
         let tx = db.begin_write().map_err(backend)?;
-        for t in [ENGINES, POOLS, SERVICES, META] {
+        for t in [ENGINES, POOLS, SERVICES, META, GROUPS] {
             tx.open_table(t).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
@@ -169,6 +198,7 @@ impl Store for RedbStore {
             engines: read_all(&tx, ENGINES)?,
             pools: read_all(&tx, POOLS)?,
             services: read_all(&tx, SERVICES)?,
+            groups: read_all(&tx, GROUPS)?,
         })
     }
 
@@ -179,8 +209,17 @@ impl Store for RedbStore {
             let mut pools = tx.open_table(POOLS).map_err(backend)?;
             let mut services = tx.open_table(SERVICES).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
+            let mut groups = tx.open_table(GROUPS).map_err(backend)?;
             for w in writes {
                 match w {
+                    Write::Group(g) => {
+                        groups
+                            .insert(g.name.as_str(), json(g).as_str())
+                            .map_err(backend)?;
+                    }
+                    Write::DeleteGroup(name) => {
+                        groups.remove(name.as_str()).map_err(backend)?;
+                    }
                     Write::Engine(e) => {
                         engines
                             .insert(e.name.as_str(), json(e).as_str())
@@ -247,6 +286,12 @@ impl Store for MemStore {
                 Write::Engine(e) => {
                     s.engines.insert(e.name.clone(), e);
                 }
+                Write::Group(g) => {
+                    s.groups.insert(g.name.clone(), g);
+                }
+                Write::DeleteGroup(n) => {
+                    s.groups.remove(&n);
+                }
                 Write::Pool(p) => {
                     s.pools.insert(p.config.name.clone(), p);
                 }
@@ -282,6 +327,7 @@ mod tests {
             mac: "02:00:00:00:00:01".parse().unwrap(),
             tags: BTreeMap::from([("zone".into(), "a".into())]),
             capacity: 2,
+            group: DEFAULT_GROUP.into(),
         }
     }
 
@@ -309,5 +355,51 @@ mod tests {
         assert_eq!(p.snapshot, "{}");
         assert_eq!(p.engines.len(), 2);
         assert_eq!(p.engines["se2"].id, 3);
+    }
+
+    #[test]
+    fn groups_round_trip_and_old_records_are_in_the_default_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let edge = GroupRecord {
+            name: "edge".into(),
+            settings: RebalanceSettings {
+                enabled: true,
+                scalein_timeout: std::time::Duration::from_secs(90),
+                ..RebalanceSettings::default()
+            },
+            resource_version: 3,
+        };
+        {
+            let s = RedbStore::open(&path).unwrap();
+            s.commit(&[
+                Write::Group(edge.clone()),
+                Write::Group(GroupRecord {
+                    name: "gone".into(),
+                    settings: RebalanceSettings::default(),
+                    resource_version: 1,
+                }),
+            ])
+            .unwrap();
+            s.commit(&[Write::DeleteGroup("gone".into())]).unwrap();
+        }
+        let p = RedbStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(p.groups.len(), 1);
+        assert_eq!(p.groups["edge"], edge);
+        // Records written before groups existed.
+        let old: EngineRecord = serde_json::from_str(
+            r#"{"name":"se1","id":1,"addresses":[],"mac":"02:00:00:00:00:01","tags":{},"capacity":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.group, DEFAULT_GROUP);
+        let settings: RebalanceSettings = serde_json::from_str(r#"{"enabled":true}"#).unwrap();
+        assert_eq!(
+            settings,
+            RebalanceSettings {
+                enabled: true,
+                ..RebalanceSettings::default()
+            },
+            "settings stored by an older controller take the defaults for what they lack"
+        );
     }
 }

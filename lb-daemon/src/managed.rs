@@ -145,6 +145,7 @@ async fn session(
             mac: identity.mac.clone(),
             tags: cfg.tags.clone().into_iter().collect(),
             capacity: cfg.capacity,
+            group: cfg.group.clone(),
         })
         .await
         .map_err(|s| format!("register: {:?}: {}", s.code(), s.message()))?;

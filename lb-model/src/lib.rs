@@ -504,6 +504,9 @@ pub struct ControllerConfig {
     /// Relative capacity (cores).
     #[serde(default = "default_capacity")]
     pub capacity: u32,
+    /// The engine group it registers in (it must exist on the controller).
+    #[serde(default = "default_group")]
+    pub group: String,
     /// The last snapshot applied, so a restarted engine starts from it (the data plane keeps
     /// steering with it) before the controller answers.
     #[serde(default = "default_state_file")]
@@ -517,6 +520,9 @@ fn default_tls_dir() -> PathBuf {
 }
 fn default_capacity() -> u32 {
     1
+}
+fn default_group() -> String {
+    "default".to_owned()
 }
 fn default_state_file() -> PathBuf {
     PathBuf::from("/var/lib/lb/desired.json")

@@ -48,6 +48,10 @@ enum Command {
     /// Virtual services: list, get, create, update, delete.
     #[command(subcommand)]
     Vs(VsCmd),
+    /// Engine groups (placement, the auto-rebalance loop, the scale-in timeout): list, get,
+    /// create, update, delete.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Add a secondary engine to a virtual service.
     ScaleOut {
         vs: String,
@@ -86,6 +90,107 @@ enum Command {
     Certs(CertsCmd),
 }
 
+/// An engine group's settings; what is left out keeps its value (create: the default).
+#[derive(ClapArgs, Clone)]
+struct GroupFields {
+    /// `auto_rebalance`: true or false (default false: manual scaling).
+    #[arg(long)]
+    auto_rebalance: Option<bool>,
+    /// Decisions are events only: true or false.
+    #[arg(long)]
+    dry_run: Option<bool>,
+    /// `auto_rebalance_interval`, seconds (default 300).
+    #[arg(long)]
+    interval_s: Option<u32>,
+    /// The last part of the interval whose average counts, seconds (default 30).
+    #[arg(long)]
+    window_s: Option<u32>,
+    /// `cpu` (default), `pps`, `mbps`, `connections`, `new_connections`.
+    #[arg(long)]
+    criterion: Option<String>,
+    /// Above it an engine is hot (`max_cpu_usage` for cpu: 40–90, default 80).
+    #[arg(long)]
+    max_usage: Option<f64>,
+    /// Below it an engine is cold (`min_cpu_usage` for cpu: 20–60, default 30).
+    #[arg(long)]
+    min_usage: Option<f64>,
+    /// A hot engine's service above this share of its packets (percent) scales out (default 70).
+    #[arg(long)]
+    hot_share_pct: Option<f64>,
+    /// `max_scaleout_per_vs` (default 4).
+    #[arg(long)]
+    max_scaleout_per_vs: Option<u32>,
+    /// `min_scaleout_per_vs` (default 1).
+    #[arg(long)]
+    min_scaleout_per_vs: Option<u32>,
+    /// `vs_scalein_timeout`, seconds (1–3600, default 30).
+    #[arg(long)]
+    vs_scalein_timeout_s: Option<u32>,
+    /// `buffer_se` (N+M, default 1).
+    #[arg(long)]
+    buffer_se: Option<u32>,
+    /// No decision this long after a change, seconds (default 300).
+    #[arg(long)]
+    cooldown_s: Option<u32>,
+}
+
+impl GroupFields {
+    fn apply(self, g: &mut pb::EngineGroup) {
+        let set = |to: &mut Option<u32>, v: Option<u32>| {
+            if v.is_some() {
+                *to = v;
+            }
+        };
+        if self.auto_rebalance.is_some() {
+            g.auto_rebalance = self.auto_rebalance;
+        }
+        if self.dry_run.is_some() {
+            g.dry_run = self.dry_run;
+        }
+        set(&mut g.auto_rebalance_interval_s, self.interval_s);
+        set(&mut g.window_s, self.window_s);
+        if self.criterion.is_some() {
+            g.criterion = self.criterion;
+        }
+        if self.max_usage.is_some() {
+            g.max_usage = self.max_usage;
+        }
+        if self.min_usage.is_some() {
+            g.min_usage = self.min_usage;
+        }
+        if self.hot_share_pct.is_some() {
+            g.hot_share_pct = self.hot_share_pct;
+        }
+        set(&mut g.max_scaleout_per_vs, self.max_scaleout_per_vs);
+        set(&mut g.min_scaleout_per_vs, self.min_scaleout_per_vs);
+        set(&mut g.vs_scalein_timeout_s, self.vs_scalein_timeout_s);
+        set(&mut g.buffer_se, self.buffer_se);
+        set(&mut g.cooldown_s, self.cooldown_s);
+    }
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    List,
+    Get {
+        name: String,
+    },
+    Create {
+        name: String,
+        #[command(flatten)]
+        fields: GroupFields,
+    },
+    /// Change the given settings.
+    Update {
+        name: String,
+        #[command(flatten)]
+        fields: GroupFields,
+    },
+    Delete {
+        name: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum RebalanceCmd {
     /// Every decision of the loop, and every decision not taken, with its reason and the loads
@@ -93,6 +198,9 @@ enum RebalanceCmd {
     Log {
         #[arg(long)]
         follow: bool,
+        /// Only this engine group's decisions.
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
@@ -179,6 +287,9 @@ struct VsFields {
     persistence_timeout_s: Option<u32>,
     #[arg(long)]
     max_connections: Option<u32>,
+    /// The engine group to place it in (create only; default: `default`).
+    #[arg(long)]
+    engine_group: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -345,6 +456,9 @@ fn apply_vs(v: &mut pb::VirtualService, f: VsFields) -> Result<(), Failure> {
     if f.max_connections.is_some() {
         v.max_connections = f.max_connections;
     }
+    if let Some(x) = f.engine_group {
+        v.engine_group = x;
+    }
     let scaling = v.scaling.get_or_insert_with(Default::default);
     if let Some(x) = f.min_engines {
         scaling.min_engines = x;
@@ -393,7 +507,7 @@ mod views {
 
     pub fn engine(e: &pb::EngineStatus) -> Value {
         json!({"name": e.name, "id": e.id, "addresses": e.addresses, "mac": e.mac, "tags": e.tags,
-            "state": e.state, "connected": e.connected, "virtual_services": e.virtual_services,
+            "group": e.group, "state": e.state, "connected": e.connected, "virtual_services": e.virtual_services,
             "roles": e.roles, "cpu_pct": e.cpu_pct, "cpu_source": e.cpu_source,
             "host_cpu_pct": e.host_cpu_pct, "daemon_cpu_pct": e.daemon_cpu_pct,
             "softirq_pct": e.softirq_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
@@ -417,7 +531,8 @@ mod views {
         let s = v.scaling.clone().unwrap_or_default();
         let h = v.health.unwrap_or_default();
         json!({"name": v.name, "id": v.id, "vip": v.vip, "port": v.port, "protocol": v.protocol,
-            "pool": v.pool, "resource_version": v.resource_version, "epoch": v.epoch,
+            "pool": v.pool, "engine_group": v.engine_group, "resource_version": v.resource_version,
+            "epoch": v.epoch,
             "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags},
             "placement": v.placement.iter().map(|p| json!({"engine": p.engine, "role": p.role,
                 "weight": p.weight, "state": p.state, "phase": p.phase,
@@ -425,6 +540,17 @@ mod views {
                 .collect::<Vec<_>>(),
             "health": {"engines_serving": h.engines_serving, "engines_requested": h.engines_requested,
                 "backends_up": h.backends_up, "backends": h.backends, "score": h.score}})
+    }
+
+    pub fn group(g: &pb::EngineGroup) -> Value {
+        json!({"name": g.name, "auto_rebalance": g.auto_rebalance, "dry_run": g.dry_run,
+            "auto_rebalance_interval_s": g.auto_rebalance_interval_s, "window_s": g.window_s,
+            "criterion": g.criterion, "max_usage": g.max_usage, "min_usage": g.min_usage,
+            "hot_share_pct": g.hot_share_pct, "max_scaleout_per_vs": g.max_scaleout_per_vs,
+            "min_scaleout_per_vs": g.min_scaleout_per_vs,
+            "vs_scalein_timeout_s": g.vs_scalein_timeout_s, "buffer_se": g.buffer_se,
+            "cooldown_s": g.cooldown_s, "resource_version": g.resource_version,
+            "engines": g.engines, "virtual_services": g.virtual_services})
     }
 
     pub fn event(e: &pb::Event) -> Value {
@@ -519,6 +645,61 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
     );
 }
 
+fn group_row(g: &pb::EngineGroup) -> Vec<String> {
+    let on = match (g.auto_rebalance, g.dry_run) {
+        (Some(true), Some(true)) => "dry-run",
+        (Some(true), _) => "on",
+        _ => "off",
+    };
+    vec![
+        g.name.clone(),
+        on.to_owned(),
+        g.criterion.clone().unwrap_or_default(),
+        format!(
+            "{}-{}",
+            g.min_usage.unwrap_or_default(),
+            g.max_usage.unwrap_or_default()
+        ),
+        format!(
+            "{}s/{}s",
+            g.auto_rebalance_interval_s.unwrap_or_default(),
+            g.window_s.unwrap_or_default()
+        ),
+        format!("{}s", g.vs_scalein_timeout_s.unwrap_or_default()),
+        g.engines.join(","),
+        g.virtual_services.join(","),
+    ]
+}
+
+fn print_group(cli: &Cli, g: &pb::EngineGroup) {
+    if cli.json {
+        json(&views::group(g));
+        return;
+    }
+    table(
+        &[
+            "NAME",
+            "AUTO-REBALANCE",
+            "CRITERION",
+            "MIN-MAX",
+            "INTERVAL",
+            "SCALE-IN TIMEOUT",
+            "ENGINES",
+            "VS",
+        ],
+        vec![group_row(g)],
+    );
+    println!(
+        "hot share {}%, scale-out per vs {}–{}, buffer_se {}, cool-down {}s, resource_version {}",
+        g.hot_share_pct.unwrap_or_default(),
+        g.min_scaleout_per_vs.unwrap_or_default(),
+        g.max_scaleout_per_vs.unwrap_or_default(),
+        g.buffer_se.unwrap_or_default(),
+        g.cooldown_s.unwrap_or_default(),
+        g.resource_version
+    );
+}
+
 fn print_pool(cli: &Cli, p: &pb::Pool) {
     if cli.json {
         return json(&views::pool(p));
@@ -581,6 +762,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &[
                         "NAME",
                         "ID",
+                        "GROUP",
                         "STATE",
                         "CONNECTED",
                         "VS",
@@ -597,6 +779,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             vec![
                                 e.name.clone(),
                                 e.id.to_string(),
+                                e.group.clone(),
                                 e.state.clone(),
                                 e.connected.to_string(),
                                 e.virtual_services.to_string(),
@@ -669,6 +852,61 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             PoolCmd::Delete { name } => {
                 c.delete_pool(pb::Name { name: name.clone() }).await?;
+            }
+        },
+        Command::Group(cmd) => match cmd {
+            GroupCmd::List => {
+                let list = c
+                    .list_engine_groups(pb::Empty {})
+                    .await?
+                    .into_inner()
+                    .groups;
+                if cli.json {
+                    json(&list.iter().map(views::group).collect::<Vec<_>>());
+                } else {
+                    table(
+                        &[
+                            "NAME",
+                            "AUTO-REBALANCE",
+                            "CRITERION",
+                            "MIN-MAX",
+                            "INTERVAL",
+                            "SCALE-IN TIMEOUT",
+                            "ENGINES",
+                            "VS",
+                        ],
+                        list.iter().map(group_row).collect(),
+                    );
+                }
+            }
+            GroupCmd::Get { name } => {
+                let g = c
+                    .get_engine_group(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                print_group(&cli, &g);
+            }
+            GroupCmd::Create { name, fields } => {
+                let mut g = pb::EngineGroup {
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                fields.clone().apply(&mut g);
+                let g = c.create_engine_group(g).await?.into_inner();
+                print_group(&cli, &g);
+            }
+            GroupCmd::Update { name, fields } => {
+                let mut g = c
+                    .get_engine_group(pb::Name { name: name.clone() })
+                    .await?
+                    .into_inner();
+                fields.clone().apply(&mut g);
+                let g = c.update_engine_group(g).await?.into_inner();
+                print_group(&cli, &g);
+            }
+            GroupCmd::Delete { name } => {
+                c.delete_engine_group(pb::Name { name: name.clone() })
+                    .await?;
             }
         },
         Command::Vs(cmd) => match cmd {
@@ -800,15 +1038,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Events { .. } | Command::Rebalance(RebalanceCmd::Log { .. }) => {
-            let (follow, kind) = match &cli.command {
-                Command::Events { follow, kind } => (*follow, kind.clone()),
-                Command::Rebalance(RebalanceCmd::Log { follow }) => {
-                    (*follow, Some("rebalance".to_owned()))
-                }
-                _ => (false, None),
+            let (follow, kind, group) = match &cli.command {
+                Command::Events { follow, kind } => (*follow, kind.clone(), None),
+                Command::Rebalance(RebalanceCmd::Log { follow, group }) => (
+                    *follow,
+                    Some("rebalance".to_owned()),
+                    group.as_ref().map(|g| format!("group/{g}")),
+                ),
+                _ => (false, None, None),
             };
-            let wanted =
-                |e: &pb::Event| kind.as_ref().is_none_or(|k| e.kind.starts_with(k.as_str()));
+            let wanted = |e: &pb::Event| {
+                kind.as_ref().is_none_or(|k| e.kind.starts_with(k.as_str()))
+                    && group.as_ref().is_none_or(|g| e.objects.contains(g))
+            };
             let print = |e: &pb::Event| {
                 if !wanted(e) {
                     return;

@@ -179,20 +179,21 @@ impl Scaling {
         BASE_WEIGHT
     }
 
-    /// What is in progress, if anything (the rebalance loop makes one change at a time).
-    pub fn in_progress(&self) -> Option<String> {
-        if let Some(((vs, e), _)) = self.pending.iter().next() {
+    /// What is in progress for the services `of` selects (an engine group's), if anything: the
+    /// rebalance loop makes one change at a time per group.
+    pub fn in_progress(&self, of: impl Fn(&str) -> bool) -> Option<String> {
+        if let Some((vs, e)) = self.pending.keys().find(|(vs, _)| of(vs)) {
             return Some(format!("{e} scaling out {vs} is not serving yet"));
         }
-        if let Some((vs, m)) = self.migrations.iter().next() {
+        if let Some((vs, m)) = self.migrations.iter().find(|(vs, _)| of(vs)) {
             return Some(format!("migrating {vs} from {} to {}", m.from, m.to));
         }
-        if let Some(((vs, e), _)) = self.leaving.iter().next() {
+        if let Some((vs, e)) = self.leaving.keys().find(|(vs, _)| of(vs)) {
             return Some(format!("{e} leaves {vs}"));
         }
         self.drains
             .keys()
-            .next()
+            .find(|(vs, _)| of(vs))
             .map(|(vs, e)| format!("{e} drains {vs}"))
     }
 }
@@ -217,8 +218,7 @@ impl Cluster {
     pub fn placement_view(&self, v: &VsRecord) -> Vec<PlacementView> {
         let name = &v.spec.name;
         let weights = self.weights_of(v);
-        let timeout_ms =
-            u64::try_from(self.settings.rebalance.scalein_timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout_ms = u64::try_from(self.scalein_timeout(name).as_millis()).unwrap_or(u64::MAX);
         let mut out: Vec<PlacementView> =
             v.placement
                 .iter()
@@ -287,6 +287,15 @@ impl Cluster {
                 rec.spec.max_engines
             )));
         }
+        let group_max = self
+            .group_settings(&rec.spec.engine_group)
+            .max_scaleout_per_vs;
+        if rec.placement.len() >= group_max as usize {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {name:?} is at its engine group {:?}'s max_scaleout_per_vs ({group_max})",
+                rec.spec.engine_group
+            )));
+        }
         let chosen = self.target_for(&rec, engine)?;
         rec.placement.push(chosen.clone());
         rec.resource_version += 1;
@@ -313,7 +322,8 @@ impl Cluster {
     /// An eligible engine for `rec`: `engine` if it is one, else placement's choice.
     fn target_for(&self, rec: &VsRecord, engine: Option<&str>) -> Result<String, ClusterError> {
         let name = &rec.spec.name;
-        let c = self.candidates();
+        let group = &rec.spec.engine_group;
+        let c = self.candidates(group);
         match engine {
             Some(e) => {
                 if placement::ranked(&c, &rec.spec.tags, &rec.placement)
@@ -323,12 +333,18 @@ impl Cluster {
                     return Ok(e.to_owned());
                 }
                 let why = match self.p.engines.get(e) {
-                    None => "no such engine",
-                    Some(_) if rec.placement.iter().any(|p| p == e) => "already placed",
-                    Some(_) if !self.health.state(e).is_some_and(EngineHealth::is_healthy) => {
-                        "not healthy"
+                    None => "no such engine".to_owned(),
+                    Some(r) if r.group != *group => {
+                        format!(
+                            "it is in engine group {:?}, the service in {group:?}",
+                            r.group
+                        )
                     }
-                    Some(_) => "without the service's tags",
+                    Some(_) if rec.placement.iter().any(|p| p == e) => "already placed".to_owned(),
+                    Some(_) if !self.health.state(e).is_some_and(EngineHealth::is_healthy) => {
+                        "not healthy".to_owned()
+                    }
+                    Some(_) => "without the service's tags".to_owned(),
                 };
                 Err(ClusterError::FailedPrecondition(format!(
                     "engine {e:?} is not eligible for {name:?}: {why}"
@@ -337,7 +353,7 @@ impl Cluster {
             None => Ok(placement::choose(&c, &rec.spec.tags, 1, &rec.placement)
                 .map_err(|e| {
                     ClusterError::FailedPrecondition(format!(
-                        "no eligible engine for {name:?}: {e}"
+                        "no eligible engine for {name:?} in engine group {group:?}: {e}"
                     ))
                 })?
                 .remove(0)),
@@ -396,7 +412,7 @@ impl Cluster {
             format!(
                 "scale in: {victim} gets no new connections; once the primary has applied that, \
                  it leaves and its connections drain for {} s, then the rest are reset",
-                self.settings.rebalance.scalein_timeout.as_secs()
+                self.scalein_timeout(name).as_secs()
             ),
         );
         self.vs(name)
@@ -575,10 +591,16 @@ impl Cluster {
         changed |= self.advance_migrations(now)?;
         changed |= self.advance_leaving(now)?;
         changed |= self.adjust_primary_weights(now);
-        let timeout = self.settings.rebalance.scalein_timeout;
-        self.scaling
+        let timeouts: BTreeMap<String, Duration> = self
+            .scaling
             .drains
-            .retain(|_, d| now.duration_since(d.since) < timeout + DRAIN_REPORT_GRACE);
+            .keys()
+            .map(|(vs, _)| (vs.clone(), self.scalein_timeout(vs)))
+            .collect();
+        self.scaling.drains.retain(|(vs, _), d| {
+            let timeout = timeouts.get(vs).copied().unwrap_or_default();
+            now.duration_since(d.since) < timeout + DRAIN_REPORT_GRACE
+        });
         if changed {
             self.refresh()?;
         }
@@ -737,7 +759,7 @@ impl Cluster {
             &[obj("vs", &vs), obj("engine", engine)],
             format!(
                 "{engine} leaves {vs}: its connections drain for {} s",
-                self.settings.rebalance.scalein_timeout.as_secs()
+                self.scalein_timeout(&vs).as_secs()
             ),
         );
         self.put_vs(rec, what)?;

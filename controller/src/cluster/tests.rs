@@ -16,6 +16,7 @@ fn engine(name: &str, id: u32, zone: &str) -> EngineRecord {
         mac: format!("02:00:0a:4d:00:{:02x}", 10 + id).parse().unwrap(),
         tags: BTreeMap::from([("zone".into(), zone.into())]),
         capacity: 2,
+        group: DEFAULT_GROUP.into(),
     }
 }
 
@@ -45,6 +46,7 @@ fn spec(name: &str, port: u16, min: u32) -> VsSpec {
         min_engines: min,
         max_engines: 4,
         tags: BTreeMap::new(),
+        engine_group: DEFAULT_GROUP.into(),
     }
 }
 
@@ -453,7 +455,7 @@ fn a_scaled_in_engine_drains_and_its_resets_are_flagged() {
     );
     assert!(
         c.scaling
-            .in_progress()
+            .in_progress(|_| true)
             .is_some_and(|p| p.contains("se3 leaves web"))
     );
     // se3 applying it changes nothing: the primary's ring is what sends it connections.
@@ -956,7 +958,7 @@ fn the_rebalance_loop_scales_a_hot_service_out_from_heartbeats() {
         let start = Instant::now();
         let store = Arc::new(MemStore::default());
         let settings = Settings {
-            rebalance: RebalanceSettings {
+            default_group: RebalanceSettings {
                 enabled: true,
                 dry_run,
                 interval: Duration::from_secs(10),
@@ -1020,4 +1022,341 @@ fn the_rebalance_loop_scales_a_hot_service_out_from_heartbeats() {
             assert!(desired(&c).virtual_services[0].engines.len() == 2);
         }
     }
+}
+
+fn in_group(name: &str, id: u32, group: &str) -> EngineRecord {
+    EngineRecord {
+        group: group.into(),
+        ..engine(name, id, "a")
+    }
+}
+
+fn edge_spec(name: &str, port: u16, min: u32) -> VsSpec {
+    VsSpec {
+        engine_group: "edge".into(),
+        ..spec(name, port, min)
+    }
+}
+
+/// Engine groups bound where a service may run: placement, scale-out and replacement stay in the
+/// service's group, and every refusal says which group.
+#[test]
+fn a_service_runs_only_on_engines_of_its_group() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let e = c.register(in_group("se5", 5, "edge"), now).unwrap_err();
+    assert!(
+        matches!(&e, ClusterError::FailedPrecondition(m) if m.contains("engine group \"edge\" does not exist")),
+        "{e}"
+    );
+    c.create_group("edge", RebalanceSettings::default())
+        .unwrap();
+    c.register(in_group("se5", 5, "edge"), now).unwrap();
+    c.register(in_group("se6", 6, "edge"), now).unwrap();
+    // se5 and se6 are idle and hold nothing: placement would pick them if it could.
+    let web = c.create_vs(spec("web", 80, 2)).unwrap();
+    assert!(
+        web.placement
+            .iter()
+            .all(|e| ["se1", "se2", "se3", "se4"].contains(&e.as_str())),
+        "{:?}",
+        web.placement
+    );
+    let api = c.create_vs(edge_spec("api", 81, 2)).unwrap();
+    assert_eq!(api.placement, ["se5", "se6"]);
+    let e = c.scale_out("api", None).unwrap_err().to_string();
+    assert!(
+        e.contains("in engine group \"edge\"") && e.contains("needs 1 engine(s), 0 eligible"),
+        "{e}"
+    );
+    let e = c.scale_out("api", Some("se1")).unwrap_err().to_string();
+    assert!(
+        e.contains("se1\" is not eligible")
+            && e.contains("engine group \"default\", the service in \"edge\""),
+        "{e}"
+    );
+    let e = c.migrate("web", None, Some("se5")).unwrap_err().to_string();
+    assert!(e.contains("engine group \"edge\""), "{e}");
+    let e = c
+        .create_vs(VsSpec {
+            engine_group: "nope".into(),
+            ..spec("x", 82, 1)
+        })
+        .unwrap_err();
+    assert_eq!(e, ClusterError::NotFound("engine group \"nope\"".into()));
+    let rv = c.persisted().services["api"].resource_version;
+    let e = c
+        .update_vs(
+            VsSpec {
+                engine_group: DEFAULT_GROUP.into(),
+                ..edge_spec("api", 81, 2)
+            },
+            rv,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClusterError::InvalidArgument { field, .. } if field == "engine_group"),
+        "{e}"
+    );
+    // An engine hosting a service cannot change group; an empty one can.
+    let e = c
+        .register(engine("se5", 5, "a"), now)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hosts api"), "{e}");
+    let spare =
+        c.p.engines
+            .keys()
+            .find(|n| !c.p.services.values().any(|v| v.placement.contains(n)))
+            .cloned()
+            .expect("a default engine without services");
+    let id = c.p.engines[&spare].id;
+    c.register(in_group(&spare, id, "edge"), now).unwrap();
+    assert_eq!(c.group("edge").unwrap().engines.len(), 3);
+    // A failed engine of the group is replaced from the group.
+    c.health.track_failed("se6", now);
+    c.tick(now).unwrap();
+    assert_eq!(
+        c.persisted().services["api"].placement,
+        ["se5", spare.as_str()]
+    );
+    // Deleting: not the default group, not one in use.
+    let e = c.delete_group(DEFAULT_GROUP).unwrap_err().to_string();
+    assert!(e.contains("cannot be deleted"), "{e}");
+    let e = c.delete_group("edge").unwrap_err().to_string();
+    assert!(
+        e.contains("in use by engines [") && e.contains("virtual services [api]"),
+        "{e}"
+    );
+    c.create_group("spare", RebalanceSettings::default())
+        .unwrap();
+    c.delete_group("spare").unwrap();
+    assert!(c.group("spare").is_err());
+}
+
+/// The scale-in timeout is the group's: each service carries its group's in the snapshot, a
+/// drain of it says so, and changing it changes the snapshot.
+#[test]
+fn each_group_has_its_own_scalein_timeout() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.create_group(
+        "edge",
+        RebalanceSettings {
+            scalein_timeout: Duration::from_mins(2),
+            ..RebalanceSettings::default()
+        },
+    )
+    .unwrap();
+    for (n, id) in [("se5", 5), ("se6", 6)] {
+        c.register(in_group(n, id, "edge"), now).unwrap();
+    }
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    c.create_vs(edge_spec("api", 81, 1)).unwrap();
+    c.scale_out("api", Some("se6")).unwrap();
+    let timeouts = |c: &Cluster| {
+        let d = desired(c);
+        let of = |name: &str| {
+            d.virtual_services
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.drain_timeout_s)
+        };
+        (d.proxy.drain_timeout_s, of("web"), of("api"))
+    };
+    assert_eq!(timeouts(&c), (30, Some(30), Some(120)));
+    c.scale_in("api", Some("se6")).unwrap();
+    let reason = events_of(&c, "scaling").last().unwrap().reason.clone();
+    assert!(reason.contains("drain for 120 s"), "{reason}");
+    let view = c.placement_view(&c.persisted().services["api"].clone());
+    assert_eq!(view[1].remaining_ms, 120_000);
+    let before = c.snapshot().version;
+    let rv = c.group(DEFAULT_GROUP).unwrap().record.resource_version;
+    c.update_group(
+        DEFAULT_GROUP,
+        RebalanceSettings {
+            scalein_timeout: Duration::from_secs(45),
+            ..RebalanceSettings::default()
+        },
+        rv,
+    )
+    .unwrap();
+    assert_eq!(timeouts(&c), (45, Some(45), Some(120)));
+    assert!(c.snapshot().version > before);
+    let e = c
+        .update_group(DEFAULT_GROUP, RebalanceSettings::default(), rv)
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::Aborted(_)), "{e}");
+}
+
+#[test]
+fn group_settings_are_checked_naming_the_setting() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let bad = [
+        (
+            "window",
+            RebalanceSettings {
+                window: Duration::from_secs(400),
+                ..RebalanceSettings::default()
+            },
+        ),
+        (
+            "max",
+            RebalanceSettings {
+                max: 50.0,
+                min: 55.0,
+                ..RebalanceSettings::default()
+            },
+        ),
+        (
+            "max_cpu_usage",
+            RebalanceSettings {
+                max: 120.0,
+                ..RebalanceSettings::default()
+            },
+        ),
+        (
+            "auto_rebalance_interval",
+            RebalanceSettings {
+                interval: Duration::ZERO,
+                ..RebalanceSettings::default()
+            },
+        ),
+        (
+            "max_scaleout_per_vs",
+            RebalanceSettings {
+                max_scaleout_per_vs: 8,
+                ..RebalanceSettings::default()
+            },
+        ),
+    ];
+    for (field, settings) in bad {
+        let e = c.create_group("g", settings).unwrap_err();
+        assert!(
+            matches!(&e, ClusterError::InvalidArgument { field: f, .. } if f == field),
+            "{field}: {e}"
+        );
+    }
+    assert!(c.group("g").is_err(), "nothing was created");
+    let e = c
+        .create_group("bad name!", RebalanceSettings::default())
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::InvalidArgument { .. }), "{e}");
+    c.create_group("g", RebalanceSettings::default()).unwrap();
+    let e = c
+        .create_group("g", RebalanceSettings::default())
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::AlreadyExists(_)), "{e}");
+}
+
+/// Groups, their settings and their members survive a controller restart.
+#[test]
+fn a_restarted_controller_keeps_its_groups() {
+    let now = Instant::now();
+    let (mut c, store) = standard(now);
+    let edge = RebalanceSettings {
+        enabled: true,
+        scalein_timeout: Duration::from_secs(90),
+        ..RebalanceSettings::default()
+    };
+    c.create_group("edge", edge).unwrap();
+    c.register(in_group("se5", 5, "edge"), now).unwrap();
+    c.create_vs(edge_spec("api", 81, 1)).unwrap();
+    let snapshot = c.snapshot();
+    drop(c);
+    let c = cluster(store, now);
+    assert_eq!(c.snapshot(), snapshot, "same snapshot, same version");
+    let g = c.group("edge").unwrap();
+    assert_eq!(g.record.settings, edge);
+    assert_eq!(g.engines, ["se5"]);
+    assert_eq!(g.virtual_services, ["api"]);
+    assert!(c.rebalancers["edge"].settings.enabled);
+    assert!(!c.rebalancers[DEFAULT_GROUP].settings.enabled);
+}
+
+/// Each group runs its own loop: a hot engine in each of two groups is a change in each, in the
+/// same interval, while a change in flight in one group does not hold the other back; a group
+/// with the loop off decides nothing.
+#[test]
+fn each_group_rebalances_on_its_own() {
+    let start = Instant::now();
+    let on = RebalanceSettings {
+        enabled: true,
+        interval: Duration::from_secs(10),
+        window: Duration::from_secs(3),
+        buffer_se: 0,
+        cooldown: Duration::ZERO,
+        ..RebalanceSettings::default()
+    };
+    let settings = Settings {
+        default_group: on,
+        ..Settings::default()
+    };
+    let mut c = Cluster::load(settings, Arc::new(MemStore::default()), start).unwrap();
+    c.create_group("edge", on).unwrap();
+    c.create_group("idle", RebalanceSettings::default())
+        .unwrap();
+    let engines = [
+        ("se1", 1, DEFAULT_GROUP),
+        ("se2", 2, DEFAULT_GROUP),
+        ("se5", 5, "edge"),
+        ("se6", 6, "edge"),
+        ("se7", 7, "idle"),
+        ("se8", 8, "idle"),
+    ];
+    for (n, id, g) in engines {
+        c.register(in_group(n, id, g), start).unwrap();
+    }
+    c.create_pool(pool("web")).unwrap();
+    let services = [
+        c.create_vs(spec("web", 80, 1)).unwrap().placement[0].clone(),
+        c.create_vs(edge_spec("api", 81, 1)).unwrap().placement[0].clone(),
+        c.create_vs(VsSpec {
+            engine_group: "idle".into(),
+            ..spec("img", 82, 1)
+        })
+        .unwrap()
+        .placement[0]
+            .clone(),
+    ];
+    let vs_of = |e: &str| match services.iter().position(|p| p == e) {
+        Some(0) => Some("web"),
+        Some(1) => Some("api"),
+        Some(2) => Some("img"),
+        _ => None,
+    };
+    for s in 1..=12u64 {
+        let now = start + Duration::from_secs(s);
+        for (e, _, _) in engines {
+            c.heartbeat(
+                e,
+                Observed {
+                    cpu_pct: if vs_of(e).is_some() { 92.0 } else { 35.0 },
+                    vs_pps: vs_of(e)
+                        .map(|vs| BTreeMap::from([(vs.to_owned(), 50_000.0)]))
+                        .unwrap_or_default(),
+                    ..Observed::default()
+                },
+                now,
+            );
+        }
+        c.tick(now).unwrap();
+    }
+    let decisions = events_of(&c, "rebalance");
+    assert_eq!(
+        decisions.len(),
+        2,
+        "one per group with the loop on: {decisions:?}"
+    );
+    for (group, vs) in [(DEFAULT_GROUP, "web"), ("edge", "api")] {
+        let d = decisions
+            .iter()
+            .find(|d| d.objects.contains(&obj("group", group)))
+            .unwrap_or_else(|| panic!("no decision in {group}: {decisions:?}"));
+        assert!(d.reason.contains(&format!("→ scale out {vs} to ")), "{d:?}");
+        assert_eq!(c.persisted().services[vs].placement.len(), 2, "{vs}");
+    }
+    assert!(events_of(&c, "rebalance_failed").is_empty());
+    assert_eq!(c.persisted().services["img"].placement.len(), 1);
 }

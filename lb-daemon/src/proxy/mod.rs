@@ -687,7 +687,7 @@ engines = [ {engines} ]
         };
         let left = deadline.saturating_duration_since(before);
         assert!(
-            left >= Duration::from_secs(600) && left < Duration::from_secs(601),
+            left >= Duration::from_mins(10) && left < Duration::from_secs(601),
             "{left:?}"
         );
     }
