@@ -60,6 +60,9 @@ pub struct ControllerLab {
     pub controller_args: Vec<String>,
     /// Per engine id, a cgroup with a CPU quota its daemon runs in.
     quotas: BTreeMap<u8, CpuQuota>,
+    /// Per engine id, the engine group its daemon registers in (absent: the default group), from
+    /// its next start.
+    pub engine_groups: BTreeMap<u8, String>,
     pub lab: ProxyLab,
 }
 
@@ -124,6 +127,7 @@ impl ControllerLab {
             max_missed: 3,
             controller_args: controller_args.iter().map(|&a| a.to_owned()).collect(),
             quotas: BTreeMap::new(),
+            engine_groups: BTreeMap::new(),
             lab,
         };
         if let Some(cpus) = cpu_quota {
@@ -232,6 +236,7 @@ impl ControllerLab {
                 .join(format!("{}-desired.json", engine.name)),
             heartbeat_interval_ms: u32::try_from(self.heartbeat_ms).unwrap_or(1000),
             tags: BTreeMap::new(),
+            group: self.engine_groups.get(&id).cloned(),
         };
         let d = Daemon::start_managed(
             &self.lab.lab,

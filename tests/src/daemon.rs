@@ -147,6 +147,9 @@ pub struct ControllerSection {
     pub heartbeat_interval_ms: u32,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// The engine group it registers in (left out: the default group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// `[[pools]]`.
