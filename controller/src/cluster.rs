@@ -246,7 +246,9 @@ impl Cluster {
                     .find(|e| e.id == id)
                     .map(|e| e.name.clone())
             };
-            Scaling::restore(d, name_of, p.version, now)
+            // Unreadable steps (never written so) fall back to what the snapshot tells.
+            let steps = serde_json::from_str(&p.steps).ok();
+            Scaling::restore(d, name_of, p.version, now, steps)
         });
         for (name, e) in &p.engines {
             if down.contains(&e.id) {
@@ -337,6 +339,9 @@ impl Cluster {
     }
 
     fn commit(&mut self, writes: Vec<Write>) -> Result<(), ClusterError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         self.store.commit(&writes)?;
         for w in writes {
             match w {
@@ -366,6 +371,7 @@ impl Cluster {
                     self.p.snapshot = json;
                 }
                 Write::PeerKey(k) => self.p.peer_key = k,
+                Write::Steps(j) => self.p.steps = j,
             }
         }
         Ok(())
@@ -384,19 +390,32 @@ impl Cluster {
         )
     }
 
-    /// Rebuilds the snapshot; a different one gets the next version (persisted) and is published.
+    /// Rebuilds the snapshot; a different one gets the next version (persisted, with the scaling
+    /// steps in flight) and is published.
     pub fn refresh(&mut self) -> Result<(), ClusterError> {
         let json = serde_json::to_string(&self.desired()).expect("the model serialises");
+        let mut writes = self.steps_write();
         if json == self.p.snapshot && self.p.version > 0 {
-            return Ok(());
+            return self.commit(writes);
         }
         let version = self.p.version + 1;
-        self.commit(vec![Write::Snapshot {
+        writes.push(Write::Snapshot {
             version,
             json: json.clone(),
-        }])?;
+        });
+        self.commit(writes)?;
         self.snapshot.send_replace(Snapshot { version, json });
         Ok(())
+    }
+
+    /// The scaling steps in flight, if they differ from the stored ones.
+    fn steps_write(&self) -> Vec<Write> {
+        let steps = serde_json::to_string(&self.scaling.steps()).expect("steps serialise");
+        if steps == self.p.steps {
+            Vec::new()
+        } else {
+            vec![Write::Steps(steps)]
+        }
     }
 
     // ----- engines -----
@@ -916,6 +935,7 @@ impl Cluster {
         self.replace_failed()?;
         self.advance_scaling(now)?;
         self.rebalance(now);
+        // Also persists steps changed without a new snapshot (a version noted after it was built).
         self.refresh()?;
         self.update_anomalies(now);
         Ok(())

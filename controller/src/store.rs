@@ -91,6 +91,8 @@ pub struct Persisted {
     pub snapshot: String,
     /// The engines' peer-probe key (hex), made once.
     pub peer_key: String,
+    /// The scaling steps in flight (JSON of `cluster::Steps`; empty: none recorded yet).
+    pub steps: String,
     pub engines: BTreeMap<String, EngineRecord>,
     pub pools: BTreeMap<String, PoolRecord>,
     pub services: BTreeMap<String, VsRecord>,
@@ -109,6 +111,7 @@ pub enum Write {
     DeleteService(String),
     Snapshot { version: u64, json: String },
     PeerKey(String),
+    Steps(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,10 +194,16 @@ impl Store for RedbStore {
             .map_err(backend)?
             .map(|v| v.value().to_owned())
             .unwrap_or_default();
+        let steps = meta
+            .get("steps")
+            .map_err(backend)?
+            .map(|v| v.value().to_owned())
+            .unwrap_or_default();
         Ok(Persisted {
             version,
             snapshot,
             peer_key,
+            steps,
             engines: read_all(&tx, ENGINES)?,
             pools: read_all(&tx, POOLS)?,
             services: read_all(&tx, SERVICES)?,
@@ -248,6 +257,9 @@ impl Store for RedbStore {
                     }
                     Write::PeerKey(key) => {
                         meta.insert("peer_key", key.as_str()).map_err(backend)?;
+                    }
+                    Write::Steps(steps) => {
+                        meta.insert("steps", steps.as_str()).map_err(backend)?;
                     }
                 }
             }
@@ -309,6 +321,7 @@ impl Store for MemStore {
                     s.snapshot = json;
                 }
                 Write::PeerKey(k) => s.peer_key = k,
+                Write::Steps(j) => s.steps = j,
             }
         }
         Ok(())

@@ -70,10 +70,23 @@ enum Stage {
 
 /// An engine leaving a service once its primary has applied `version` (its weight 0 there;
 /// `u64::MAX` until that snapshot is built); `what` names the leave in events.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Leaving {
     version: u64,
-    what: &'static str,
+    what: String,
+}
+
+/// The steps in flight as they are persisted (`u64::MAX`: the version of the snapshot being
+/// built, read back as the stored snapshot's), so that a restarted controller resumes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Steps {
+    /// (service, engine, version that placed it).
+    pending: Vec<(String, String, u64)>,
+    /// (service, engine, version it leaves at, what).
+    leaving: Vec<(String, String, u64, String)>,
+    /// (service, from, to, `None` while the target is pending, else the version that promoted
+    /// it).
+    migrations: Vec<(String, String, String, Option<u64>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,13 +143,47 @@ impl Scaling {
     /// What the last snapshot (`desired`, at `version`) says of the steps in flight, so that a
     /// restarted controller builds the same snapshot: each primary's weight, and secondaries of
     /// weight 0 as pending (they get their weight once they serve).
+    ///
+    /// With the persisted `steps`, those are resumed instead: pending engines, leaving engines
+    /// and migrations where they were.
     pub fn restore(
         desired: &lb_model::Desired,
         name_of: impl Fn(u32) -> Option<String>,
         version: u64,
         now: Instant,
+        steps: Option<Steps>,
     ) -> Scaling {
         let mut s = Scaling::default();
+        if let Some(steps) = steps {
+            let at = |v: u64| if v == u64::MAX { version } else { v };
+            for (vs, e, v) in steps.pending {
+                s.pending.insert((vs, e), at(v));
+            }
+            for (vs, e, v, what) in steps.leaving {
+                s.leaving.insert(
+                    (vs, e),
+                    Leaving {
+                        version: at(v),
+                        what,
+                    },
+                );
+            }
+            for (vs, from, to, promoted) in steps.migrations {
+                let stage =
+                    promoted.map_or(Stage::TargetPending, |v| Stage::Promoted { version: at(v) });
+                s.migrations.insert(vs, Migration { from, to, stage });
+            }
+            for vs in &desired.virtual_services {
+                if let Some(primary) = vs.engines.first()
+                    && vs.engines.len() > 1
+                    && (PRIMARY_WEIGHT_MIN..=PRIMARY_WEIGHT_MAX).contains(&primary.weight)
+                {
+                    s.primary_weights
+                        .insert(vs.name.clone(), (primary.weight, now));
+                }
+            }
+            return s;
+        }
         for vs in &desired.virtual_services {
             let Some((primary, rest)) = vs.engines.split_first() else {
                 continue;
@@ -177,6 +224,33 @@ impl Scaling {
                 .map_or(PRIMARY_WEIGHT_MAX, |w| w.0);
         }
         BASE_WEIGHT
+    }
+
+    /// The steps in flight, to persist.
+    pub fn steps(&self) -> Steps {
+        Steps {
+            pending: self
+                .pending
+                .iter()
+                .map(|((vs, e), v)| (vs.clone(), e.clone(), *v))
+                .collect(),
+            leaving: self
+                .leaving
+                .iter()
+                .map(|((vs, e), l)| (vs.clone(), e.clone(), l.version, l.what.clone()))
+                .collect(),
+            migrations: self
+                .migrations
+                .iter()
+                .map(|(vs, m)| {
+                    let promoted = match m.stage {
+                        Stage::TargetPending => None,
+                        Stage::Promoted { version } => Some(version),
+                    };
+                    (vs.clone(), m.from.clone(), m.to.clone(), promoted)
+                })
+                .collect(),
+        }
     }
 
     /// What is in progress for the services `of` selects (an engine group's), if anything: the
@@ -419,19 +493,14 @@ impl Cluster {
     }
 
     /// `engine` gets weight 0 in a new snapshot, whose version it leaves at.
-    fn begin_leaving(
-        &mut self,
-        vs: &str,
-        engine: &str,
-        what: &'static str,
-    ) -> Result<(), ClusterError> {
+    fn begin_leaving(&mut self, vs: &str, engine: &str, what: &str) -> Result<(), ClusterError> {
         let key = (vs.to_owned(), engine.to_owned());
         self.scaling.pending.remove(&key);
         self.scaling.leaving.insert(
             key.clone(),
             Leaving {
                 version: u64::MAX,
-                what,
+                what: what.to_owned(),
             },
         );
         if let Err(e) = self.refresh() {
@@ -439,7 +508,13 @@ impl Cluster {
             return Err(e);
         }
         let version = self.p.version;
-        self.scaling.leaving.insert(key, Leaving { version, what });
+        self.scaling.leaving.insert(
+            key,
+            Leaving {
+                version,
+                what: what.to_owned(),
+            },
+        );
         Ok(())
     }
 
@@ -736,7 +811,7 @@ impl Cluster {
                 continue;
             }
             if self.has_applied(&primary, version) || self.is_gone(&primary) {
-                self.leave(rec, &e, what, now)?;
+                self.leave(rec, &e, &what, now)?;
                 changed = true;
             }
         }

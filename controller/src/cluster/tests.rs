@@ -584,6 +584,60 @@ fn a_restarted_controller_keeps_the_weights_in_force() {
     assert_eq!(members(&c), [(1, 30), (2, BASE_WEIGHT), (3, BASE_WEIGHT)]);
 }
 
+/// A restart in the middle of a scale-in and of a migration resumes both: the leaving engine keeps
+/// weight 0 and leaves once the primary has applied it; the migration's old primary keeps weight
+/// 0 and leaves once both have applied the promotion.
+#[test]
+fn a_restarted_controller_resumes_the_steps_in_flight() {
+    let now = Instant::now();
+    let (mut c, store) = standard(now);
+    c.create_vs(spec("web", 80, 1)).unwrap();
+    c.create_vs(VsSpec {
+        vip: "10.78.0.11".parse().unwrap(),
+        ..spec("api", 80, 1)
+    })
+    .unwrap();
+    c.scale_out("web", Some("se3")).unwrap();
+    serves(&mut c, "se3", &["web"], 10.0, now);
+    c.scale_in("web", Some("se3")).unwrap();
+    assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
+    let api_primary = c.persisted().services["api"].placement[0].clone();
+    let target = ["se2", "se4"]
+        .into_iter()
+        .find(|e| *e != api_primary)
+        .unwrap();
+    c.migrate("api", None, Some(target)).unwrap();
+    serves(&mut c, target, &["api"], 10.0, now);
+    let api = c.persisted().services["api"].clone();
+    assert_eq!(api.placement, [target, api_primary.as_str()], "promoted");
+    let before = c.snapshot();
+    drop(c);
+
+    let later = now + Duration::from_secs(1);
+    let mut c = cluster(store, later);
+    c.tick(later).unwrap();
+    assert_eq!(c.snapshot(), before, "same snapshot, same version");
+    assert_eq!(
+        phases(&c)[1],
+        ("se3".into(), 0, "draining"),
+        "still on its way out"
+    );
+    let api_view = c.placement_view(&c.persisted().services["api"].clone());
+    assert_eq!(
+        (api_view[1].weight, api_view[1].phase),
+        (0, "draining"),
+        "the old primary still hands over"
+    );
+    assert!(c.scaling.in_progress(|_| true).is_some());
+    // The primaries apply what was built before the restart: both steps end.
+    let primary = c.persisted().services["web"].placement[0].clone();
+    serves(&mut c, &primary, &["web"], 10.0, later);
+    assert_eq!(c.persisted().services["web"].placement, [primary.as_str()]);
+    serves(&mut c, target, &["api"], 10.0, later);
+    serves(&mut c, &api_primary, &["api"], 10.0, later);
+    assert_eq!(c.persisted().services["api"].placement, [target]);
+}
+
 #[test]
 fn scaling_errors_say_which_limit() {
     let now = Instant::now();
