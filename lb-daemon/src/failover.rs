@@ -58,6 +58,8 @@ pub struct Failover {
     owner_plan: watch::Sender<OwnerPlan>,
     commands: mpsc::Sender<Command>,
     vips: Option<VipAddresses>,
+    /// The VIPs this daemon has placed: one no virtual service has any more is removed.
+    placed_vips: BTreeSet<IpAddr>,
     announcing: BTreeMap<IpAddr, JoinHandle<()>>,
     /// (peer, virtual service) claims below this engine's epoch already answered with announcements.
     stale_claims: BTreeSet<(u32, u32)>,
@@ -112,6 +114,7 @@ impl Failover {
             owner_plan: ends.owner_plan,
             commands: ends.commands,
             vips,
+            placed_vips: BTreeSet::new(),
             announcing: BTreeMap::new(),
             stale_claims: BTreeSet::new(),
             ask_udp: BTreeMap::new(),
@@ -295,8 +298,29 @@ impl Failover {
             *steering.entry(vs.vip).or_default() |= primary;
         }
         for (vip, on_interface) in &steering {
-            if let Err(e) = vips.place(*vip, *on_interface).await {
-                error!(%vip, on_interface, "placing the VIP address: {e}");
+            match vips.place(*vip, *on_interface).await {
+                Ok(_) => {
+                    self.placed_vips.insert(*vip);
+                }
+                Err(e) => error!(%vip, on_interface, "placing the VIP address: {e}"),
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .placed_vips
+            .iter()
+            .filter(|v| !steering.contains_key(v))
+            .copied()
+            .collect();
+        for vip in gone {
+            if let Some(old) = self.announcing.remove(&vip) {
+                old.abort();
+            }
+            match vips.remove(vip).await {
+                Ok(_) => {
+                    info!(%vip, "no virtual service has this VIP any more: removed");
+                    self.placed_vips.remove(&vip);
+                }
+                Err(e) => error!(%vip, "removing the VIP address: {e}"),
             }
         }
         let mut announce_for: BTreeSet<IpAddr> = BTreeSet::new();

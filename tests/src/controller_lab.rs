@@ -363,13 +363,14 @@ impl ControllerLab {
 
     /// The engines that have `addr` on their `eth0` (either family).
     pub fn holders_of(&self, addr: std::net::IpAddr) -> Result<Vec<String>> {
+        self.holders_on(addr, "eth0")
+    }
+
+    /// The engines that have `addr` on device `dev`.
+    pub fn holders_on(&self, addr: std::net::IpAddr, dev: &str) -> Result<Vec<String>> {
         let mut holders = Vec::new();
         for e in &self.lab.engines {
-            let Ok(out) = self
-                .lab
-                .lab
-                .ip(&e.ns, &["-j", "addr", "show", "dev", "eth0"])
-            else {
+            let Ok(out) = self.lab.lab.ip(&e.ns, &["-j", "addr", "show", "dev", dev]) else {
                 continue;
             };
             if out.contains(&format!("\"{addr}\"")) {

@@ -9,6 +9,7 @@
 //!   naming the group; `api` serves through its VIP.
 //! - Scaling `api` in: the engine leaving drains for `edge`'s 8 s (what it reports, not the
 //!   default group's 30 s), then resets the connection still open (a `drain_reset` event).
+//! - Deleting `api` takes its VIP off every engine.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -277,4 +278,13 @@ fn engine_groups_bound_placement_and_carry_their_own_scale_in_timeout() {
         2,
         "web untouched"
     );
+
+    // Deleted, api's VIP leaves every engine (its interface and lo); web's stays.
+    assert!(!l.holders_on(api_vip.ip(), "lo").unwrap().is_empty());
+    l.lbctl(&["vs", "delete", "api"]).unwrap().json().ok();
+    l.wait(Duration::from_secs(10), "api's VIP is on no engine", |l| {
+        Ok(l.holders_of(api_vip.ip())?.is_empty() && l.holders_on(api_vip.ip(), "lo")?.is_empty())
+    })
+    .unwrap();
+    assert_eq!(l.vip_holders().unwrap(), [web[0].clone()]);
 }
