@@ -5,7 +5,10 @@
 //!
 //! Each round measures every path in turn (interleaved, so drift hits them alike): `wrk`
 //! keep-alive, `wrk` with `Connection: close` (one request per connection), and one `iperf3` TCP
-//! stream. Every figure is the median over the rounds.
+//! stream; beside each wrk run, the CPU time the proxy's processes spent (user + system, from
+//! `/proc`, per 1000 requests). The UDP paths (direct, ours: `HAProxy` has no UDP, nginx's stream
+//! proxy is not set up for it here) get `iperf3 -u` at 200 Mbit/s (the loss) and a ladder of rates
+//! (the highest with at most 0.1 % loss). Every figure is the median over the rounds.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,6 +46,25 @@ pub struct Options {
     /// wrk connections.
     #[arg(long, default_value_t = 50)]
     connections: u32,
+    /// Seconds of the UDP run at `--udp-rate`.
+    #[arg(long, default_value_t = 10)]
+    udp_seconds: u64,
+    /// The UDP rate whose loss is reported (iperf3 `-b`).
+    #[arg(long, default_value = "200M")]
+    udp_rate: String,
+    /// Rates tried, lowest first, for the highest at ≤ 0.1 % loss (Mbit/s).
+    #[arg(long, value_delimiter = ',', default_value = "100,200,400,800,1600")]
+    udp_ladder: Vec<u32>,
+    /// Seconds per ladder step.
+    #[arg(long, default_value_t = 4)]
+    udp_ladder_seconds: u64,
+    /// iperf3's socket buffers for UDP (`-w`), the same on every path: with the default, the
+    /// iperf3 server's own receive buffer overflows first.
+    #[arg(long, default_value = "4M")]
+    udp_window: String,
+    /// Only the UDP measurements (a quicker run while working on the UDP path).
+    #[arg(long)]
+    udp_only: bool,
     /// The primary proxies its share too (default: it only steers, the two secondaries proxy).
     #[arg(long)]
     primary_serves: bool,
@@ -56,6 +78,10 @@ pub struct Options {
 
 /// The paths measured, in the order of each round.
 const PATHS: [&str; 5] = ["direct", "ours", "ours_local", "haproxy", "nginx"];
+/// The paths with UDP.
+const UDP_PATHS: [&str; 3] = ["direct", "ours", "ours_local"];
+/// Loss at most this (percent) counts as none for the ladder.
+const UDP_LOSS_OK_PCT: f64 = 0.1;
 /// A second VIP whose only engine is the primary itself: our proxy without the steering hop.
 const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 11);
 const HAPROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 31);
@@ -82,11 +108,26 @@ impl From<&WrkResult> for Http {
 }
 
 /// One path in one round.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 struct Sample {
     keepalive: Http,
     short: Http,
     iperf_gbit_per_s: f64,
+    /// CPU seconds of the proxy's processes per 1000 requests (none for the direct path).
+    keepalive_cpu_per_1k: Option<f64>,
+    short_cpu_per_1k: Option<f64>,
+    udp: Option<Udp>,
+}
+
+/// One path's UDP in one round.
+#[derive(Clone, Debug, Default, Serialize)]
+struct Udp {
+    /// At `--udp-rate`.
+    loss_pct: f64,
+    /// The highest rate of the ladder with at most 0.1 % loss (0: none).
+    max_mbit_at_0_1pct: u32,
+    /// Each ladder step: (Mbit/s asked, loss %).
+    ladder: Vec<(u32, f64)>,
 }
 
 /// Medians of one path over the rounds, and the spread.
@@ -98,9 +139,20 @@ struct PathResult {
     short_rps: f64,
     short_p99_ms: f64,
     iperf_gbit_per_s: f64,
+    /// CPU seconds of the proxy's processes per 1000 requests.
+    cpu_per_1k_requests: CpuPer1k,
+    /// UDP loss at `--udp-rate` (percent), and the highest ladder rate at ≤ 0.1 % loss.
+    udp_loss_pct: Option<f64>,
+    udp_max_mbit_at_0_1pct: Option<u32>,
     /// wrk socket errors + non-2xx responses, all runs.
     errors: u64,
     runs: Vec<Sample>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct CpuPer1k {
+    keepalive: Option<f64>,
+    short: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +164,7 @@ struct Report {
     rounds: usize,
     wrk: String,
     iperf: String,
+    udp: UdpReport,
     offloads: BTreeMap<String, String>,
     placement: String,
     topology: String,
@@ -120,14 +173,29 @@ struct Report {
     loadavg_before: String,
     loadavg_after: String,
     paths: BTreeMap<&'static str, PathResult>,
-    /// ours ÷ baseline, per figure (> 1: ours is higher; for p99 lower is better).
+    /// ours ÷ baseline, per figure (> 1: ours is higher; for p99 and CPU lower is better).
     ratios: BTreeMap<String, BTreeMap<&'static str, f64>>,
+}
+
+#[derive(Serialize)]
+struct UdpReport {
+    load: String,
+    /// Median loss per path at the rate (percent).
+    loss_pct: BTreeMap<&'static str, f64>,
+    /// Median of the highest ladder rate at ≤ 0.1 % loss per path (Mbit/s).
+    max_mbit_at_0_1pct: BTreeMap<&'static str, u32>,
+    /// ours ÷ direct of that rate.
+    ours_over_direct: f64,
 }
 
 struct Target {
     ns: Ns,
     http: SocketAddr,
     iperf: SocketAddr,
+    /// The processes whose CPU time is the proxy's (with their descendants).
+    cpu_roots: Vec<u32>,
+    /// iperf3's UDP service (the control connection goes to `iperf`).
+    udp: Option<SocketAddr>,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -175,20 +243,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             let t = &targets[name];
             let s = measure(opts, &client, t)
                 .with_context(|| format!("round {round}, path {name} ({})", t.ns))?;
-            eprintln!(
-                "e2e: round {round} {name:8} keep-alive {:>8.0} req/s p99 {:>6.2} ms | close {:>8.0} req/s p99 {:>6.2} ms | iperf3 {:>5.2} Gbit/s | errors {}",
-                s.keepalive.requests_per_s,
-                s.keepalive.p99_ms,
-                s.short.requests_per_s,
-                s.short.p99_ms,
-                s.iperf_gbit_per_s,
-                s.keepalive.errors + s.short.errors
-            );
+            print_sample(opts, round, name, &s);
             samples.entry(name).or_default().push(s);
         }
     }
 
     let (paths, ratios) = summarize(samples, targets);
+    let udp = udp_report(opts, &paths);
     let proxies = if opts.primary_serves {
         "se1 (primary, XDP), se2 and se3 proxy"
     } else {
@@ -208,6 +269,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "iperf3 -c TARGET -p {IPERF_PORT} -t {} (one TCP stream)",
             opts.iperf_seconds
         ),
+        udp,
         offloads,
         placement: "No CPU pinning: every process (wrk's 2 threads, 3 backend nginx processes, \
             the proxies) is scheduled by the kernel on both cores; veth traffic is processed in \
@@ -231,6 +293,51 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     write_results(&out_dir, &report)?;
     eprintln!("e2e: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn udp_report(opts: &Options, paths: &BTreeMap<&'static str, PathResult>) -> UdpReport {
+    UdpReport {
+        load: format!(
+            "iperf3 -u -w {} -b {} -t {} (the loss); iperf3 -u -w {} -b R -t {} for R in {:?} Mbit/s (the highest at ≤ {UDP_LOSS_OK_PCT} % loss)",
+            opts.udp_window,
+            opts.udp_rate,
+            opts.udp_seconds,
+            opts.udp_window,
+            opts.udp_ladder_seconds,
+            opts.udp_ladder
+        ),
+        loss_pct: UDP_PATHS
+            .iter()
+            .filter_map(|&p| Some((p, paths[p].udp_loss_pct?)))
+            .collect(),
+        max_mbit_at_0_1pct: UDP_PATHS
+            .iter()
+            .filter_map(|&p| Some((p, paths[p].udp_max_mbit_at_0_1pct?)))
+            .collect(),
+        ours_over_direct: f64::from(paths["ours"].udp_max_mbit_at_0_1pct.unwrap_or(0))
+            / f64::from(paths["direct"].udp_max_mbit_at_0_1pct.unwrap_or(0).max(1)),
+    }
+}
+
+fn print_sample(opts: &Options, round: usize, name: &str, s: &Sample) {
+    eprintln!(
+        "e2e: round {round} {name:8} keep-alive {:>8.0} req/s p99 {:>6.2} ms cpu/1k {} | close {:>8.0} req/s p99 {:>6.2} ms cpu/1k {} | iperf3 {:>5.2} Gbit/s | udp {} | errors {}",
+        s.keepalive.requests_per_s,
+        s.keepalive.p99_ms,
+        cpu_text(s.keepalive_cpu_per_1k),
+        s.short.requests_per_s,
+        s.short.p99_ms,
+        cpu_text(s.short_cpu_per_1k),
+        s.iperf_gbit_per_s,
+        s.udp.as_ref().map_or_else(
+            || "-".to_owned(),
+            |u| format!(
+                "{:.3} % lost at {}, ≤0.1 % up to {} Mbit/s",
+                u.loss_pct, opts.udp_rate, u.max_mbit_at_0_1pct
+            )
+        ),
+        s.keepalive.errors + s.short.errors
+    );
 }
 
 fn write_results(out_dir: &std::path::Path, report: &Report) -> anyhow::Result<()> {
@@ -310,23 +417,38 @@ fn build(opts: &Options) -> anyhow::Result<Bed> {
     let nginx =
         BaselineProxy::nginx_stream(&lab.lab, &ngx_ns, &frontends(NGINX_ADDR), PROXY_THREADS)?;
 
-    let target = |ns: &Ns, ip: Ipv4Addr| Target {
+    let target = |ns: &Ns, ip: Ipv4Addr, cpu_roots: Vec<u32>| Target {
         ns: ns.clone(),
         http: SocketAddr::from((ip, HTTP_PORT)),
         iperf: SocketAddr::from((ip, IPERF_PORT)),
+        cpu_roots,
+        udp: None,
+    };
+    let daemons: Vec<u32> = lab
+        .engines
+        .iter()
+        .filter_map(|e| lab.daemon(e.id).map(|d| d.proc().pid()))
+        .collect();
+    let ours = |ip: Ipv4Addr| Target {
+        udp: Some(SocketAddr::from((ip, IPERF_PORT))),
+        ..target(&lab.primary().ns, ip, daemons.clone())
     };
     let targets: BTreeMap<&'static str, Target> = [
         (
             "direct",
             Target {
                 iperf: iperf_server,
-                ..target(&lab.backends[0].ns, lab.backends[0].addr)
+                udp: Some(iperf_server),
+                ..target(&lab.backends[0].ns, lab.backends[0].addr, Vec::new())
             },
         ),
-        ("ours", target(&lab.primary().ns, lab.vip())),
-        ("ours_local", target(&lab.primary().ns, LOCAL_VIP)),
-        ("haproxy", target(&hap_ns, HAPROXY_ADDR)),
-        ("nginx", target(&ngx_ns, NGINX_ADDR)),
+        ("ours", ours(lab.vip())),
+        ("ours_local", ours(LOCAL_VIP)),
+        (
+            "haproxy",
+            target(&hap_ns, HAPROXY_ADDR, vec![haproxy.pid()]),
+        ),
+        ("nginx", target(&ngx_ns, NGINX_ADDR, vec![nginx.pid()])),
     ]
     .into_iter()
     .collect();
@@ -350,6 +472,18 @@ fn summarize(
         .map(|&name| {
             let runs = samples.remove(name).unwrap_or_default();
             let med = |f: fn(&Sample) -> f64| median(runs.iter().map(f).collect());
+            let med_opt = |f: fn(&Sample) -> Option<f64>| {
+                let v: Vec<f64> = runs.iter().filter_map(f).collect();
+                (!v.is_empty()).then(|| median(v))
+            };
+            let udp_max = {
+                let mut v: Vec<u32> = runs
+                    .iter()
+                    .filter_map(|s| s.udp.as_ref().map(|u| u.max_mbit_at_0_1pct))
+                    .collect();
+                v.sort_unstable();
+                v.get(v.len() / 2).copied()
+            };
             (
                 name,
                 PathResult {
@@ -359,6 +493,12 @@ fn summarize(
                     short_rps: med(|s| s.short.requests_per_s),
                     short_p99_ms: med(|s| s.short.p99_ms),
                     iperf_gbit_per_s: med(|s| s.iperf_gbit_per_s),
+                    cpu_per_1k_requests: CpuPer1k {
+                        keepalive: med_opt(|s| s.keepalive_cpu_per_1k),
+                        short: med_opt(|s| s.short_cpu_per_1k),
+                    },
+                    udp_loss_pct: med_opt(|s| s.udp.as_ref().map(|u| u.loss_pct)),
+                    udp_max_mbit_at_0_1pct: udp_max,
                     errors: runs
                         .iter()
                         .map(|s| s.keepalive.errors + s.short.errors)
@@ -381,6 +521,16 @@ fn summarize(
                     ("short_rps", ours.short_rps / o.short_rps),
                     ("short_p99", ours.short_p99_ms / o.short_p99_ms),
                     ("iperf", ours.iperf_gbit_per_s / o.iperf_gbit_per_s),
+                    (
+                        "cpu_per_1k_keepalive",
+                        ours.cpu_per_1k_requests.keepalive.unwrap_or(f64::NAN)
+                            / o.cpu_per_1k_requests.keepalive.unwrap_or(f64::NAN),
+                    ),
+                    (
+                        "cpu_per_1k_short",
+                        ours.cpu_per_1k_requests.short.unwrap_or(f64::NAN)
+                            / o.cpu_per_1k_requests.short.unwrap_or(f64::NAN),
+                    ),
                 ]
                 .into_iter()
                 .collect(),
@@ -405,13 +555,15 @@ fn add_local_vip(lab: &mut ProxyLab) -> anyhow::Result<()> {
         ],
     )?;
     let template = lab.services[0].clone();
-    for (id, name, port, pool) in [
-        (3, "web-local", HTTP_PORT, "web"),
-        (4, "iperf-local", IPERF_PORT, "iperf"),
+    for (id, name, port, pool, protocol) in [
+        (3, "web-local", HTTP_PORT, "web", "tcp"),
+        (4, "iperf-local", IPERF_PORT, "iperf", "tcp"),
+        (5, "iperf-udp-local", IPERF_PORT, "iperf", "udp"),
     ] {
         let mut vs = template.clone();
         vs.id = id;
         name.clone_into(&mut vs.name);
+        protocol.clone_into(&mut vs.protocol);
         vs.vip = LOCAL_VIP.to_string();
         vs.port = port;
         vs.engines = vec![Member {
@@ -434,7 +586,138 @@ fn proxy_host(lab: &Lab, role: &str, addr: Ipv4Addr) -> anyhow::Result<Ns> {
     Ok(ns)
 }
 
+/// `f`'s result, and the CPU seconds `roots` (and their descendants) spent meanwhile per 1000 of
+/// its requests (`None` without roots).
+fn with_cpu(
+    roots: &[u32],
+    f: impl FnOnce() -> anyhow::Result<WrkResult>,
+) -> anyhow::Result<(WrkResult, Option<f64>)> {
+    let before = tree_cpu_seconds(roots);
+    let r = f()?;
+    let spent = tree_cpu_seconds(roots) - before;
+    #[allow(clippy::cast_precision_loss)]
+    let per_1k =
+        (!roots.is_empty() && r.requests > 0).then(|| spent / (r.requests as f64 / 1000.0));
+    Ok((r, per_1k))
+}
+
+/// User + system CPU seconds of `roots` and every descendant, from `/proc/*/stat`.
+fn tree_cpu_seconds(roots: &[u32]) -> f64 {
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command's closing parenthesis: state, ppid, … utime (14th field), stime.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let parent = u32::try_from(num(1)).unwrap_or(0);
+        procs.push((pid, parent, num(11) + num(12)));
+    }
+    let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = inside.len();
+        for (pid, ppid, _) in &procs {
+            if inside.contains(ppid) {
+                inside.insert(*pid);
+            }
+        }
+        if inside.len() == before {
+            break;
+        }
+    }
+    let ticks: u64 = procs
+        .iter()
+        .filter(|(pid, _, _)| inside.contains(pid))
+        .map(|(_, _, t)| t)
+        .sum();
+    #[allow(clippy::cast_precision_loss)]
+    let secs = ticks as f64 / clock_ticks();
+    secs
+}
+
+/// `sysconf(_SC_CLK_TCK)`.
+fn clock_ticks() -> f64 {
+    cmd_output("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
+}
+
+fn cpu_text(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |c| format!("{c:.3} s"))
+}
+
+/// iperf3 UDP to `udp` (control over TCP to `control`) at `mbit` for `seconds`: the loss, percent.
+fn udp_loss(
+    client: &Ns,
+    control: SocketAddr,
+    rate: &str,
+    seconds: u64,
+    window: &str,
+) -> anyhow::Result<f64> {
+    let r = Iperf {
+        duration: Duration::from_secs(seconds),
+        window: Some(window.to_owned()),
+        ..Iperf::udp(&control.ip().to_string(), control.port(), rate)
+    }
+    .run(client)?;
+    let (sent, lost) = (
+        r.udp_packets.context("iperf3 UDP: no packet count")?,
+        r.udp_lost.context("iperf3 UDP: no loss count")?,
+    );
+    ensure!(sent > 0, "iperf3 UDP: nothing sent");
+    #[allow(clippy::cast_precision_loss)]
+    let pct = lost as f64 * 100.0 / sent as f64;
+    Ok(pct)
+}
+
+fn measure_udp(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Option<Udp>> {
+    let Some(udp) = t.udp else { return Ok(None) };
+    // iperf3 runs its control connection over TCP to the same address and port.
+    let control = SocketAddr::new(udp.ip(), udp.port());
+    let loss_pct = udp_loss(
+        client,
+        control,
+        &opts.udp_rate,
+        opts.udp_seconds,
+        &opts.udp_window,
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ladder = Vec::new();
+    let mut max = 0;
+    for &mbit in &opts.udp_ladder {
+        let loss = udp_loss(
+            client,
+            control,
+            &format!("{mbit}M"),
+            opts.udp_ladder_seconds,
+            &opts.udp_window,
+        )?;
+        ladder.push((mbit, loss));
+        std::thread::sleep(Duration::from_millis(300));
+        if loss > UDP_LOSS_OK_PCT {
+            break;
+        }
+        max = mbit;
+    }
+    Ok(Some(Udp {
+        loss_pct,
+        max_mbit_at_0_1pct: max,
+        ladder,
+    }))
+}
+
 fn measure(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Sample> {
+    if opts.udp_only {
+        return Ok(Sample {
+            udp: measure_udp(opts, client, t)?,
+            ..Sample::default()
+        });
+    }
     let url = format!("http://{}/", t.http);
     let wrk = Wrk {
         threads: opts.threads,
@@ -442,14 +725,16 @@ fn measure(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Sample> {
         duration: Duration::from_secs(opts.wrk_seconds),
         ..Wrk::new(&url)
     };
-    let keepalive = wrk.run(client)?;
+    let (keepalive, keepalive_cpu_per_1k) = with_cpu(&t.cpu_roots, || wrk.run(client))?;
     // Let the short-connection run start without the keep-alive run's sockets closing.
     std::thread::sleep(Duration::from_millis(500));
-    let short = Wrk {
-        close: true,
-        ..wrk.clone()
-    }
-    .run(client)?;
+    let (short, short_cpu_per_1k) = with_cpu(&t.cpu_roots, || {
+        Wrk {
+            close: true,
+            ..wrk.clone()
+        }
+        .run(client)
+    })?;
     std::thread::sleep(Duration::from_millis(500));
     let iperf = Iperf {
         duration: Duration::from_secs(opts.iperf_seconds),
@@ -457,10 +742,14 @@ fn measure(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Sample> {
     }
     .run(client)?;
     std::thread::sleep(Duration::from_millis(500));
+    let udp = measure_udp(opts, client, t)?;
     Ok(Sample {
         keepalive: Http::from(&keepalive),
         short: Http::from(&short),
         iperf_gbit_per_s: iperf.received_gbit_per_s(),
+        keepalive_cpu_per_1k,
+        short_cpu_per_1k,
+        udp,
     })
 }
 
@@ -484,8 +773,8 @@ fn markdown(r: &Report) -> String {
         "End to end through the namespace lab, median of {} rounds ({}, {}, kernel {})\n\n",
         r.rounds, r.date, r.machine, r.kernel
     );
-    s.push_str("| path | keep-alive req/s | keep-alive p99 | short conns req/s | short p99 | iperf3 Gbit/s | wrk errors |\n");
-    s.push_str("|---|---|---|---|---|---|---|\n");
+    s.push_str("| path | keep-alive req/s | keep-alive p99 | keep-alive CPU s/1k req | short conns req/s | short p99 | short CPU s/1k req | iperf3 Gbit/s | wrk errors |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let label = |p: &str| match p {
         "direct" => "client → backend nginx directly",
         "ours" => "**ours**: client → XDP primary → engine proxies → backends",
@@ -498,29 +787,38 @@ fn markdown(r: &Report) -> String {
         let p = &r.paths[name];
         let _ = writeln!(
             s,
-            "| {} | {:.1}k | {:.2} ms | {:.1}k | {:.2} ms | {:.2} | {} |",
+            "| {} | {:.1}k | {:.2} ms | {} | {:.1}k | {:.2} ms | {} | {:.2} | {} |",
             label(name),
             p.keepalive_rps / 1000.0,
             p.keepalive_p99_ms,
+            p.cpu_per_1k_requests
+                .keepalive
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.3}")),
             p.short_rps / 1000.0,
             p.short_p99_ms,
+            p.cpu_per_1k_requests
+                .short
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.3}")),
             p.iperf_gbit_per_s,
             p.errors
         );
     }
-    s.push_str("\n| ratio | keep-alive req/s | keep-alive p99 | short req/s | short p99 | iperf3 |\n|---|---|---|---|---|---|\n");
+    s.push_str("\n| ratio | keep-alive req/s | keep-alive p99 | keep-alive CPU/req | short req/s | short p99 | short CPU/req | iperf3 |\n|---|---|---|---|---|---|---|---|\n");
     for (name, m) in &r.ratios {
         let _ = writeln!(
             s,
-            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
             name.replace('_', " "),
             m["keepalive_rps"],
             m["keepalive_p99"],
+            m["cpu_per_1k_keepalive"],
             m["short_rps"],
             m["short_p99"],
+            m["cpu_per_1k_short"],
             m["iperf"]
         );
     }
+    udp_markdown(r, &mut s, label);
     s.push_str("\nSpread over the rounds (min–max): ");
     let spreads: Vec<String> = PATHS
         .iter()
@@ -544,6 +842,7 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "- Load: `{}`; `{}`.", r.wrk, r.iperf);
     let _ = writeln!(s, "- Topology: {}", r.topology);
     let _ = writeln!(s, "- Placement: {}", r.placement);
+    s.push_str("- CPU per request: user + system time of the proxy's processes and their children (`/proc/PID/stat`) over each wrk run, per 1000 requests; for ours every engine's lb-daemon. Softirq work (XDP, the stack) is accounted to no process and counts for no path.\n");
     s.push_str("- Offloads (same for every path; tx checksum offload is off on every lab veth because packets that cross XDP need it — netns-lab trap 2 — which also turns TSO off; GSO then segments in software):\n");
     for (host, o) in &r.offloads {
         let _ = writeln!(s, "  - {host}: {o}");
@@ -556,6 +855,39 @@ fn markdown(r: &Report) -> String {
         r.loadavg_before, r.loadavg_after
     );
     s
+}
+
+fn udp_markdown(r: &Report, s: &mut String, label: impl Fn(&str) -> &'static str) {
+    s.push_str("\n| UDP path | loss at the rate | highest rate at ≤ 0.1 % loss | ladder (Mbit/s: loss %, each round) |\n|---|---|---|---|\n");
+    for name in UDP_PATHS {
+        let p = &r.paths[name];
+        let ladders: Vec<String> = p
+            .runs
+            .iter()
+            .filter_map(|x| x.udp.as_ref())
+            .map(|u| {
+                u.ladder
+                    .iter()
+                    .map(|(m, l)| format!("{m}: {l:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} Mbit/s | {} |",
+            label(name),
+            p.udp_loss_pct
+                .map_or_else(|| "-".to_owned(), |l| format!("{l:.3} %")),
+            p.udp_max_mbit_at_0_1pct.unwrap_or(0),
+            ladders.join(" / ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nUDP, ours over direct (highest rate at ≤ 0.1 % loss): {:.2}×. Load: `{}`.",
+        r.udp.ours_over_direct, r.udp.load
+    );
 }
 
 /// `ethtool -k eth0` in each namespace, reduced to the settings that matter here.

@@ -334,7 +334,7 @@ impl fmt::Debug for ProxyCollector {
 }
 
 type ServicePick = fn(&Service) -> u64;
-const SERVICE_COUNTERS: [(&str, &str, ServicePick); 7] = [
+const SERVICE_COUNTERS: [(&str, &str, ServicePick); 9] = [
     (
         "lb_proxy_connections",
         "Connections (TCP) and sessions (UDP) accepted",
@@ -369,6 +369,16 @@ const SERVICE_COUNTERS: [(&str, &str, ServicePick); 7] = [
         "lb_proxy_refused_draining",
         "UDP datagrams of new clients dropped while draining",
         |s| s.stats.refused_draining.load(Relaxed),
+    ),
+    (
+        "lb_proxy_udp_kernel_drops",
+        "UDP datagrams the kernel dropped on the VIP socket (receive buffer full)",
+        |s| s.stats.udp_kernel_drops.load(Relaxed),
+    ),
+    (
+        "lb_proxy_udp_dropped",
+        "UDP datagrams of sessions the proxy dropped (backend socket full or refusing, too long)",
+        |s| s.stats.udp_dropped.load(Relaxed),
     ),
 ];
 

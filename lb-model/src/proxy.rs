@@ -38,6 +38,10 @@ pub struct ProxyConfig {
     /// The open-files limit the daemon raises itself to (capped by the hard limit).
     #[serde(default = "default_max_open_files")]
     pub max_open_files: u64,
+    /// Receive and send buffers of each UDP socket of the proxy (the VIP's and every session's),
+    /// 64 KiB–256 MiB: what a burst may queue while the proxy is busy.
+    #[serde(default = "default_udp_buffer_bytes")]
+    pub udp_buffer_bytes: u32,
 }
 
 impl Default for ProxyConfig {
@@ -50,6 +54,7 @@ impl Default for ProxyConfig {
             udp_idle_timeout_s: default_udp_idle_timeout_s(),
             drain_timeout_s: default_drain_timeout_s(),
             max_open_files: default_max_open_files(),
+            udp_buffer_bytes: default_udp_buffer_bytes(),
         }
     }
 }
@@ -68,6 +73,9 @@ fn default_drain_timeout_s() -> u32 {
 }
 fn default_max_open_files() -> u64 {
     1 << 20
+}
+fn default_udp_buffer_bytes() -> u32 {
+    4 << 20
 }
 
 /// `[[pools]]`: backend servers and how connections are spread over them.
@@ -200,6 +208,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if !(64 << 10..=256 << 20).contains(&p.udp_buffer_bytes) {
+            return Err(invalid(
+                "proxy.udp_buffer_bytes",
+                format!("{} is outside 65536–268435456", p.udp_buffer_bytes),
+            ));
         }
         if p.max_open_files < 1024 {
             return Err(invalid(

@@ -695,6 +695,19 @@ fn proxy_defaults() {
 }
 
 #[test]
+fn the_udp_buffer_is_4_mib_by_default_and_bounded() {
+    let mut c = with_pool();
+    assert_eq!(c.proxy.udp_buffer_bytes, 4 << 20);
+    for bad in [(64 << 10) - 1, (256 << 20) + 1] {
+        c.proxy.udp_buffer_bytes = bad;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy.udp_buffer_bytes"), "{e}");
+    }
+    c.proxy.udp_buffer_bytes = 64 << 10;
+    c.validate().unwrap();
+}
+
+#[test]
 fn a_service_drain_timeout_is_within_1_to_3600_s() {
     let mut c = with_pool();
     c.virtual_services[0].drain_timeout_s = Some(45);

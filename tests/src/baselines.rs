@@ -38,6 +38,13 @@ pub struct BaselineProxy {
     dir: TempDir,
 }
 
+impl BaselineProxy {
+    /// The proxy's main process (its workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
 impl std::fmt::Debug for BaselineProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BaselineProxy")

@@ -255,6 +255,8 @@ pub struct Iperf {
     pub duration: Duration,
     /// UDP at this rate (`-u -b RATE`, e.g. `50M`); `None`: TCP.
     pub udp_rate: Option<String>,
+    /// Socket buffers of both ends (`-w`, e.g. `4M`); `None`: the system's default.
+    pub window: Option<String>,
 }
 
 impl Iperf {
@@ -265,6 +267,7 @@ impl Iperf {
             port,
             duration: Duration::from_secs(3),
             udp_rate: None,
+            window: None,
         }
     }
 
@@ -294,6 +297,9 @@ impl Iperf {
         ];
         if let Some(rate) = &self.udp_rate {
             argv.extend(["-u", "-b", rate.as_str()]);
+        }
+        if let Some(w) = &self.window {
+            argv.extend(["-w", w.as_str()]);
         }
         let out = run_bounded(ns, self.duration + Duration::from_secs(GRACE_S), &argv)?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -78,6 +78,8 @@ pub struct Timeouts {
 pub struct Settings {
     pub timeouts: Timeouts,
     pub sources: SourceAddrs,
+    /// UDP sessions' socket buffers (`proxy.udp_buffer_bytes`).
+    pub udp_buffer: usize,
 }
 
 /// Counters of one virtual service's proxy on this engine.
@@ -98,6 +100,12 @@ pub struct ServiceStats {
     pub drain_resets: AtomicU64,
     /// Connections closed for idleness.
     pub idle_timeouts: AtomicU64,
+    /// UDP datagrams the kernel dropped on the VIP socket (its receive buffer full), since the
+    /// socket opened (`SO_RXQ_OVFL`).
+    pub udp_kernel_drops: AtomicU64,
+    /// UDP datagrams of sessions this proxy dropped: the backend socket full or refusing, or
+    /// longer than it relays.
+    pub udp_dropped: AtomicU64,
     pub bytes_to_backend: AtomicU64,
     pub bytes_to_client: AtomicU64,
     /// Time from accepting a client to the backend connection being established (the latency the
@@ -116,6 +124,8 @@ impl Default for ServiceStats {
             connect_failures: AtomicU64::new(0),
             drain_resets: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
+            udp_kernel_drops: AtomicU64::new(0),
+            udp_dropped: AtomicU64::new(0),
             bytes_to_backend: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             // 50 µs … ~1.6 s.
@@ -320,6 +330,7 @@ impl Proxy {
             udp_idle: Duration::from_secs(u64::from(config.proxy.udp_idle_timeout_s)),
         };
         let sources = SourceAddrs::of(&config.proxy);
+        let udp_buffer = config.proxy.udp_buffer_bytes as usize;
         self.drain_timeout = Duration::from_secs(u64::from(config.proxy.drain_timeout_s));
 
         let placed: Vec<(usize, &VirtualServiceConfig)> = config
@@ -329,7 +340,7 @@ impl Proxy {
             .filter(|(_, vs)| vs.pool.is_some() && vs.engines.iter().any(|m| m.id == self_id))
             .collect();
 
-        let mut opened = self.open_sockets(&placed, engine_draining)?;
+        let mut opened = self.open_sockets(&placed, engine_draining, udp_buffer)?;
         self.reconcile_pools(config, sources);
         // A service's own drain timeout, also for one that leaves this engine but stays in the
         // configuration (a scale-in): its engine group's.
@@ -348,7 +359,11 @@ impl Proxy {
                 vs,
                 engine_draining,
                 &mut opened,
-                Settings { timeouts, sources },
+                Settings {
+                    timeouts,
+                    sources,
+                    udp_buffer,
+                },
             );
             services.insert(key, entry);
         }
@@ -374,6 +389,7 @@ impl Proxy {
         &self,
         placed: &[(usize, &VirtualServiceConfig)],
         engine_draining: bool,
+        udp_buffer: usize,
     ) -> Result<HashMap<(SocketAddr, Protocol), Socket>, ProxyError> {
         let mut opened = HashMap::new();
         for (index, vs) in placed {
@@ -384,13 +400,14 @@ impl Proxy {
                 .get(&key)
                 .is_some_and(|e| e.task.as_ref().is_some_and(|t| !t.is_finished()));
             if serving && !has_task {
-                let socket =
-                    Socket::open(key.0, vs.protocol).map_err(|source| ProxyError::Listen {
+                let socket = Socket::open(key.0, vs.protocol, udp_buffer).map_err(|source| {
+                    ProxyError::Listen {
                         index: *index,
                         name: vs.name.clone(),
                         addr: key.0,
                         source,
-                    })?;
+                    }
+                })?;
                 opened.insert(key, socket);
             }
         }
@@ -514,10 +531,10 @@ enum Socket {
 }
 
 impl Socket {
-    fn open(addr: SocketAddr, protocol: Protocol) -> io::Result<Socket> {
+    fn open(addr: SocketAddr, protocol: Protocol, udp_buffer: usize) -> io::Result<Socket> {
         Ok(match protocol {
             Protocol::Tcp => Socket::Tcp(tcp::listen(addr)?),
-            Protocol::Udp => Socket::Udp(udp::bind(addr)?),
+            Protocol::Udp => Socket::Udp(udp::bind(addr, udp_buffer)?),
         })
     }
 

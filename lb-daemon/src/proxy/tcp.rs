@@ -57,6 +57,7 @@ pub async fn serve(listener: TcpListener, s: Arc<Service>, conns: Arc<ConnTable>
                 let Settings {
                     timeouts: t,
                     sources,
+                    ..
                 } = s.settings();
                 tokio::spawn(connection(
                     client,

@@ -2,17 +2,28 @@
 //! gets a session with its own socket connected to a backend from the engine's address. Replies
 //! leave through the VIP socket, so the client sees the VIP as their source. A session ends after
 //! `udp_idle_timeout_s` without a datagram either way.
+//!
+//! At rate: the VIP socket is read in batches (`recvmmsg`, up to [`BATCH`] datagrams per system
+//! call); its buffers and the sessions' are `proxy.udp_buffer_bytes` (forced past the system limit
+//! where the daemon may); a datagram is handed to its backend socket without waiting, so a backend
+//! socket that is full drops (and counts) that datagram instead of stalling every other client of
+//! the service; and the kernel's own drops on the VIP socket (its receive buffer overflowing) are
+//! read from `SO_RXQ_OVFL` and counted.
 
 use std::{
     collections::HashMap,
-    io,
+    io::{self, IoSliceMut},
     net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle};
-use tracing::debug;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, setsockopt, sockopt,
+};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc, task::JoinHandle};
+use tracing::{debug, warn};
 
 use super::{Drain, Service, Settings, SourceAddrs, Timeouts, drain_deadline, relay::Progress};
 use crate::{
@@ -25,8 +36,25 @@ use crate::{
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_535;
 
+/// Datagrams read from the VIP socket per system call at most.
+pub const BATCH: usize = 16;
+
+/// Sets the receive and send buffers of `sock` to `bytes`: forced past `net.core.rmem_max` /
+/// `wmem_max` where the daemon may (`CAP_NET_ADMIN`), else as far as those allow.
+pub fn size_buffers(sock: &impl AsFd, bytes: usize) {
+    // The kernel takes an int.
+    let want = bytes.min(i32::MAX as usize);
+    let fd = sock.as_fd();
+    if setsockopt(&fd, sockopt::RcvBufForce, &want).is_err() {
+        let _ = setsockopt(&fd, sockopt::RcvBuf, &want);
+    }
+    if setsockopt(&fd, sockopt::SndBufForce, &want).is_err() {
+        let _ = setsockopt(&fd, sockopt::SndBuf, &want);
+    }
+}
+
 /// The VIP socket. `IP_FREEBIND` lets it bind before the VIP is configured on this host.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<UdpSocket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -40,8 +68,81 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
         socket.set_freebind_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    size_buffers(&socket, buffer_bytes);
+    if let Err(e) = setsockopt(&socket, sockopt::RxqOvfl, &1) {
+        warn!(%addr, "SO_RXQ_OVFL: {e}: the kernel's drops on this socket are not counted");
+    }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Datagrams of one `recvmmsg`: their lengths and senders, in `bufs`.
+struct Batch {
+    bufs: Vec<Vec<u8>>,
+    got: Vec<(usize, SocketAddr)>,
+    /// The socket's drop counter, as the last datagram carrying it said.
+    kernel_drops: Option<u32>,
+    /// Datagrams longer than [`MAX_DATAGRAM`] (cut: dropped).
+    truncated: u64,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            bufs: vec![vec![0u8; MAX_DATAGRAM]; BATCH],
+            got: Vec::with_capacity(BATCH),
+            kernel_drops: None,
+            truncated: 0,
+        }
+    }
+
+    /// Reads what is queued (at most [`BATCH`]); `WouldBlock` when nothing is.
+    fn read(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        self.got.clear();
+        self.truncated = 0;
+        // Made per call: the headers hold raw pointers (not `Send`), and the task is.
+        let mut headers =
+            MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(nix::cmsg_space!(u32)));
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(b.as_mut_slice())])
+            .collect();
+        let results = recvmmsg(
+            sock.as_raw_fd(),
+            &mut headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        for r in results {
+            if let Ok(cmsgs) = r.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::RxqOvfl(n) = c {
+                        self.kernel_drops = Some(n);
+                    }
+                }
+            }
+            let Some(from) = r.address.as_ref().and_then(socket_addr) else {
+                continue;
+            };
+            if r.flags.contains(MsgFlags::MSG_TRUNC) {
+                self.truncated += 1;
+                continue;
+            }
+            self.got.push((r.bytes, from));
+        }
+        Ok(self.got.len())
+    }
+}
+
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
 }
 
 struct Session {
@@ -67,20 +168,30 @@ pub async fn serve(sock: UdpSocket, s: Arc<Service>, conns: Arc<ConnTable>) {
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let deadline = drain_deadline(s.watch_drain());
     tokio::pin!(deadline);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = Batch::new();
     loop {
         tokio::select! {
-            r = sock.recv_from(&mut buf) => {
-                let Ok((n, client)) = r else { continue };
-                if let Some(session) = sessions.get(&client) {
-                    forward(session, &buf[..n]).await;
+            r = sock.async_io(Interest::READABLE, || batch.read(&sock)) => {
+                if r.is_err() {
                     continue;
                 }
-                // Read per session: a reload reaches a running service.
-                let Settings { timeouts: t, sources } = s.settings();
-                if let Some(session) = open_session(&s, &conns, client, t, sources, &sock, &ended_tx).await {
-                    forward(&session, &buf[..n]).await;
-                    sessions.insert(client, session);
+                if let Some(n) = batch.kernel_drops {
+                    s.stats.udp_kernel_drops.store(u64::from(n), Ordering::Relaxed);
+                }
+                s.stats.udp_dropped.fetch_add(batch.truncated, Ordering::Relaxed);
+                for i in 0..batch.got.len() {
+                    let (n, client) = batch.got[i];
+                    let datagram = &batch.bufs[i][..n];
+                    if let Some(session) = sessions.get(&client) {
+                        forward(&s, session, datagram);
+                        continue;
+                    }
+                    // Read per session: a reload reaches a running service.
+                    let Settings { timeouts: t, sources, udp_buffer } = s.settings();
+                    if let Some(session) = open_session(&s, &conns, client, t, sources, udp_buffer, &sock, &ended_tx).await {
+                        forward(&s, &session, datagram);
+                        sessions.insert(client, session);
+                    }
                 }
             }
             Some(client) = ended_rx.recv() => {
@@ -98,15 +209,22 @@ pub async fn serve(sock: UdpSocket, s: Arc<Service>, conns: Arc<ConnTable>) {
     debug!(vs = %s.name, "UDP socket closed (drained)");
 }
 
-/// Sends a client's datagram to its backend. Awaited rather than `try_send`: a socket tokio has
-/// not yet seen writable would drop a new session's first datagrams.
-async fn forward(session: &Session, datagram: &[u8]) {
-    if session.upstream.send(datagram).await.is_ok() {
-        session
-            .progress
-            .to_backend
-            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-        session.progress.touch();
+/// Hands a client's datagram to its backend socket without waiting: a full socket drops it
+/// (counted) rather than stall the other clients. The system call is made directly, not through
+/// tokio's readiness (which a new socket has not been seen with yet).
+fn forward(s: &Service, session: &Session, datagram: &[u8]) {
+    match socket2::SockRef::from(&*session.upstream).send(datagram) {
+        Ok(_) => {
+            session
+                .progress
+                .to_backend
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            session.progress.touch();
+        }
+        // Full (WouldBlock), or refused by the backend's host (an ICMP error queued): dropped.
+        Err(_) => {
+            s.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -117,6 +235,7 @@ async fn open_session(
     client: SocketAddr,
     t: Timeouts,
     sources: SourceAddrs,
+    buffer_bytes: usize,
     vip_sock: &Arc<UdpSocket>,
     ended: &mpsc::UnboundedSender<SocketAddr>,
 ) -> Option<Session> {
@@ -133,7 +252,7 @@ async fn open_session(
         s.stats.refused_no_backend.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    let upstream = match connect(backend.addr, sources).await {
+    let upstream = match connect(backend.addr, sources, buffer_bytes).await {
         Ok(u) => Arc::new(u),
         Err(e) => {
             backend.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -208,7 +327,11 @@ async fn replies(
 }
 
 /// A socket from the engine's source address (or the kernel's choice) connected to `dst`.
-async fn connect(dst: SocketAddr, sources: SourceAddrs) -> io::Result<UdpSocket> {
+async fn connect(
+    dst: SocketAddr,
+    sources: SourceAddrs,
+    buffer_bytes: usize,
+) -> io::Result<UdpSocket> {
     let unspecified: SocketAddr = if dst.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid")
     } else {
@@ -218,6 +341,134 @@ async fn connect(dst: SocketAddr, sources: SourceAddrs) -> io::Result<UdpSocket>
         .for_peer(dst.ip())
         .map_or(unspecified, |ip| SocketAddr::new(ip, 0));
     let sock = UdpSocket::bind(bind).await?;
+    size_buffers(&sock, buffer_bytes);
     sock.connect(dst).await?;
     Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(buffer: usize) -> (UdpSocket, SocketAddr) {
+        let sock = bind("127.0.0.1:0".parse().unwrap(), buffer).unwrap();
+        let addr = sock.local_addr().unwrap();
+        (sock, addr)
+    }
+
+    /// Everything queued, read `BATCH` at a time.
+    async fn drain(sock: &UdpSocket, batch: &mut Batch, want: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut out = Vec::new();
+        while out.len() < want {
+            let n = tokio::time::timeout(
+                Duration::from_secs(2),
+                sock.async_io(Interest::READABLE, || batch.read(sock)),
+            )
+            .await
+            .expect("datagrams arrive")
+            .unwrap();
+            assert!(n <= BATCH);
+            for (k, (len, from)) in batch.got.iter().enumerate() {
+                out.push((batch.bufs[k][..*len].to_vec(), *from));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_batch_reads_many_datagrams_with_their_senders() {
+        let (sock, addr) = vip(1 << 20);
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..20u8 {
+            a.send_to(&[b'a', i], addr).unwrap();
+            b.send_to(&[b'b', i, i], addr).unwrap();
+        }
+        let mut batch = Batch::new();
+        let got = drain(&sock, &mut batch, 40).await;
+        assert!(batch.got.len() > 1, "more than one per call");
+        assert_eq!(got.len(), 40);
+        let from_a: Vec<&Vec<u8>> = got
+            .iter()
+            .filter(|(_, f)| *f == a.local_addr().unwrap())
+            .map(|(d, _)| d)
+            .collect();
+        let from_b: Vec<&Vec<u8>> = got
+            .iter()
+            .filter(|(_, f)| *f == b.local_addr().unwrap())
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(from_a.len(), 20);
+        assert_eq!(from_b.len(), 20);
+        for (i, d) in from_a.iter().enumerate() {
+            assert_eq!(**d, [b'a', u8::try_from(i).unwrap()], "in order, intact");
+        }
+        for (i, d) in from_b.iter().enumerate() {
+            let i = u8::try_from(i).unwrap();
+            assert_eq!(**d, [b'b', i, i]);
+        }
+        assert_eq!(
+            batch.kernel_drops, None,
+            "nothing dropped: the kernel attaches no counter"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_sender_is_read_too() {
+        let Ok(sock) = bind("[::1]:0".parse().unwrap(), 1 << 20) else {
+            return; // No IPv6 loopback here.
+        };
+        let addr = sock.local_addr().unwrap();
+        let c = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        c.send_to(b"six", addr).unwrap();
+        let mut batch = Batch::new();
+        let got = drain(&sock, &mut batch, 1).await;
+        assert_eq!(got, [(b"six".to_vec(), c.local_addr().unwrap())]);
+    }
+
+    /// The kernel's drops when the VIP socket's buffer overflows are what `SO_RXQ_OVFL` says.
+    #[tokio::test]
+    async fn the_kernels_drops_on_the_vip_socket_are_counted() {
+        let (sock, addr) = vip(64 << 10);
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagram = [7u8; 1000];
+        for _ in 0..2000 {
+            c.send_to(&datagram, addr).unwrap();
+        }
+        let mut batch = Batch::new();
+        // What was queued before the buffer filled carries no drops; read it all.
+        let mut queued = 0;
+        while let Ok(n) = batch.read(&sock) {
+            assert!(n > 0);
+            queued += n;
+        }
+        assert!(queued > 0 && queued < 2000, "{queued} queued");
+        // A datagram queued after the drops carries their count.
+        c.send_to(&datagram, addr).unwrap();
+        drain(&sock, &mut batch, 1).await;
+        let drops = batch.kernel_drops.expect("SO_RXQ_OVFL is on");
+        assert!(
+            drops > 1000,
+            "2000 × 1000 bytes into a ~128 KiB buffer: {drops} dropped"
+        );
+    }
+
+    #[test]
+    fn buffers_are_sized_past_the_system_limit_where_allowed() {
+        let want = 8 << 20;
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        size_buffers(&s, want);
+        let rcv = nix::sys::socket::getsockopt(&s, sockopt::RcvBuf).unwrap();
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The kernel doubles what it is asked for (bookkeeping).
+        if nix::unistd::geteuid().is_root() {
+            assert!(rcv >= 2 * want, "forced: {rcv}");
+        } else {
+            assert!(rcv >= 2 * want.min(max), "{rcv} (rmem_max {max})");
+        }
+    }
 }
