@@ -65,6 +65,10 @@ pub struct Options {
     /// Only the UDP measurements (a quicker run while working on the UDP path).
     #[arg(long)]
     udp_only: bool,
+    /// Records a CPU profile of our daemons (`perf record`) over each of our wrk runs into this
+    /// directory (`ours-keepalive-N.data`, `ours-short-N.data`; `perf report -i FILE`).
+    #[arg(long)]
+    perf_dir: Option<PathBuf>,
     /// The primary proxies its share too (default: it only steers, the two secondaries proxy).
     #[arg(long)]
     primary_serves: bool,
@@ -86,7 +90,8 @@ const UDP_LOSS_OK_PCT: f64 = 0.1;
 const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 11);
 const HAPROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 31);
 const NGINX_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 32);
-/// Threads / worker processes of each baseline proxy (our daemon runs 2 runtime threads).
+/// Threads / worker processes of each baseline proxy (our daemon runs one runtime thread per CPU:
+/// 2 here).
 const PROXY_THREADS: u32 = 2;
 
 /// One wrk figure pair.
@@ -241,7 +246,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for round in 1..=opts.rounds {
         for name in PATHS {
             let t = &targets[name];
-            let s = measure(opts, &client, t)
+            let s = measure(opts, &client, name, round, t)
                 .with_context(|| format!("round {round}, path {name} ({})", t.ns))?;
             print_sample(opts, round, name, &s);
             samples.entry(name).or_default().push(s);
@@ -273,7 +278,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         offloads,
         placement: "No CPU pinning: every process (wrk's 2 threads, 3 backend nginx processes, \
             the proxies) is scheduled by the kernel on both cores; veth traffic is processed in \
-            softirq on the sending CPU. lb-daemon runs 2 runtime threads per engine, HAProxy \
+            softirq on the sending CPU. lb-daemon runs 2 runtime threads per engine (one per CPU), HAProxy \
             nbthread 2, nginx 2 worker processes; each backend nginx is one process."
             .to_owned(),
         topology: format!(
@@ -711,7 +716,55 @@ fn measure_udp(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Option
     }))
 }
 
-fn measure(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Sample> {
+/// `perf record` of `pids` for `seconds` into `file`, in the background.
+fn perf_record(pids: &[u32], seconds: u64, file: &std::path::Path) -> Option<std::process::Child> {
+    let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
+    std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-p", &pids.join(","), "-o"])
+        .arg(file)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("e2e: perf record: {e}"))
+        .ok()
+}
+
+/// `f` with our daemons profiled meanwhile when `--perf-dir` is given and `name` is ours.
+fn profiled<T>(
+    opts: &Options,
+    name: &str,
+    what: &str,
+    round: usize,
+    t: &Target,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let perf = opts
+        .perf_dir
+        .as_ref()
+        .filter(|_| name == "ours")
+        .and_then(|dir| {
+            fs::create_dir_all(dir).ok()?;
+            perf_record(
+                &t.cpu_roots,
+                opts.wrk_seconds,
+                &dir.join(format!("ours-{what}-{round}.data")),
+            )
+        });
+    let r = f();
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
+    r
+}
+
+fn measure(
+    opts: &Options,
+    client: &Ns,
+    name: &str,
+    round: usize,
+    t: &Target,
+) -> anyhow::Result<Sample> {
     if opts.udp_only {
         return Ok(Sample {
             udp: measure_udp(opts, client, t)?,
@@ -725,15 +778,19 @@ fn measure(opts: &Options, client: &Ns, t: &Target) -> anyhow::Result<Sample> {
         duration: Duration::from_secs(opts.wrk_seconds),
         ..Wrk::new(&url)
     };
-    let (keepalive, keepalive_cpu_per_1k) = with_cpu(&t.cpu_roots, || wrk.run(client))?;
+    let (keepalive, keepalive_cpu_per_1k) = profiled(opts, name, "keepalive", round, t, || {
+        with_cpu(&t.cpu_roots, || wrk.run(client))
+    })?;
     // Let the short-connection run start without the keep-alive run's sockets closing.
     std::thread::sleep(Duration::from_millis(500));
-    let (short, short_cpu_per_1k) = with_cpu(&t.cpu_roots, || {
-        Wrk {
-            close: true,
-            ..wrk.clone()
-        }
-        .run(client)
+    let (short, short_cpu_per_1k) = profiled(opts, name, "short", round, t, || {
+        with_cpu(&t.cpu_roots, || {
+            Wrk {
+                close: true,
+                ..wrk.clone()
+            }
+            .run(client)
+        })
     })?;
     std::thread::sleep(Duration::from_millis(500));
     let iperf = Iperf {

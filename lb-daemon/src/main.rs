@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         return detach(&config.daemon.pin_dir);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.daemon.runtime_threads())
         .enable_all()
         .build()
     {

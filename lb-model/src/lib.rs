@@ -184,6 +184,10 @@ pub struct DaemonConfig {
     /// Outer source address of IPv6-in-IPv6 packets (needed when an engine tunnels over IPv6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_source_v6: Option<Ipv6Addr>,
+    /// Threads of the daemon's runtime (the proxy and everything else), 1–256; 0: one per CPU the
+    /// daemon may run on. Read at start.
+    #[serde(default)]
+    pub worker_threads: u32,
 }
 
 impl DaemonConfig {
@@ -203,6 +207,15 @@ impl DaemonConfig {
             state_dir: default_state_dir(),
             tunnel_source_v4: None,
             tunnel_source_v6: None,
+            worker_threads: 0,
+        }
+    }
+
+    /// The runtime's threads: `worker_threads`, or one per CPU the daemon may run on.
+    pub fn runtime_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n as usize,
         }
     }
 }
@@ -723,6 +736,12 @@ impl Config {
     fn validate_daemon(&self) -> Result<(), ConfigError> {
         let d = &self.daemon;
         check_ifname("daemon.interface", &d.interface)?;
+        if d.worker_threads > 256 {
+            return Err(invalid(
+                "daemon.worker_threads",
+                format!("{} is above 256 (0: one per CPU)", d.worker_threads),
+            ));
+        }
         if !(1..=MAX_VIRTUAL_SERVICES).contains(&d.max_virtual_services) {
             return Err(invalid(
                 "daemon.max_virtual_services",

@@ -695,6 +695,22 @@ fn proxy_defaults() {
 }
 
 #[test]
+fn worker_threads_default_to_the_cpus_and_are_bounded() {
+    let mut c = with_pool();
+    assert_eq!(c.daemon.worker_threads, 0);
+    assert_eq!(
+        c.daemon.runtime_threads(),
+        std::thread::available_parallelism().unwrap().get()
+    );
+    c.daemon.worker_threads = 3;
+    assert_eq!(c.daemon.runtime_threads(), 3);
+    c.validate().unwrap();
+    c.daemon.worker_threads = 257;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("daemon.worker_threads"), "{e}");
+}
+
+#[test]
 fn the_udp_buffer_is_4_mib_by_default_and_bounded() {
     let mut c = with_pool();
     assert_eq!(c.proxy.udp_buffer_bytes, 4 << 20);

@@ -290,20 +290,22 @@ async fn copy_one_way(
     to: &mut WriteHalf<'_>,
     way: &Way<'_>,
 ) -> Result<(), Failed> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut buf = Vec::with_capacity(COPY_BUFFER);
     while copy_chunk(from, to, &mut buf, way).await? != 0 {}
     Ok(())
 }
 
-/// Reads once into `buf` and writes what came to `to`; on EOF shuts down `to`'s write half.
-/// Returns the bytes moved (0: EOF).
+/// Reads once into `buf` (up to its capacity; read into its spare capacity, so it is never
+/// zeroed) and writes what came to `to`; on EOF shuts down `to`'s write half. Returns the bytes
+/// moved (0: EOF).
 async fn copy_chunk(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     way: &Way<'_>,
 ) -> Result<usize, Failed> {
-    let n = from.read(buf).await.map_err(|e| way.from.failed(&e))?;
+    buf.clear();
+    let n = from.read_buf(buf).await.map_err(|e| way.from.failed(&e))?;
     if n == 0 {
         to.shutdown().await.map_err(|e| way.to.failed(&e))?;
         return Ok(0);
@@ -346,11 +348,11 @@ async fn splice_one_way(
     to: &mut WriteHalf<'_>,
     way: &Way<'_>,
 ) -> Result<(), Failed> {
-    let mut buf = vec![0u8; SPLICE_AFTER];
+    let mut buf = Vec::with_capacity(SPLICE_AFTER);
     loop {
         match copy_chunk(from, to, &mut buf, way).await? {
             0 => return Ok(()),
-            n if n == buf.len() => break,
+            n if n >= SPLICE_AFTER => break,
             _ => {}
         }
     }

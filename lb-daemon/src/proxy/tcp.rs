@@ -38,6 +38,8 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     } else {
         socket2::SockRef::from(&socket).set_freebind_v6(true)?;
     }
+    // Accepted connections inherit it: no system call per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
@@ -127,7 +129,7 @@ async fn connection(
     }
     registration.conn.set_state(ConnState::Established);
     let _backend = backend.open();
-    let _ = client.set_nodelay(true);
+    // The client's is inherited from the listener.
     let _ = upstream.set_nodelay(true);
 
     let mut drain = s.watch_drain();
