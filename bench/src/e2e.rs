@@ -69,6 +69,11 @@ pub struct Options {
     /// directory (`ours-keepalive-N.data`, `ours-short-N.data`; `perf report -i FILE`).
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Counts the system calls of every proxy (`strace -c` on all its threads) over a separate
+    /// short-connection wrk run per path and round, into this directory (`PATH-N.strace`), and
+    /// prints them per request. strace slows the proxy: those runs' figures are not reported.
+    #[arg(long)]
+    syscalls_dir: Option<PathBuf>,
     /// The primary proxies its share too (default: it only steers, the two secondaries proxy).
     #[arg(long)]
     primary_serves: bool,
@@ -730,6 +735,106 @@ fn perf_record(pids: &[u32], seconds: u64, file: &std::path::Path) -> Option<std
         .ok()
 }
 
+/// Every thread of `roots` and their descendant processes.
+fn tree_threads(roots: &[u32]) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let parent = fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0);
+        parent_of.push((pid, parent));
+    }
+    let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = inside.len();
+        for (pid, parent) in &parent_of {
+            if inside.contains(parent) {
+                inside.insert(*pid);
+            }
+        }
+        if inside.len() == before {
+            break;
+        }
+    }
+    inside
+        .iter()
+        .flat_map(|pid| {
+            fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|t| t.file_name().to_string_lossy().parse().ok())
+        })
+        .collect()
+}
+
+/// `strace -c` on every thread of the target's proxy while `f` runs; prints the calls per request.
+fn count_syscalls(
+    dir: &std::path::Path,
+    name: &str,
+    round: usize,
+    t: &Target,
+    f: impl FnOnce() -> anyhow::Result<WrkResult>,
+) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    let file = dir.join(format!("{name}-{round}.strace"));
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-c", "-q", "-o"]).arg(&file);
+    for tid in tree_threads(&t.cpu_roots) {
+        cmd.args(["-p", &tid.to_string()]);
+    }
+    let mut strace = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("strace")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let r = f();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(strace.id()).unwrap_or(0)),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = strace.wait();
+    let r = r?;
+    let text = fs::read_to_string(&file).unwrap_or_default();
+    #[allow(clippy::cast_precision_loss)]
+    let per = |calls: u64| calls as f64 / r.requests.max(1) as f64;
+    let mut rows: Vec<(u64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors], syscall
+            let calls = f.get(3)?.parse::<u64>().ok()?;
+            Some((calls, (*f.last()?).to_owned()))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    let total = rows
+        .iter()
+        .find(|(_, n)| n == "total")
+        .map_or(0, |(c, _)| *c);
+    let top: Vec<String> = rows
+        .iter()
+        .filter(|(_, n)| n != "total")
+        .take(12)
+        .map(|(c, n)| format!("{n} {:.2}", per(*c)))
+        .collect();
+    eprintln!(
+        "e2e: round {round} {name:8} system calls per short-connection request: {:.1} ({}); {}",
+        per(total),
+        top.join(", "),
+        file.display()
+    );
+    Ok(())
+}
+
 /// `f` with our daemons profiled meanwhile when `--perf-dir` is given and `name` is ours.
 fn profiled<T>(
     opts: &Options,
@@ -799,6 +904,18 @@ fn measure(
     }
     .run(client)?;
     std::thread::sleep(Duration::from_millis(500));
+    if let Some(dir) = &opts.syscalls_dir
+        && !t.cpu_roots.is_empty()
+    {
+        count_syscalls(dir, name, round, t, || {
+            Wrk {
+                close: true,
+                ..wrk.clone()
+            }
+            .run(client)
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let udp = measure_udp(opts, client, t)?;
     Ok(Sample {
         keepalive: Http::from(&keepalive),
