@@ -815,7 +815,7 @@ fn count_syscalls(
             Some((calls, (*f.last()?).to_owned()))
         })
         .collect();
-    rows.sort_by(|a, b| b.0.cmp(&a.0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
     let total = rows
         .iter()
         .find(|(_, n)| n == "total")
