@@ -611,9 +611,9 @@ fn with_cpu(
     Ok((r, per_1k))
 }
 
-/// User + system CPU seconds of `roots` and every descendant, from `/proc/*/stat`.
-fn tree_cpu_seconds(roots: &[u32]) -> f64 {
-    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
+/// Every process under `/proc`: (pid, parent, user + system ticks).
+fn processes() -> Vec<(u32, u32, u64)> {
+    let mut procs = Vec::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -630,18 +630,29 @@ fn tree_cpu_seconds(roots: &[u32]) -> f64 {
         let parent = u32::try_from(num(1)).unwrap_or(0);
         procs.push((pid, parent, num(11) + num(12)));
     }
+    procs
+}
+
+/// `roots` and every descendant among `procs`.
+fn tree(procs: &[(u32, u32, u64)], roots: &[u32]) -> std::collections::BTreeSet<u32> {
     let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
     loop {
         let before = inside.len();
-        for (pid, ppid, _) in &procs {
-            if inside.contains(ppid) {
+        for (pid, parent, _) in procs {
+            if inside.contains(parent) {
                 inside.insert(*pid);
             }
         }
         if inside.len() == before {
-            break;
+            return inside;
         }
     }
+}
+
+/// User + system CPU seconds of `roots` and every descendant, from `/proc/*/stat`.
+fn tree_cpu_seconds(roots: &[u32]) -> f64 {
+    let procs = processes();
+    let inside = tree(&procs, roots);
     let ticks: u64 = procs
         .iter()
         .filter(|(pid, _, _)| inside.contains(pid))
@@ -737,33 +748,7 @@ fn perf_record(pids: &[u32], seconds: u64, file: &std::path::Path) -> Option<std
 
 /// Every thread of `roots` and their descendant processes.
 fn tree_threads(roots: &[u32]) -> Vec<u32> {
-    let mut parent_of: Vec<(u32, u32)> = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let parent = fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|st| {
-                st.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0);
-        parent_of.push((pid, parent));
-    }
-    let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
-    loop {
-        let before = inside.len();
-        for (pid, parent) in &parent_of {
-            if inside.contains(parent) {
-                inside.insert(*pid);
-            }
-        }
-        if inside.len() == before {
-            break;
-        }
-    }
-    inside
+    tree(&processes(), roots)
         .iter()
         .flat_map(|pid| {
             fs::read_dir(format!("/proc/{pid}/task"))

@@ -538,6 +538,17 @@ impl ControllerLab {
         Ok(())
     }
 
+    /// The controller's events of kinds starting with `kind` (`lbctl events --kind`, JSON lines).
+    pub fn events(&self, kind: &str) -> Result<Vec<Value>> {
+        let out = self.lbctl(&["events", "--kind", kind])?;
+        ensure!(out.code == 0, "lbctl events: {}", out.stderr);
+        out.stdout
+            .lines()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| serde_json::from_str(s).context("an event"))
+            .collect()
+    }
+
     /// `lbctl --json ARGS` in the controller's namespace, as operator `admin`.
     pub fn lbctl(&self, args: &[&str]) -> Result<Lbctl> {
         self.lbctl_as(&self.pki, "admin", args)

@@ -20,16 +20,6 @@ use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::require_root;
 use serde_json::Value;
 
-fn events(l: &ControllerLab, kind: &str) -> Result<Vec<Value>> {
-    let out = l.lbctl(&["events", "--kind", kind])?;
-    anyhow::ensure!(out.code == 0, "lbctl events: {}", out.stderr);
-    out.stdout
-        .lines()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| serde_json::from_str(s).context("an event"))
-        .collect()
-}
-
 fn group_of(l: &ControllerLab, engine: &str) -> Result<(String, bool)> {
     let e = l.lbctl(&["engine", engine])?.json()?;
     Ok((
@@ -218,7 +208,7 @@ fn engine_groups_bound_placement_and_carry_their_own_scale_in_timeout() {
     let mut held = held.expect("a connection on api's secondary");
 
     // Scale in: the secondary drains for edge's 8 s, then resets what is still open.
-    let resets_before = events(&l, "drain_reset").unwrap().len();
+    let resets_before = l.events("drain_reset").unwrap().len();
     let out = l
         .lbctl(&["scale-in", "api", "--engine", &secondary])
         .unwrap();
@@ -252,7 +242,7 @@ fn engine_groups_bound_placement_and_carry_their_own_scale_in_timeout() {
     held.get()
         .expect("the draining engine still serves the open connection");
     l.wait(Duration::from_secs(20), "the drain resets", |l| {
-        Ok(events(l, "drain_reset")?.len() > resets_before)
+        Ok(l.events("drain_reset")?.len() > resets_before)
     })
     .unwrap();
     let reset_after = began.elapsed();
@@ -261,7 +251,7 @@ fn engine_groups_bound_placement_and_carry_their_own_scale_in_timeout() {
         reset_after < Duration::from_secs(25),
         "before the default group's 30 s: {reset_after:?}"
     );
-    let reset = events(&l, "drain_reset").unwrap();
+    let reset = l.events("drain_reset").unwrap();
     let last = reset.last().unwrap();
     assert!(
         last["objects"]

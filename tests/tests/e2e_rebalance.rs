@@ -18,23 +18,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use lb_tests::client::{HeldConnection, NewConnections};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::require_root;
 use lb_tests::tools::{Wrk, WrkLoop};
 use serde_json::Value;
-
-/// The controller's events of kinds starting with `kind` (`lbctl events --kind`, JSON lines).
-fn events(l: &ControllerLab, kind: &str) -> Result<Vec<Value>> {
-    let out = l.lbctl(&["events", "--kind", kind])?;
-    anyhow::ensure!(out.code == 0, "lbctl events: {}", out.stderr);
-    out.stdout
-        .lines()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| serde_json::from_str(s).context("an event"))
-        .collect()
-}
 
 fn reasons(events: &[Value]) -> Vec<String> {
     events
@@ -124,7 +112,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
 
     // Hot: wrk, one request per connection, through the one engine, in runs of 3 s until told
     // to stop (at most 20 runs).
-    let scaled_out_before = events(&l, "rebalance").unwrap().len();
+    let scaled_out_before = l.events("rebalance").unwrap().len();
     let wrk = Wrk {
         connections: 8,
         duration: Duration::from_secs(3),
@@ -146,11 +134,11 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         let engines = l.lbctl(&["engines"]).map(|o| o.stdout).unwrap_or_default();
         panic!(
             "{e:#}\nrebalance log: {:#?}\nengines: {engines}",
-            reasons(&events(&l, "rebalance").unwrap_or_default())
+            reasons(&l.events("rebalance").unwrap_or_default())
         )
     });
     let threshold_to_decision = started.elapsed();
-    let decided = events(&l, "rebalance").unwrap();
+    let decided = l.events("rebalance").unwrap();
     println!(
         "scaled out to {scaled_to} {threshold_to_decision:?} after the load began: {:#?}",
         reasons(&decided[scaled_out_before..])
@@ -216,7 +204,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     .unwrap_or_else(|e| {
         panic!(
             "{e:#}\n{:#?}",
-            reasons(&events(&l, "rebalance").unwrap_or_default())
+            reasons(&l.events("rebalance").unwrap_or_default())
         )
     });
     let v = l.lbctl(&["vs", "get", "web"]).unwrap().json().unwrap();
@@ -235,10 +223,10 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         .expect("a draining engine serves its open connections");
     drop(on_n);
     l.wait(Duration::from_secs(20), "the drain ends", |l| {
-        Ok(!events(l, "drain")?.is_empty())
+        Ok(!l.events("drain")?.is_empty())
     })
     .unwrap();
-    let drains = events(&l, "drain").unwrap();
+    let drains = l.events("drain").unwrap();
     println!("{:#?}", reasons(&drains));
     assert!(
         drains.iter().all(|e| e["kind"] == "drain"),
@@ -333,7 +321,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
         Ok(!placement(&v).contains(&first[0]))
     })
     .unwrap();
-    let migrated = events(&l, "scaling").unwrap();
+    let migrated = l.events("scaling").unwrap();
     assert!(
         migrated.iter().any(|e| e["reason"]
             .as_str()
