@@ -11,6 +11,7 @@
 //! ```
 
 pub mod relay;
+pub mod sockmap;
 pub mod tcp;
 pub mod udp;
 

@@ -144,6 +144,13 @@ impl Progress {
         self.last_activity.store(us, Ordering::Relaxed);
     }
 
+    /// Records activity at `at` (not before this value was created).
+    pub fn touch_at(&self, at: Instant) {
+        let us = u64::try_from(at.saturating_duration_since(self.origin).as_micros())
+            .unwrap_or(u64::MAX);
+        self.last_activity.store(us, Ordering::Relaxed);
+    }
+
     /// When a byte last moved (or the relay started).
     pub fn last_activity(&self) -> Instant {
         self.origin + Duration::from_micros(self.last_activity.load(Ordering::Relaxed))

@@ -134,7 +134,12 @@ async fn connection(
 
     let mut drain = s.watch_drain();
     let end = tokio::select! {
-        end = relay::relay(RelayKind::default(), &mut client, &mut upstream, t.idle, &progress) => Some(end),
+        end = async {
+            match super::sockmap::global() {
+                Some(k) => super::sockmap::relay(k, &mut client, &mut upstream, t.idle, &progress).await,
+                None => relay::relay(RelayKind::default(), &mut client, &mut upstream, t.idle, &progress).await,
+            }
+        } => Some(end),
         () = drain_deadline(s.watch_drain()) => None,
         // Mark the connection as draining in the table while it waits for the deadline.
         () = async {
