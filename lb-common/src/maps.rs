@@ -283,24 +283,6 @@ pub const PEER_MAGIC: [u8; 4] = *b"LBP2";
 pub const PEER_KIND_ECHO: u8 = 2;
 pub const PEER_KIND_ECHO_REPLY: u8 = 3;
 
-/// One socket of a connection the proxy relays in the kernel (`RELAY_LINKS`, keyed by the socket's
-/// cookie): where its bytes go and what went through. The sk_skb verdict program adds to `bytes`
-/// and stamps `last_ns`; the daemon creates and removes the entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayLink {
-    /// Cookie of the socket this one's bytes are redirected to (sent out of).
-    pub peer: u64,
-    /// Bytes received on this socket and redirected to `peer`.
-    pub bytes: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when bytes last arrived.
-    pub last_ns: u64,
-}
-const _: () = assert!(size_of::<RelayLink>() == 24);
-
-/// Most sockets the in-kernel relay holds at once (two per relayed connection).
-pub const RELAY_SOCKETS: u32 = 1 << 17;
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, has no padding the asserts above do not account for,
@@ -315,7 +297,6 @@ mod pod {
     unsafe impl aya::Pod for super::Engine {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::OwnerQuery {}
-    unsafe impl aya::Pod for super::RelayLink {}
     unsafe impl aya::Pod for crate::TrafficCounters {}
     unsafe impl aya::Pod for crate::TxErrorFilter {}
 }

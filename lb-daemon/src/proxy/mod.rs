@@ -11,7 +11,6 @@
 //! ```
 
 pub mod relay;
-pub mod sockmap;
 pub mod tcp;
 pub mod udp;
 

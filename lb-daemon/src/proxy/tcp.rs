@@ -134,12 +134,7 @@ async fn connection(
 
     let mut drain = s.watch_drain();
     let end = tokio::select! {
-        end = async {
-            match super::sockmap::global() {
-                Some(k) => super::sockmap::relay(k, &mut client, &mut upstream, t.idle, &progress).await,
-                None => relay::relay(RelayKind::default(), &mut client, &mut upstream, t.idle, &progress).await,
-            }
-        } => Some(end),
+        end = relay::relay(RelayKind::default(), &mut client, &mut upstream, t.idle, &progress) => Some(end),
         () = drain_deadline(s.watch_drain()) => None,
         // Mark the connection as draining in the table while it waits for the deadline.
         () = async {
