@@ -1608,6 +1608,7 @@ fn desired_of(
                 max_connections: v.spec.max_connections,
                 draining: false,
                 drain_timeout_s: timeout_s(&v.spec.engine_group),
+                bgp: None,
             })
         })
         .collect();

@@ -2,6 +2,7 @@
 
 pub mod announce;
 pub mod backend;
+pub mod bgp;
 pub mod config;
 pub mod conntable;
 pub mod dataplane;

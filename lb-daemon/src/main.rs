@@ -205,13 +205,25 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let dp = Dataplane::load(&object, &config.daemon)?;
     let conns = Arc::new(ConnTable::default());
     let mut engine = Engine::start(dp, config, conns.clone())?;
+    let speaker = engine.config().bgp.as_ref().map(|cfg| {
+        let speaker = Arc::new(lb_daemon::bgp::Speaker::start(cfg));
+        tokio::spawn(lb_daemon::bgp::watch_health(
+            speaker.clone(),
+            engine.inventory(),
+        ));
+        speaker
+    });
 
     let failover_counters = Arc::new(FailoverCounters::default());
-    let metrics = Arc::new(Metrics::new(
+    let mut metrics = Metrics::new(
         engine.dataplane().counters.clone(),
         engine.inventory(),
         failover_counters.clone(),
-    ));
+    );
+    if let Some(speaker) = &speaker {
+        metrics.register_bgp(speaker);
+    }
+    let metrics = Arc::new(metrics);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
     let (view_tx, mut view_rx) = tokio::sync::watch::channel(View::new());
     let (sender_tx, sender_rx) = tokio::sync::watch::channel(None);
@@ -399,6 +411,9 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 });
             }
         }
+    }
+    if let Some(speaker) = &speaker {
+        speaker.stop().await;
     }
     server.abort();
     info!(

@@ -41,6 +41,8 @@ pub struct Inventory {
     /// The proxy's services and pools on this engine.
     pub services: Vec<Arc<Service>>,
     pub pools: Vec<Arc<Pool>>,
+    /// The services this engine announces by BGP while they are healthy.
+    pub bgp: Vec<crate::bgp::Announcing>,
 }
 
 impl Inventory {
@@ -54,6 +56,7 @@ impl Inventory {
             engines: config.engines.iter().map(|e| e.id).collect(),
             services: proxy.services(),
             pools: proxy.pools(),
+            bgp: crate::bgp::announcing(&config.virtual_services, &proxy.services()),
         }
     }
 }
@@ -517,6 +520,90 @@ const TRAFFIC: [(&str, &str, Pick); 3] = [
 ];
 
 /// The daemon's registry: data-plane counters plus the daemon's own.
+/// The BGP speaker's sessions, one series per peer.
+struct BgpCollector(
+    Vec<(
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<crate::bgp::PeerStatus>>,
+    )>,
+);
+
+impl fmt::Debug for BgpCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BgpCollector")
+    }
+}
+
+type BgpPick = fn(&crate::bgp::PeerStatus) -> u64;
+
+impl Collector for BgpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let peers: Vec<([(&str, String); 1], crate::bgp::PeerStatus)> = self
+            .0
+            .iter()
+            .map(|(a, s)| {
+                let status = s
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                ([("peer", a.to_string())], status)
+            })
+            .collect();
+        let gauges: [(&str, &str, BgpPick); 3] = [
+            (
+                "lb_bgp_session_established",
+                "1 while the BGP session with the peer is established",
+                |s| u64::from(s.state == crate::bgp::State::Established),
+            ),
+            (
+                "lb_bgp_session_uptime_seconds",
+                "How long the current BGP session has been established",
+                |s| s.established_at.map_or(0, |t| t.elapsed().as_secs()),
+            ),
+            (
+                "lb_bgp_routes_announced",
+                "Routes announced to the peer on the current session",
+                |s| s.announced as u64,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (l, s) in &peers {
+                ConstGauge::new(pick(s)).encode(m.encode_family(l)?)?;
+            }
+        }
+        let counters: [(&str, &str, BgpPick); 4] = [
+            (
+                "lb_bgp_sessions_established",
+                "BGP sessions with the peer that reached Established",
+                |s| s.established_total,
+            ),
+            (
+                "lb_bgp_updates_received",
+                "UPDATEs the peer sent (ignored: the speaker only announces)",
+                |s| s.updates_received,
+            ),
+            (
+                "lb_bgp_malformed_updates",
+                "UPDATEs from the peer that did not parse (ignored)",
+                |s| s.malformed_updates,
+            ),
+            (
+                "lb_bgp_unannounceable_routes",
+                "Routes that could not be announced to the peer (no next hop of their family)",
+                |s| s.unannounceable,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (l, s) in &peers {
+                ConstCounter::new(pick(s)).encode(m.encode_family(l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Configuration reloads by result (`ok`, `error`).
@@ -574,6 +661,12 @@ impl Metrics {
             snapshots,
             map_writes,
         }
+    }
+
+    /// Adds the BGP speaker's per-peer series.
+    pub fn register_bgp(&mut self, speaker: &crate::bgp::Speaker) {
+        self.registry
+            .register_collector(Box::new(BgpCollector(speaker.peers())));
     }
 
     /// Counts what an apply wrote.

@@ -17,7 +17,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use lb_common::{DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, MAX_ENGINES};
 
+mod bgp;
 mod proxy;
+pub use bgp::{AS_TRANS, BgpConfig, BgpPeerConfig, VsBgpConfig, parse_community};
 pub use proxy::{
     Algorithm, BackendConfig, HealthCheckConfig, HealthCheckKind, PoolConfig, ProxyConfig,
 };
@@ -86,6 +88,9 @@ pub struct Config {
     /// Peer liveness between engines (none: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
+    /// The BGP speaker (none: off). Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
 }
 
 /// `[peers]`: liveness probes between the engines of a virtual service, independent of the
@@ -376,6 +381,10 @@ pub struct VirtualServiceConfig {
     /// controller sets it from the service's engine group (`vs_scalein_timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_s: Option<u32>,
+    /// Announced by BGP (route health injection) from every engine that serves it, while it is
+    /// healthy there; needs `[bgp]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<VsBgpConfig>,
 }
 
 fn default_max_connections() -> u32 {
@@ -619,6 +628,7 @@ impl ManagedFile {
             pools: Vec::new(),
             virtual_services: Vec::new(),
             peers: None,
+            bgp: None,
         }
     }
 }
@@ -651,6 +661,8 @@ impl Config {
             virtual_services: desired.virtual_services,
             pools: desired.pools,
             peers: desired.peers,
+            // The controller does not push BGP settings yet.
+            bgp: None,
         };
         config.validate()?;
         Ok(config)
@@ -700,7 +712,30 @@ impl Config {
         self.validate_engines()?;
         self.validate_virtual_services()?;
         self.validate_proxy()?;
-        self.validate_peers()
+        self.validate_peers()?;
+        self.validate_bgp()
+    }
+
+    fn validate_bgp(&self) -> Result<(), ConfigError> {
+        if let Some(b) = &self.bgp {
+            b.validate()?;
+        }
+        if self.bgp.is_none()
+            && let Some((i, vs)) = self
+                .virtual_services
+                .iter()
+                .enumerate()
+                .find(|(_, vs)| vs.bgp.is_some())
+        {
+            return Err(invalid(
+                format!("virtual_services[{i}].bgp"),
+                format!(
+                    "{} is announced by BGP but there is no [bgp] section",
+                    vs.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_peers(&self) -> Result<(), ConfigError> {

@@ -39,6 +39,9 @@ pub struct Config {
     /// `[[pools]]` (left out when empty).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<Pool>,
+    /// `[bgp]` as written (left out when `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<toml::Value>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +121,9 @@ pub struct VirtualService {
     pub max_connections: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub draining: Option<bool>,
+    /// The service's `bgp` section (announced by BGP), as written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<toml::Value>,
 }
 
 /// `[proxy]`: every field optional (`None` leaves the daemon's default).
@@ -429,6 +435,7 @@ impl Daemon {
             ns: ns.clone(),
             proc,
             config: Config {
+                bgp: None,
                 daemon,
                 proxy: None,
                 engines: Vec::new(),
@@ -701,6 +708,7 @@ mod tests {
     #[test]
     fn config_serializes_to_the_schema() {
         let cfg = Config {
+            bgp: None,
             daemon: DaemonSection::lab("eth0", 1, Path::new("/run/lb-tests/x")),
             engines: vec![
                 EngineEntry {
@@ -714,6 +722,7 @@ mod tests {
                 },
             ],
             virtual_services: vec![VirtualService {
+                bgp: None,
                 id: 0,
                 name: "web".into(),
                 vip: "10.78.0.10".into(),

@@ -393,6 +393,7 @@ impl ProxyLab {
         // Room for services added after the start (ids 0..=7).
         daemon.max_virtual_services = 8;
         Config {
+            bgp: None,
             daemon,
             proxy: Some(self.proxy.clone()),
             engines,
@@ -608,6 +609,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Res
 fn standard_services(opts: &Options, backends: &[BackendHost]) -> (Vec<VirtualService>, Vec<Pool>) {
     let primary = opts.engines[0].id;
     let vs = |id: u32, name: &str, port: u16, protocol: &str, pool: &str| VirtualService {
+        bgp: None,
         id,
         name: name.to_owned(),
         vip: opts.vip.to_string(),

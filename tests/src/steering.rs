@@ -224,9 +224,11 @@ impl Steering {
         let mut daemon = DaemonSection::lab("eth0", engine_id, pin_dir);
         daemon.xdp_mode.clone_from(&self.opts.xdp_mode);
         Config {
+            bgp: None,
             daemon,
             engines,
             virtual_services: vec![VirtualService {
+                bgp: None,
                 id: 0,
                 name: "web".to_owned(),
                 vip: self.opts.vip.to_string(),

@@ -128,6 +128,7 @@ impl Tunnel {
         let mut daemon = DaemonSection::lab("eth0", 1, pin_dir);
         daemon.tunnel_source_v4 = Some(PRIMARY.to_owned());
         Config {
+            bgp: None,
             daemon,
             proxy: None,
             engines: vec![
@@ -145,6 +146,7 @@ impl Tunnel {
                 },
             ],
             virtual_services: vec![VirtualService {
+                bgp: None,
                 id: 0,
                 name: "web".to_owned(),
                 vip: VIP.to_string(),

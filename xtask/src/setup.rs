@@ -31,6 +31,10 @@ const PACKAGES: &[&str] = &[
     "curl",
     // The failover benchmark's baseline (VRRP).
     "keepalived",
+    // Real BGP routers and speakers the BGP tests peer with.
+    "bird2",
+    "frr",
+    "gobgpd",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

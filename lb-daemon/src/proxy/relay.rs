@@ -17,8 +17,8 @@
 //! copy loop (0.23 vs 0.52 s), at higher throughput, and short connections cost no more than with
 //! copy (they stay in the copy phase). Both are this module's code in safe Rust over tokio's
 //! readiness API; splice(2) is stable Linux ABI, wrapped by nix. tokio-uring (its own runtime,
-//! unmaintained) used more CPU per GiB than copy. An sk_skb sockmap relay (commit `d87b21a`)
-//! reached 0.58× HAProxy's keep-alive requests/s end to end where splice reaches 0.96×: the kernel
+//! unmaintained) used more CPU per GiB than copy. An `sk_skb` sockmap relay (commit `d87b21a`)
+//! reached 0.58× the keep-alive requests/s of `HAProxy` end to end where splice reaches 0.96×: the kernel
 //! sends each redirected chunk from a work queue (README, "The relay").
 //!
 //! Both behave the same way:

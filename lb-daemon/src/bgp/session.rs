@@ -1,0 +1,538 @@
+//! One BGP peer: connects (active only; this speaker never listens), exchanges OPENs, keeps the
+//! session up with KEEPALIVEs and the hold timer, announces and withdraws this engine's routes as
+//! they change, and reconnects with exponential backoff after any failure.
+//!
+//! ```text
+//!   Idle ─connect─► OpenSent ─their OPEN ok─► OpenConfirm ─KEEPALIVE─► Established
+//!    ▲                 │ bad OPEN: NOTIFICATION        │                   │ routes → UPDATEs
+//!    └──── backoff ◄───┴───────────────────────────────┴── error / EOF ◄───┘ hold timer expires
+//!   stop: withdraw every route, then Cease (administrative shutdown), then close.
+//! ```
+//!
+//! Incoming UPDATEs are counted and ignored (announce-only). A message with a bad header
+//! (marker, length) ends the session with a NOTIFICATION; a well-framed UPDATE that does not parse
+//! is counted and ignored (the framing is intact), any other malformed message ends the session.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use lb_model::BgpPeerConfig;
+use netgauze_bgp_pkt::{
+    BgpMessage,
+    codec::BgpCodec,
+    notification::{
+        BgpNotificationMessage, FiniteStateMachineError, HoldTimerExpiredError, MessageHeaderError,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+    time::{sleep, sleep_until, timeout},
+};
+use tokio_util::codec::{Decoder, Encoder};
+use tracing::{info, warn};
+
+use super::messages::{self, Attributes, Negotiated, Route};
+
+/// The routes to announce, keyed by VIP.
+pub type Routes = BTreeMap<IpAddr, Route>;
+
+/// Longest BGP message without the extended-message capability (RFC 4271).
+const MAX_MESSAGE: usize = 4096;
+const HEADER: usize = 19;
+/// Waiting for the TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waiting for the peer's OPEN and first KEEPALIVE when no hold time is agreed yet (RFC 4271
+/// suggests 4 minutes; a router that does not answer in 30 s is retried sooner).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a graceful stop waits for the withdrawals and the Cease to leave.
+const STOP_FLUSH: Duration = Duration::from_secs(1);
+
+/// Where a session is (RFC 4271 states this speaker goes through).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum State {
+    #[default]
+    Idle,
+    Connect,
+    OpenSent,
+    OpenConfirm,
+    Established,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Connect => "connect",
+            State::OpenSent => "open_sent",
+            State::OpenConfirm => "open_confirm",
+            State::Established => "established",
+        }
+    }
+}
+
+/// What the rest of the daemon sees of one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStatus {
+    pub state: State,
+    /// When the current session became established.
+    pub established_at: Option<Instant>,
+    /// Routes announced on the current session.
+    pub announced: usize,
+    /// Why the last session ended (or could not start).
+    pub last_error: Option<String>,
+    /// Sessions that reached Established.
+    pub established_total: u64,
+    /// UPDATEs received (ignored: announce-only).
+    pub updates_received: u64,
+    /// Well-framed UPDATEs that did not parse (ignored).
+    pub malformed_updates: u64,
+    /// Routes that could not be announced on this session (e.g. no next hop of their family).
+    pub unannounceable: u64,
+}
+
+/// One peer's settings, resolved from `[bgp]`.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub config: BgpPeerConfig,
+    pub local_asn: u32,
+    pub router_id: Ipv4Addr,
+    pub hold_time: u16,
+    pub communities: Vec<u32>,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Peer {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.config.address, self.config.port)
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Ended {
+    Stopped,
+    Failed { reason: String, established: bool },
+}
+
+/// Runs the peer until `stop` turns true: sessions one after the other, backing off between them.
+pub async fn run(
+    peer: Peer,
+    routes: watch::Receiver<Routes>,
+    status: Arc<Mutex<PeerStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = peer.min_backoff;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let ended = session(&peer, routes.clone(), &status, stop.clone()).await;
+        update(&status, |s| {
+            s.state = State::Idle;
+            s.established_at = None;
+            s.announced = 0;
+        });
+        match ended {
+            Ended::Stopped => return,
+            Ended::Failed {
+                reason,
+                established,
+            } => {
+                warn!(peer = %peer.addr(), "BGP session: {reason}; retrying in {backoff:?}");
+                update(&status, |s| s.last_error = Some(reason));
+                if established {
+                    backoff = peer.min_backoff;
+                }
+                tokio::select! {
+                    () = sleep(backoff) => {}
+                    () = stopped(&mut stop) => return,
+                }
+                backoff = (backoff * 2).min(peer.max_backoff);
+            }
+        }
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn update(status: &Mutex<PeerStatus>, f: impl FnOnce(&mut PeerStatus)) {
+    f(&mut status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner));
+}
+
+fn failed(reason: impl Into<String>, established: bool) -> Ended {
+    Ended::Failed {
+        reason: reason.into(),
+        established,
+    }
+}
+
+/// A framed BGP connection.
+struct Conn {
+    stream: TcpStream,
+    codec: BgpCodec,
+    rx: BytesMut,
+    tx: BytesMut,
+}
+
+/// One message read, or why reading stopped.
+enum Read {
+    Message(BgpMessage),
+    /// A well-framed UPDATE that did not parse.
+    MalformedUpdate(String),
+}
+
+impl Conn {
+    async fn send(&mut self, msg: BgpMessage) -> Result<(), String> {
+        self.tx.clear();
+        self.codec
+            .encode(msg, &mut self.tx)
+            .map_err(|e| format!("encoding a message: {e:?}"))?;
+        self.stream
+            .write_all(&self.tx)
+            .await
+            .map_err(|e| format!("sending: {e}"))
+    }
+
+    /// Sends a NOTIFICATION (best effort: the session ends anyway).
+    async fn notify(&mut self, n: BgpNotificationMessage) {
+        let _ = timeout(STOP_FLUSH, self.send(BgpMessage::Notification(n))).await;
+    }
+
+    /// Reads the next message. A header error has already been answered with a NOTIFICATION
+    /// when this returns `Err`.
+    async fn read(&mut self) -> Result<Read, String> {
+        loop {
+            if self.rx.len() >= HEADER {
+                if self.rx[..16].iter().any(|b| *b != 0xff) {
+                    self.notify(BgpNotificationMessage::MessageHeaderError(
+                        MessageHeaderError::ConnectionNotSynchronized {
+                            value: Box::new([]),
+                        },
+                    ))
+                    .await;
+                    return Err("the peer's stream lost the BGP marker".into());
+                }
+                let len = usize::from(u16::from_be_bytes([self.rx[16], self.rx[17]]));
+                if !(HEADER..=MAX_MESSAGE).contains(&len) {
+                    self.notify(BgpNotificationMessage::MessageHeaderError(
+                        MessageHeaderError::BadMessageLength {
+                            value: u16::try_from(len).unwrap_or(0).to_be_bytes().into(),
+                        },
+                    ))
+                    .await;
+                    return Err(format!("the peer sent a message of length {len}"));
+                }
+                if self.rx.len() >= len {
+                    let kind = self.rx[18];
+                    return match self.codec.decode(&mut self.rx) {
+                        Ok(Some((msg, _ignored))) => Ok(Read::Message(msg)),
+                        Ok(None) => Err("the BGP decoder wanted more than a whole message".into()),
+                        Err(e) if kind == 2 => Ok(Read::MalformedUpdate(e.to_string())),
+                        Err(e) => {
+                            self.notify(BgpNotificationMessage::MessageHeaderError(
+                                MessageHeaderError::Unspecific {
+                                    value: Box::new([]),
+                                },
+                            ))
+                            .await;
+                            Err(format!("the peer sent a malformed message: {e}"))
+                        }
+                    };
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rx)
+                .await
+                .map_err(|e| format!("receiving: {e}"))?;
+            if n == 0 {
+                return Err("the peer closed the connection".into());
+            }
+        }
+    }
+}
+
+/// The next hops of this session: configured, or the session's own local address.
+fn attributes(peer: &Peer, local: IpAddr) -> Attributes {
+    let (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>) = match local {
+        IpAddr::V4(a) => (Some(a), None),
+        IpAddr::V6(a) => (a.to_ipv4_mapped(), Some(a)),
+    };
+    Attributes {
+        local_asn: peer.local_asn,
+        peer_asn: peer.config.asn,
+        communities: peer.communities.clone(),
+        next_hop_v4: peer.config.next_hop_v4.or(v4),
+        next_hop_v6: peer.config.next_hop_v6.or(v6),
+    }
+}
+
+fn describe(n: &BgpNotificationMessage) -> String {
+    format!("the peer sent a NOTIFICATION: {n:?}")
+}
+
+async fn session(
+    peer: &Peer,
+    mut routes: watch::Receiver<Routes>,
+    status: &Mutex<PeerStatus>,
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
+    update(status, |s| s.state = State::Connect);
+    let stream = tokio::select! {
+        c = timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr())) => match c {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(format!("connect: {e}"), false),
+            Err(_) => return failed(format!("connect: no answer within {CONNECT_TIMEOUT:?}"), false),
+        },
+        () = stopped(&mut stop) => return Ended::Stopped,
+    };
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a.ip(),
+        Err(e) => return failed(format!("local address: {e}"), false),
+    };
+    let mut conn = Conn {
+        stream,
+        codec: BgpCodec::new(true),
+        rx: BytesMut::with_capacity(MAX_MESSAGE),
+        tx: BytesMut::with_capacity(MAX_MESSAGE),
+    };
+    let negotiated = tokio::select! {
+        n = open_exchange(peer, &mut conn, status) => match n {
+            Ok(n) => n,
+            Err(reason) => return failed(reason, false),
+        },
+        () = stopped(&mut stop) => {
+            let _ = timeout(STOP_FLUSH, conn.send(messages::cease("shutting down"))).await;
+            return Ended::Stopped;
+        }
+    };
+    let attrs = attributes(peer, local);
+    info!(peer = %peer.addr(), peer_id = %negotiated.peer_id, hold_time = negotiated.hold_time, "BGP session established");
+    update(status, |s| {
+        s.state = State::Established;
+        s.established_at = Some(Instant::now());
+        s.established_total += 1;
+        s.last_error = None;
+    });
+    match established(
+        peer,
+        &mut conn,
+        negotiated,
+        &attrs,
+        &mut routes,
+        status,
+        &mut stop,
+    )
+    .await
+    {
+        Ok(()) => Ended::Stopped,
+        Err(reason) => failed(reason, true),
+    }
+}
+
+/// OPEN both ways, then the first KEEPALIVE.
+async fn open_exchange(
+    peer: &Peer,
+    conn: &mut Conn,
+    status: &Mutex<PeerStatus>,
+) -> Result<Negotiated, String> {
+    conn.send(messages::open(
+        peer.local_asn,
+        peer.hold_time,
+        peer.router_id,
+    ))
+    .await?;
+    update(status, |s| s.state = State::OpenSent);
+    let negotiated = match timeout(OPEN_TIMEOUT, conn.read()).await {
+        Err(_) => return Err(format!("no OPEN within {OPEN_TIMEOUT:?}")),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Read::Message(BgpMessage::Open(open)))) => {
+            match messages::check_open(&open, peer.config.asn, peer.router_id, peer.hold_time) {
+                Ok(n) => n,
+                Err(refused) => {
+                    conn.notify(refused.notification).await;
+                    return Err(format!("refused the peer's OPEN: {}", refused.reason));
+                }
+            }
+        }
+        Ok(Ok(Read::Message(BgpMessage::Notification(n)))) => return Err(describe(&n)),
+        Ok(Ok(other)) => {
+            conn.notify(BgpNotificationMessage::FiniteStateMachineError(
+                FiniteStateMachineError::ReceiveUnexpectedMessageInOpenSentState {
+                    value: Box::new([]),
+                },
+            ))
+            .await;
+            return Err(format!("expected OPEN, got {}", kind(&other)));
+        }
+    };
+    conn.send(BgpMessage::KeepAlive).await?;
+    update(status, |s| s.state = State::OpenConfirm);
+    let wait = if negotiated.hold_time == 0 {
+        OPEN_TIMEOUT
+    } else {
+        Duration::from_secs(u64::from(negotiated.hold_time))
+    };
+    match timeout(wait, conn.read()).await {
+        Err(_) => Err(format!("no KEEPALIVE within {wait:?} after the OPENs")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Read::Message(BgpMessage::KeepAlive))) => Ok(negotiated),
+        Ok(Ok(Read::Message(BgpMessage::Notification(n)))) => Err(describe(&n)),
+        Ok(Ok(other)) => {
+            conn.notify(BgpNotificationMessage::FiniteStateMachineError(
+                FiniteStateMachineError::ReceiveUnexpectedMessageInOpenConfirmState {
+                    value: Box::new([]),
+                },
+            ))
+            .await;
+            Err(format!("expected KEEPALIVE, got {}", kind(&other)))
+        }
+    }
+}
+
+fn kind(r: &Read) -> &'static str {
+    match r {
+        Read::Message(BgpMessage::Open(_)) => "OPEN",
+        Read::Message(BgpMessage::Update(_)) | Read::MalformedUpdate(_) => "UPDATE",
+        Read::Message(BgpMessage::Notification(_)) => "NOTIFICATION",
+        Read::Message(BgpMessage::KeepAlive) => "KEEPALIVE",
+        Read::Message(BgpMessage::RouteRefresh(_)) => "ROUTE-REFRESH",
+    }
+}
+
+/// Sends what changes between `announced` and `wanted`: withdrawals first, then announcements.
+async fn sync(
+    conn: &mut Conn,
+    attrs: &Attributes,
+    announced: &mut Routes,
+    wanted: &Routes,
+    status: &Mutex<PeerStatus>,
+) -> Result<(), String> {
+    let gone: Vec<IpAddr> = announced
+        .keys()
+        .filter(|vip| !wanted.contains_key(vip))
+        .copied()
+        .collect();
+    for vip in gone {
+        if let Some(msg) = messages::withdraw(vip) {
+            conn.send(msg).await?;
+        }
+        announced.remove(&vip);
+    }
+    for (vip, route) in wanted {
+        if announced.get(vip) == Some(route) {
+            continue;
+        }
+        match messages::announce(route, attrs) {
+            Ok(msg) => {
+                conn.send(msg).await?;
+                announced.insert(*vip, route.clone());
+            }
+            Err(e) => {
+                // Counted once per change of the route set, not per retry.
+                warn!("BGP: not announcing {e}");
+                update(status, |s| s.unannounceable += 1);
+            }
+        }
+    }
+    let n = announced.len();
+    update(status, |s| s.announced = n);
+    Ok(())
+}
+
+async fn established(
+    peer: &Peer,
+    conn: &mut Conn,
+    negotiated: Negotiated,
+    attrs: &Attributes,
+    routes: &mut watch::Receiver<Routes>,
+    status: &Mutex<PeerStatus>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut announced = Routes::new();
+    let wanted = routes.borrow_and_update().clone();
+    sync(conn, attrs, &mut announced, &wanted, status).await?;
+    for eor in messages::end_of_rib() {
+        conn.send(eor).await?;
+    }
+    let hold = Duration::from_secs(u64::from(negotiated.hold_time));
+    let keepalive = hold / 3;
+    // Hold time 0: no keepalives, no hold timer (RFC 4271 4.4).
+    let timers = !hold.is_zero();
+    let mut heard = Instant::now();
+    let mut next_keepalive = Instant::now() + keepalive;
+    loop {
+        let hold_deadline = heard + hold;
+        tokio::select! {
+            biased;
+            () = stopped(stop) => {
+                let _ = timeout(STOP_FLUSH, async {
+                    sync(conn, attrs, &mut announced, &Routes::new(), status).await?;
+                    conn.send(messages::cease("lb-daemon shutting down")).await
+                }).await;
+                let _ = conn.stream.shutdown().await;
+                info!(peer = %peer.addr(), "BGP session closed: routes withdrawn, Cease sent");
+                return Ok(());
+            }
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return Err("the route source ended".into());
+                }
+                let wanted = routes.borrow_and_update().clone();
+                sync(conn, attrs, &mut announced, &wanted, status).await?;
+            }
+            () = sleep_until(next_keepalive.into()), if timers => {
+                conn.send(BgpMessage::KeepAlive).await?;
+                next_keepalive = Instant::now() + keepalive;
+            }
+            () = sleep_until(hold_deadline.into()), if timers => {
+                conn.notify(BgpNotificationMessage::HoldTimerExpiredError(
+                    HoldTimerExpiredError::Unspecific { sub_code: 0, value: Box::new([]) },
+                )).await;
+                return Err(format!("hold timer expired: nothing from the peer for {hold:?}"));
+            }
+            read = conn.read() => {
+                match read? {
+                    Read::Message(BgpMessage::KeepAlive) => heard = Instant::now(),
+                    Read::Message(BgpMessage::Update(_)) => {
+                        heard = Instant::now();
+                        update(status, |s| s.updates_received += 1);
+                    }
+                    Read::MalformedUpdate(e) => {
+                        heard = Instant::now();
+                        tracing::debug!(peer = %peer.addr(), "ignored a malformed UPDATE: {e}");
+                        update(status, |s| s.malformed_updates += 1);
+                    }
+                    Read::Message(BgpMessage::RouteRefresh(_)) => {
+                        heard = Instant::now();
+                        let wanted = std::mem::take(&mut announced);
+                        sync(conn, attrs, &mut announced, &wanted, status).await?;
+                    }
+                    Read::Message(BgpMessage::Notification(n)) => return Err(describe(&n)),
+                    Read::Message(BgpMessage::Open(_)) => {
+                        conn.notify(BgpNotificationMessage::FiniteStateMachineError(
+                            FiniteStateMachineError::ReceiveUnexpectedMessageInEstablishedState {
+                                value: Box::new([]),
+                            },
+                        )).await;
+                        return Err("the peer sent an OPEN on an established session".into());
+                    }
+                }
+            }
+        }
+    }
+}

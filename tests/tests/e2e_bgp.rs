@@ -1,0 +1,440 @@
+//! End to end: route health injection to a real router. BIRD 2 runs in a router namespace
+//! (10.99.0.1, AS 65000, accepting /32s of 10.200.0.0/16 from a neighbour range, exporting them
+//! into its kernel table with ECMP); three engines (10.99.0.11-13, `lb-daemon`, AS 65001) each serve
+//! the VIP 10.200.0.10:80 by themselves and announce it by BGP; engine `i`'s pool is one nginx,
+//! `b{i}`, that answers with its name, so a response tells which engine proxied it. A client
+//! (10.98.0.2) sits behind the router on its own link.
+//!
+//! ```text
+//!   client ── rtr (BIRD, ECMP) ══ br0 ══ se1 se2 se3 (lb-daemon, BGP) ── b1 b2 b3 (nginx)
+//! ```
+//!
+//! Needs root, `lb-daemon` (`$LB_DAEMON_BIN`), the XDP objects and BIRD (`cargo xtask setup`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::client::{Load, http_load};
+use lb_tests::daemon::{
+    Backend, Config, Daemon, DaemonSection, EngineEntry, HealthCheck, Member, PinDir, Pool,
+    VirtualService, metric_value,
+};
+use lb_tests::lab::Output;
+use lb_tests::nginx::Nginx;
+use lb_tests::{Lab, Ns, Proc, daemon_bin, require_root, testkit_object, xdp_object};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const CLIENT: &str = "10.98.0.2";
+const ENGINES: [u8; 3] = [1, 2, 3];
+const PEER_SERIES: &str = "{peer=\"10.99.0.1:179\"}";
+
+fn engine_addr(id: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 10 + id)
+}
+
+fn backend_addr(id: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 20 + id)
+}
+
+const BIRD_CONF: &str = r#"
+router id 10.99.0.1;
+protocol device {}
+protocol kernel {
+  ipv4 { import none; export where source = RTS_BGP; };
+  merge paths on limit 16;
+}
+protocol bgp lbs {
+  local 10.99.0.1 as 65000;
+  neighbor range 10.99.0.0/24 as 65001;
+  dynamic name "lb";
+  hold time 9; keepalive time 3;
+  error wait time 1, 2;
+  ipv4 { import where net ~ [ 10.200.0.0/16{32,32} ]; export none; };
+}
+"#;
+
+struct Router {
+    _bird: Proc,
+    log: PathBuf,
+}
+
+struct BgpLab {
+    lab: Lab,
+    rtr: Ns,
+    client: Ns,
+    backends: BTreeMap<u8, (Ns, Option<Nginx>)>,
+    engines: BTreeMap<u8, (Ns, Option<Daemon>, Arc<PinDir>)>,
+    router: Option<Router>,
+    dir: tempfile::TempDir,
+}
+
+impl BgpLab {
+    fn build() -> Result<Self> {
+        let lab = Lab::new("lbbgp")?;
+        lab.enable_xdp_pass(&testkit_object())?;
+        let rtr = lab.add_ns("rtr")?;
+        lab.attach(&rtr, "eth0", &format!("{ROUTER}/24"))?;
+        lab.sysctl(&rtr, "net.ipv4.ip_forward", "1")?;
+        // Hash on ports too: otherwise every connection of the one client takes one next hop.
+        lab.sysctl(&rtr, "net.ipv4.fib_multipath_hash_policy", "1")?;
+        let client = lab.add_ns("client")?;
+        lab.ip(
+            &client,
+            &[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "cl0",
+                "netns",
+                rtr.name(),
+            ],
+        )?;
+        lab.ip(
+            &client,
+            &["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"],
+        )?;
+        lab.ip(&client, &["link", "set", "eth0", "up"])?;
+        lab.ip(&client, &["route", "add", "default", "via", "10.98.0.1"])?;
+        lab.ip(&rtr, &["addr", "add", "10.98.0.1/24", "dev", "cl0"])?;
+        lab.ip(&rtr, &["link", "set", "cl0", "up"])?;
+        let mut backends = BTreeMap::new();
+        for id in ENGINES {
+            let ns = lab.add_ns(&format!("b{id}"))?;
+            lab.attach(&ns, "eth0", &format!("{}/24", backend_addr(id)))?;
+            let nginx = Nginx::start(
+                &lab,
+                &ns,
+                &format!("b{id}"),
+                &[SocketAddr::from((backend_addr(id), 80))],
+            )?;
+            backends.insert(id, (ns, Some(nginx)));
+        }
+        let mut engines = BTreeMap::new();
+        for id in ENGINES {
+            let ns = lab.add_ns(&format!("se{id}"))?;
+            lab.attach(&ns, "eth0", &format!("{}/24", engine_addr(id)))?;
+            lab.ip(
+                &ns,
+                &["route", "add", "default", "via", &ROUTER.to_string()],
+            )?;
+            lab.ip(&ns, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            let pins = Arc::new(PinDir::new(&format!("{}-se{id}", lab.base()))?);
+            engines.insert(id, (ns, None, pins));
+        }
+        let dir = tempfile::tempdir()?;
+        let mut me = BgpLab {
+            lab,
+            rtr,
+            client,
+            backends,
+            engines,
+            router: None,
+            dir,
+        };
+        me.start_bird()?;
+        for id in ENGINES {
+            me.start_engine(id, false)?;
+        }
+        Ok(me)
+    }
+
+    fn start_bird(&mut self) -> Result<()> {
+        let conf = self.dir.path().join("bird.conf");
+        std::fs::write(&conf, BIRD_CONF)?;
+        let log = self.dir.path().join("bird.log");
+        let sock = self.dir.path().join("bird.ctl");
+        let bird = self.lab.spawn(
+            &self.rtr,
+            &[
+                "bird",
+                "-f",
+                "-c",
+                path(&conf)?,
+                "-s",
+                path(&sock)?,
+                "-P",
+                path(&self.dir.path().join("bird.pid"))?,
+                "-D",
+                path(&log)?,
+            ],
+            &Output::File(self.dir.path().join("bird.out")),
+        )?;
+        // BIRD parses its configuration before it opens the control socket.
+        let start = Instant::now();
+        while !sock.exists() {
+            if !bird.is_running() || start.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "BIRD did not start: {}",
+                    std::fs::read_to_string(self.dir.path().join("bird.out")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.router = Some(Router { _bird: bird, log });
+        Ok(())
+    }
+
+    fn config(id: u8, pins: &Path, draining: bool) -> Result<Config> {
+        let bgp: toml::Value = toml::from_str(&format!(
+            r#"
+asn = 65001
+router_id = "{}"
+hold_time_s = 9
+min_backoff_ms = 200
+max_backoff_s = 2
+communities = ["65001:10"]
+[[peers]]
+address = "{ROUTER}"
+asn = 65000
+"#,
+            engine_addr(id)
+        ))?;
+        Ok(Config {
+            daemon: DaemonSection::lab("eth0", id, pins),
+            proxy: None,
+            engines: vec![EngineEntry {
+                id,
+                ..EngineEntry::default()
+            }],
+            virtual_services: vec![VirtualService {
+                id: 0,
+                name: "web".to_owned(),
+                vip: VIP.to_string(),
+                port: 80,
+                protocol: "tcp".to_owned(),
+                primary: id,
+                persistence_timeout_s: 0,
+                engines: vec![Member { id, weight: 1 }],
+                pool: Some("web".to_owned()),
+                max_connections: None,
+                draining: draining.then_some(true),
+                bgp: Some(toml::from_str("med = 10")?),
+            }],
+            pools: vec![Pool {
+                name: "web".to_owned(),
+                algorithm: "round_robin".to_owned(),
+                backends: vec![Backend::new(&backend_addr(id).to_string(), 80)],
+                health_check: Some(HealthCheck {
+                    kind: "http".to_owned(),
+                    interval_ms: 200,
+                    timeout_ms: 150,
+                    rise: 2,
+                    fall: 2,
+                    http_path: Some("/".to_owned()),
+                    expected_status: Some(200),
+                }),
+            }],
+            bgp: Some(bgp),
+        })
+    }
+
+    fn start_engine(&mut self, id: u8, draining: bool) -> Result<()> {
+        let (ns, slot, pins) = self.engines.get_mut(&id).context("no such engine")?;
+        let config = Self::config(id, pins.path(), draining)?;
+        let d = Daemon::start(
+            &self.lab,
+            ns,
+            config,
+            pins.clone(),
+            &daemon_bin(),
+            &xdp_object(),
+        )?;
+        *slot = Some(d);
+        Ok(())
+    }
+
+    fn daemon(&self, id: u8) -> &Daemon {
+        self.engines[&id].1.as_ref().expect("engine running")
+    }
+
+    fn daemon_mut(&mut self, id: u8) -> &mut Daemon {
+        self.engines
+            .get_mut(&id)
+            .and_then(|e| e.1.as_mut())
+            .expect("engine running")
+    }
+
+    /// The next hops of the router's kernel route for the VIP.
+    fn next_hops(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        let out = self
+            .lab
+            .ip(&self.rtr, &["route", "show", &format!("{VIP}/32")])?;
+        let mut hops = BTreeSet::new();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        for w in words.windows(2) {
+            if w[0] == "via" {
+                hops.insert(
+                    w[1].parse()
+                        .with_context(|| format!("route line {out:?}"))?,
+                );
+            }
+        }
+        Ok(hops)
+    }
+
+    /// Waits until the router's next hops for the VIP are exactly those of `ids`; returns how long.
+    fn wait_hops(&self, ids: &[u8], within: Duration) -> Result<Duration> {
+        let want: BTreeSet<Ipv4Addr> = ids.iter().map(|i| engine_addr(*i)).collect();
+        let start = Instant::now();
+        loop {
+            let got = self.next_hops()?;
+            if got == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "router next hops {got:?}, wanted {want:?} within {within:?}\nBIRD log:\n{}\nengine logs:\n{}",
+                    self.bird_log(),
+                    self.engine_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn bird_log(&self) -> String {
+        self.router
+            .as_ref()
+            .and_then(|r| std::fs::read_to_string(&r.log).ok())
+            .map(|t| lb_tests::controller_lab::tail(&t, 30))
+            .unwrap_or_default()
+    }
+
+    fn engine_logs(&self) -> String {
+        self.engines
+            .iter()
+            .filter_map(|(id, (_, d, _))| {
+                d.as_ref().map(|d| format!("se{id}:\n{}", d.log_tail(15)))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// One of engine `id`'s BGP series for the router (integers, carried as floats).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn metric(&self, id: u8, name: &str) -> Result<u64> {
+        let text = self.daemon(id).metrics()?;
+        metric_value(&text, &format!("{name}{PEER_SERIES}"))
+            .map(|v| v as u64)
+            .with_context(|| format!("se{id} has no {name}{PEER_SERIES}"))
+    }
+
+    /// `n` short connections from the client: responses per backend (= per engine).
+    fn spread(&self, n: usize) -> Result<lb_tests::client::LoadResult> {
+        http_load(&self.client, &Load::new(SocketAddr::from((VIP, 80)), n))
+    }
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+#[test]
+fn engines_announce_the_vip_to_bird_and_withdraw_it_when_they_cannot_serve() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = BgpLab::build()?;
+
+    // Every engine announces: one route, three next hops.
+    let t = lab.wait_hops(&ENGINES, Duration::from_secs(20))?;
+    eprintln!("all three next hops in the router's table after {t:?}");
+    for id in ENGINES {
+        assert_eq!(lab.metric(id, "lb_bgp_session_established")?, 1);
+        assert_eq!(lab.metric(id, "lb_bgp_routes_announced")?, 1);
+    }
+    let birdc_routes = lab.lab.exec(
+        &lab.rtr,
+        &[
+            "birdc",
+            "-s",
+            path(&lab.dir.path().join("bird.ctl"))?,
+            "show",
+            "route",
+            "all",
+        ],
+    )?;
+    assert!(
+        birdc_routes.contains("65001:10") || birdc_routes.contains("(65001,10)"),
+        "the community reaches BIRD:\n{birdc_routes}"
+    );
+    assert!(
+        birdc_routes.contains("BGP.med: 10"),
+        "the MED reaches BIRD:\n{birdc_routes}"
+    );
+
+    // Short connections spread over the engines by the router's ECMP hash.
+    let r = lab.spread(300)?;
+    eprintln!(
+        "spread over the engines: {:?}, errors {}",
+        r.per_engine, r.errors
+    );
+    assert_eq!(r.errors, 0, "{:?}", r.error_samples);
+    for id in ENGINES {
+        let share = r.percent(&format!("b{id}"));
+        assert!(
+            share >= 10.0,
+            "engine {id} got {share:.1} % of 300 connections: {:?}",
+            r.per_engine
+        );
+    }
+
+    // The only backend of engine 3 dies: its service is unhealthy there, its route goes.
+    lab.backends.get_mut(&3).unwrap().1.take();
+    let t = lab.wait_hops(&[1, 2], Duration::from_secs(5))?;
+    eprintln!("engine 3's next hop withdrawn {t:?} after its backend stopped");
+    let r = lab.spread(100)?;
+    assert_eq!(r.errors, 0, "after the withdrawal: {:?}", r.error_samples);
+    assert!(!r.per_engine.contains_key("b3"));
+    // It comes back with its backend.
+    let ns = lab.backends[&3].0.clone();
+    let nginx = Nginx::start(
+        &lab.lab,
+        &ns,
+        "b3",
+        &[SocketAddr::from((backend_addr(3), 80))],
+    )?;
+    lab.backends.get_mut(&3).unwrap().1 = Some(nginx);
+    lab.wait_hops(&ENGINES, Duration::from_secs(5))?;
+
+    // Engine 2 drains its service (a reload): withdrawn.
+    let pins = lab.engines[&2].2.clone();
+    let draining = BgpLab::config(2, pins.path(), true)?;
+    lab.daemon_mut(2).reload(draining)?;
+    let t = lab.wait_hops(&[1, 3], Duration::from_secs(3))?;
+    eprintln!("engine 2's next hop withdrawn {t:?} after it started draining");
+
+    // kill -9 engine 3: the session closes with the process and BIRD withdraws by itself.
+    lab.daemon(3).proc().kill();
+    let t = lab.wait_hops(&[1], Duration::from_secs(3))?;
+    eprintln!("engine 3's next hop gone {t:?} after kill -9");
+    let r = lab.spread(50)?;
+    assert_eq!(r.errors, 0, "one engine left: {:?}", r.error_samples);
+    assert_eq!(r.per_engine.get("b1"), Some(&50));
+
+    // A graceful stop withdraws before closing: BIRD logs no error for the session.
+    let stopped = Instant::now();
+    lab.daemon(1).stop(Duration::from_secs(5));
+    lab.wait_hops(&[], Duration::from_secs(3))?;
+    eprintln!("engine 1 stopped (SIGTERM) in {:?}", stopped.elapsed());
+    let log = lab.daemon(1).log_tail(40);
+    assert!(
+        log.contains("routes withdrawn, Cease sent"),
+        "engine 1's log:\n{log}"
+    );
+    let bird = lab.bird_log();
+    assert!(
+        bird.contains("Administrative shutdown") || bird.contains("administrative shutdown"),
+        "BIRD saw the Cease:\n{bird}"
+    );
+    Ok(())
+}
