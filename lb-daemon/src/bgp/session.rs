@@ -536,3 +536,6 @@ async fn established(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
