@@ -12,6 +12,9 @@ use super::{ConfigError, check_unicast, invalid};
 /// `AS_TRANS` (RFC 6793): the 2-octet "My AS" of a speaker whose ASN does not fit 16 bits.
 pub const AS_TRANS: u16 = 23456;
 
+/// Most standard communities `[bgp]` may put on a route.
+pub const MAX_COMMUNITIES: usize = 64;
+
 /// `[bgp]`: this engine's BGP speaker (announce-only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +120,16 @@ impl BgpConfig {
             return Err(invalid(
                 "bgp.max_backoff_s",
                 "1–3600, and not below min_backoff_ms",
+            ));
+        }
+        // 4 octets each: 64 keep an UPDATE far below BGP's 4096-octet limit.
+        if self.communities.len() > MAX_COMMUNITIES {
+            return Err(invalid(
+                "bgp.communities",
+                format!(
+                    "{} listed, at most {MAX_COMMUNITIES}",
+                    self.communities.len()
+                ),
             ));
         }
         for (i, c) in self.communities.iter().enumerate() {

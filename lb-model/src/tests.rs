@@ -870,3 +870,263 @@ fn managed_example_file_parses() {
         EngineFile::Managed(_)
     ));
 }
+
+/// A minimal `[bgp]` section with one peer, everything else defaulted.
+const BGP: &str = r#"
+[bgp]
+asn = 65001
+router_id = "192.0.2.1"
+
+[[bgp.peers]]
+address = "192.0.2.254"
+asn = 65000
+"#;
+
+fn with_bgp() -> Config {
+    Config::parse(&format!("{BASE}{BGP}")).expect("BASE with BGP is valid")
+}
+
+/// `with_bgp()` with `change` applied to its `[bgp]` section.
+fn bgp_with(change: impl FnOnce(&mut BgpConfig)) -> Config {
+    let mut c = with_bgp();
+    change(c.bgp.as_mut().unwrap());
+    c
+}
+
+#[test]
+fn a_minimal_bgp_section_parses_with_the_defaults() {
+    let c = with_bgp();
+    let b = c.bgp.as_ref().expect("[bgp] parsed");
+    assert_eq!(b.asn, 65001);
+    assert_eq!(b.router_id, Ipv4Addr::new(192, 0, 2, 1));
+    assert_eq!(b.hold_time_s, 90);
+    assert_eq!(b.min_backoff_ms, 500);
+    assert_eq!(b.max_backoff_s, 30);
+    assert!(b.communities.is_empty());
+    assert_eq!(
+        b.peers,
+        [BgpPeerConfig {
+            address: "192.0.2.254".parse().unwrap(),
+            asn: 65000,
+            port: 179,
+            hold_time_s: None,
+            next_hop_v4: None,
+            next_hop_v6: None,
+        }]
+    );
+    assert!(c.virtual_services.iter().all(|vs| vs.bgp.is_none()));
+    assert!(base().bgp.is_none(), "no [bgp]: BGP is off");
+    let out = toml::to_string(&c).unwrap();
+    assert_eq!(Config::parse(&out).unwrap(), c, "{out}");
+}
+
+#[test]
+fn a_full_bgp_section_parses() {
+    let text = format!(
+        "{BASE}{}",
+        BGP.replace(
+            "router_id = \"192.0.2.1\"\n",
+            "router_id = \"192.0.2.1\"\nhold_time_s = 0\nmin_backoff_ms = 100\nmax_backoff_s = 5\ncommunities = [\"65001:10\", \"0:0\", \"65535:65535\"]\n",
+        )
+        .replace(
+            "asn = 65000\n",
+            "asn = 4200000000\nport = 1179\nhold_time_s = 3\nnext_hop_v4 = \"192.0.2.1\"\nnext_hop_v6 = \"2001:db8::1\"\n",
+        )
+    );
+    let c = Config::parse(&text).unwrap();
+    let b = c.bgp.unwrap();
+    assert_eq!(
+        (b.hold_time_s, b.min_backoff_ms, b.max_backoff_s),
+        (0, 100, 5)
+    );
+    assert_eq!(b.communities.len(), 3);
+    let p = &b.peers[0];
+    assert_eq!(
+        (p.asn, p.port, p.hold_time_s),
+        (4_200_000_000, 1179, Some(3))
+    );
+    assert_eq!(p.next_hop_v4, Some(Ipv4Addr::new(192, 0, 2, 1)));
+    assert_eq!(p.next_hop_v6, Some("2001:db8::1".parse().unwrap()));
+}
+
+#[test]
+fn bgp_asn_0_and_as_trans_are_reserved() {
+    for asn in [0, 23456, u32::from(AS_TRANS)] {
+        rejects(&bgp_with(|b| b.asn = asn), "bgp.asn", "reserved");
+    }
+    bgp_with(|b| b.asn = 4_294_967_295).validate().unwrap();
+}
+
+#[test]
+fn bgp_router_id_must_not_be_0() {
+    let c = bgp_with(|b| b.router_id = Ipv4Addr::UNSPECIFIED);
+    rejects(&c, "bgp.router_id", "0.0.0.0");
+}
+
+#[test]
+fn bgp_hold_times_of_1_and_2_are_refused() {
+    for h in [1, 2] {
+        rejects(
+            &bgp_with(|b| b.hold_time_s = h),
+            "bgp.hold_time_s",
+            "at least 3 s",
+        );
+        rejects(
+            &bgp_with(|b| b.peers[0].hold_time_s = Some(h)),
+            "bgp.peers[0].hold_time_s",
+            "at least 3 s",
+        );
+    }
+    for h in [0, 3, 65535] {
+        bgp_with(|b| b.hold_time_s = h).validate().unwrap();
+        bgp_with(|b| b.peers[0].hold_time_s = Some(h))
+            .validate()
+            .unwrap();
+    }
+}
+
+#[test]
+fn bgp_backoffs_are_checked() {
+    rejects(
+        &bgp_with(|b| b.min_backoff_ms = 0),
+        "bgp.min_backoff_ms",
+        "1–60000",
+    );
+    rejects(
+        &bgp_with(|b| {
+            b.min_backoff_ms = 5000;
+            b.max_backoff_s = 4;
+        }),
+        "bgp.max_backoff_s",
+        "not below min_backoff_ms",
+    );
+    bgp_with(|b| {
+        b.min_backoff_ms = 5000;
+        b.max_backoff_s = 5;
+    })
+    .validate()
+    .unwrap();
+}
+
+#[test]
+fn bad_bgp_communities_are_refused() {
+    for bad in ["65536:1", "1:65536", "1:2:3", "x", "1", ":1", "-1:1"] {
+        let c = bgp_with(|b| b.communities = vec!["65001:10".into(), bad.into()]);
+        rejects(&c, "bgp.communities[1]", &format!("{bad:?}"));
+    }
+    bgp_with(|b| b.communities = vec!["65001:10".into(), "65535:0".into()])
+        .validate()
+        .unwrap();
+}
+
+#[test]
+fn parse_community_packs_asn_and_value() {
+    assert_eq!(parse_community("65001:10"), Some((65001 << 16) + 10));
+    assert_eq!(parse_community("0:0"), Some(0));
+    assert_eq!(parse_community("65535:65535"), Some(u32::MAX));
+    assert_eq!(parse_community("65536:1"), None);
+    assert_eq!(parse_community("1:2:3"), None);
+    assert_eq!(parse_community("x"), None);
+}
+
+#[test]
+fn bgp_needs_a_peer() {
+    rejects(&bgp_with(|b| b.peers.clear()), "bgp.peers", "no peer");
+}
+
+#[test]
+fn bgp_peers_are_checked() {
+    let c = bgp_with(|b| {
+        let again = b.peers[0].clone();
+        b.peers.push(again);
+    });
+    rejects(&c, "bgp.peers[1].address", "listed twice");
+    rejects(
+        &bgp_with(|b| b.peers[0].asn = 0),
+        "bgp.peers[0].asn",
+        "reserved",
+    );
+    rejects(
+        &bgp_with(|b| b.peers[0].port = 0),
+        "bgp.peers[0].port",
+        "not a port",
+    );
+    for addr in ["224.0.0.5", "ff02::5"] {
+        rejects(
+            &bgp_with(|b| b.peers[0].address = addr.parse().unwrap()),
+            "bgp.peers[0].address",
+            "multicast",
+        );
+    }
+    rejects(
+        &bgp_with(|b| b.peers[0].address = "0.0.0.0".parse().unwrap()),
+        "bgp.peers[0].address",
+        "unspecified",
+    );
+}
+
+#[test]
+fn a_bgp_service_needs_a_bgp_section() {
+    let vs_bgp = BASE.replacen(
+        "engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]\n",
+        "engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]\nbgp = { med = 10 }\n",
+        1,
+    );
+    assert_ne!(vs_bgp, BASE);
+    let c = Config::parse(&format!("{vs_bgp}{BGP}")).unwrap();
+    assert_eq!(
+        c.virtual_services[0].bgp,
+        Some(VsBgpConfig {
+            med: Some(10),
+            local_pref: None,
+        })
+    );
+    let err = Config::parse(&vs_bgp).unwrap_err();
+    assert_eq!(err.field(), Some("virtual_services[0].bgp"), "{err}");
+    assert!(err.to_string().contains("no [bgp] section"), "{err}");
+    let mut c = base();
+    c.virtual_services[1].bgp = Some(VsBgpConfig::default());
+    rejects(&c, "virtual_services[1].bgp", "dns");
+}
+
+#[test]
+fn unknown_bgp_fields_are_refused() {
+    for (from, to, key) in [
+        ("asn = 65001\n", "asn = 65001\nlocal_as = 1\n", "local_as"),
+        ("asn = 65000\n", "asn = 65000\nmed = 1\n", "med"),
+    ] {
+        let text = format!("{BASE}{}", BGP.replacen(from, to, 1));
+        let err = Config::parse(&text).unwrap_err();
+        assert!(matches!(err, ConfigError::Toml(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field") && msg.contains(key), "{msg}");
+    }
+    let text = BASE.replacen(
+        "engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]\n",
+        "engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]\nbgp = { metric = 10 }\n",
+        1,
+    );
+    let err = Config::parse(&format!("{text}{BGP}")).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Toml(_)) && err.to_string().contains("metric"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bgp_communities_are_bounded() {
+    let list: Vec<String> = (0..65).map(|i| format!("\"65001:{i}\"")).collect();
+    let text = format!(
+        "{BASE}\n[bgp]\nasn = 65001\nrouter_id = \"10.0.0.1\"\ncommunities = [{}]\n[[bgp.peers]]\naddress = \"10.0.0.254\"\nasn = 65000\n",
+        list.join(", ")
+    );
+    let e = toml::from_str::<Config>(&text)
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bgp.communities") && e.contains("at most 64"),
+        "{e}"
+    );
+}

@@ -12,12 +12,13 @@
 //! Needs root, `lb-daemon` (`$LB_DAEMON_BIN`), the XDP objects and BIRD (`cargo xtask setup`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use lb_tests::client::{Load, http_load};
 use lb_tests::daemon::{
     Backend, Config, Daemon, DaemonSection, EngineEntry, HealthCheck, Member, PinDir, Pool,
@@ -58,9 +59,48 @@ protocol bgp lbs {
 }
 "#;
 
+/// The router implementation in `rtr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Bird,
+    /// FRR: zebra (installs the routes) and bgpd.
+    Frr,
+    /// `GoBGP`: a speaker without a kernel table; its RIB is read with the `gobgp` CLI.
+    Gobgp,
+}
+
 struct Router {
-    _bird: Proc,
+    kind: Kind,
+    _procs: Vec<Proc>,
     log: PathBuf,
+}
+
+const FRR_CONF: &str = "
+frr defaults traditional
+hostname rtr
+router bgp 65000
+ bgp router-id 10.99.0.1
+ no bgp ebgp-requires-policy
+ neighbor LB peer-group
+ neighbor LB remote-as external
+ neighbor LB timers 3 9
+ bgp listen range 10.99.0.0/24 peer-group LB
+ address-family ipv4 unicast
+  maximum-paths 16
+ exit-address-family
+";
+
+fn gobgp_conf(engines: &[u8]) -> String {
+    let mut c =
+        String::from("[global.config]\n  as = 65000\n  router-id = \"10.99.0.1\"\n  port = 179\n");
+    for id in engines {
+        let _ = write!(
+            c,
+            "[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = 65001\n  [neighbors.transport.config]\n    passive-mode = true\n",
+            engine_addr(*id)
+        );
+    }
+    c
 }
 
 struct BgpLab {
@@ -74,7 +114,7 @@ struct BgpLab {
 }
 
 impl BgpLab {
-    fn build() -> Result<Self> {
+    fn build(kind: Kind, ids: &[u8]) -> Result<Self> {
         let lab = Lab::new("lbbgp")?;
         lab.enable_xdp_pass(&testkit_object())?;
         let rtr = lab.add_ns("rtr")?;
@@ -107,7 +147,7 @@ impl BgpLab {
         lab.ip(&rtr, &["addr", "add", "10.98.0.1/24", "dev", "cl0"])?;
         lab.ip(&rtr, &["link", "set", "cl0", "up"])?;
         let mut backends = BTreeMap::new();
-        for id in ENGINES {
+        for &id in ids {
             let ns = lab.add_ns(&format!("b{id}"))?;
             lab.attach(&ns, "eth0", &format!("{}/24", backend_addr(id)))?;
             let nginx = Nginx::start(
@@ -119,7 +159,7 @@ impl BgpLab {
             backends.insert(id, (ns, Some(nginx)));
         }
         let mut engines = BTreeMap::new();
-        for id in ENGINES {
+        for &id in ids {
             let ns = lab.add_ns(&format!("se{id}"))?;
             lab.attach(&ns, "eth0", &format!("{}/24", engine_addr(id)))?;
             lab.ip(
@@ -140,8 +180,12 @@ impl BgpLab {
             router: None,
             dir,
         };
-        me.start_bird()?;
-        for id in ENGINES {
+        match kind {
+            Kind::Bird => me.start_bird()?,
+            Kind::Frr => me.start_frr()?,
+            Kind::Gobgp => me.start_gobgp(ids)?,
+        }
+        for &id in ids {
             me.start_engine(id, false)?;
         }
         Ok(me)
@@ -179,8 +223,147 @@ impl BgpLab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.router = Some(Router { _bird: bird, log });
+        self.router = Some(Router {
+            kind: Kind::Bird,
+            _procs: vec![bird],
+            log,
+        });
         Ok(())
+    }
+
+    /// The directory FRR's daemons share (sockets, logs), owned by the `frr` user.
+    fn frr_dir(&self) -> PathBuf {
+        self.dir.path().join("frr")
+    }
+
+    fn start_frr(&mut self) -> Result<()> {
+        let dir = self.frr_dir();
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("frr.conf");
+        std::fs::write(&conf, FRR_CONF)?;
+        std::fs::write(dir.join("zebra.conf"), "hostname rtr\n")?;
+        lb_tests::cmd::run(&["chown", "-R", "frr:frr", path(&dir)?])?;
+        lb_tests::cmd::run(&["chmod", "755", path(self.dir.path())?])?;
+        let zserv = dir.join("zserv.api");
+        let log = dir.join("frr.log");
+        let mut procs = Vec::new();
+        for (daemon, conf) in [("zebra", dir.join("zebra.conf")), ("bgpd", conf)] {
+            let bin = format!("/usr/lib/frr/{daemon}");
+            let pid = dir.join(format!("{daemon}.pid"));
+            let p = self.lab.spawn(
+                &self.rtr,
+                &[
+                    &bin,
+                    "-f",
+                    path(&conf)?,
+                    "-i",
+                    path(&pid)?,
+                    "-z",
+                    path(&zserv)?,
+                    "--vty_socket",
+                    path(&dir)?,
+                    "-P",
+                    "0",
+                    "-u",
+                    "frr",
+                    "-g",
+                    "frr",
+                    "--log",
+                    &format!("file:{}", path(&log)?),
+                ],
+                &Output::File(dir.join(format!("{daemon}.out"))),
+            )?;
+            let start = Instant::now();
+            while !pid.exists() {
+                if !p.is_running() || start.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "{daemon} did not start: {}",
+                        std::fs::read_to_string(dir.join(format!("{daemon}.out")))
+                            .unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            procs.push(p);
+        }
+        self.router = Some(Router {
+            kind: Kind::Frr,
+            _procs: procs,
+            log,
+        });
+        Ok(())
+    }
+
+    fn start_gobgp(&mut self, ids: &[u8]) -> Result<()> {
+        let conf = self.dir.path().join("gobgpd.toml");
+        std::fs::write(&conf, gobgp_conf(ids))?;
+        let log = self.dir.path().join("gobgpd.log");
+        let p = self.lab.spawn(
+            &self.rtr,
+            &[
+                "gobgpd",
+                "-f",
+                path(&conf)?,
+                "--api-hosts",
+                "127.0.0.1:50051",
+            ],
+            &Output::File(log.clone()),
+        )?;
+        let start = Instant::now();
+        while self.gobgp(&["global"]).is_err() {
+            if !p.is_running() || start.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "gobgpd did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.router = Some(Router {
+            kind: Kind::Gobgp,
+            _procs: vec![p],
+            log,
+        });
+        Ok(())
+    }
+
+    /// `gobgp` CLI against the router's gobgpd.
+    fn gobgp(&self, args: &[&str]) -> Result<String> {
+        let mut command = vec!["gobgp", "-u", "127.0.0.1", "-p", "50051"];
+        command.extend_from_slice(args);
+        self.lab.exec(&self.rtr, &command)
+    }
+
+    /// The router's own view of the VIP's route (attributes included).
+    fn router_route(&self) -> Result<String> {
+        match self.kind() {
+            Kind::Bird => self.lab.exec(
+                &self.rtr,
+                &[
+                    "birdc",
+                    "-s",
+                    path(&self.dir.path().join("bird.ctl"))?,
+                    "show",
+                    "route",
+                    "all",
+                ],
+            ),
+            Kind::Frr => self.lab.exec(
+                &self.rtr,
+                &[
+                    "vtysh",
+                    "--vty_socket",
+                    path(&self.frr_dir())?,
+                    "-c",
+                    &format!("show bgp ipv4 unicast {VIP}/32"),
+                ],
+            ),
+            Kind::Gobgp => self.gobgp(&["global", "rib", "-a", "ipv4", &format!("{VIP}/32")]),
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        self.router.as_ref().map_or(Kind::Bird, |r| r.kind)
     }
 
     fn config(id: u8, pins: &Path, draining: bool) -> Result<Config> {
@@ -265,6 +448,18 @@ asn = 65000
 
     /// The next hops of the router's kernel route for the VIP.
     fn next_hops(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        if self.kind() == Kind::Gobgp {
+            // `*> 10.200.0.10/32  10.99.0.11  65001  00:00:01  [{Origin: i} ...]`, a line a path.
+            let rib = self.router_route()?;
+            return Ok(rib
+                .lines()
+                .filter(|l| l.contains(&format!("{VIP}/32")))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.parse::<Ipv4Addr>().ok().filter(|a| *a != VIP))
+                })
+                .collect());
+        }
         let out = self
             .lab
             .ip(&self.rtr, &["route", "show", &format!("{VIP}/32")])?;
@@ -292,8 +487,9 @@ asn = 65000
             }
             if start.elapsed() > within {
                 bail!(
-                    "router next hops {got:?}, wanted {want:?} within {within:?}\nBIRD log:\n{}\nengine logs:\n{}",
-                    self.bird_log(),
+                    "router next hops {got:?}, wanted {want:?} within {within:?}\nthe router's route:\n{}\nrouter log:\n{}\nengine logs:\n{}",
+                    self.router_route().unwrap_or_else(|e| format!("{e:#}")),
+                    self.router_log(),
                     self.engine_logs()
                 );
             }
@@ -301,7 +497,7 @@ asn = 65000
         }
     }
 
-    fn bird_log(&self) -> String {
+    fn router_log(&self) -> String {
         self.router
             .as_ref()
             .and_then(|r| std::fs::read_to_string(&r.log).ok())
@@ -338,44 +534,45 @@ fn path(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }
 
-#[test]
-fn engines_announce_the_vip_to_bird_and_withdraw_it_when_they_cannot_serve() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let mut lab = BgpLab::build()?;
+/// Checks the attributes the router got for the VIP (MED 10, community 65001:10).
+fn check_attributes(lab: &BgpLab) -> Result<()> {
+    let route = lab.router_route()?;
+    let (med, community) = match lab.kind() {
+        Kind::Bird => ("BGP.med: 10", "(65001,10)"),
+        Kind::Frr => ("metric 10", "65001:10"),
+        Kind::Gobgp => ("{Med: 10}", "65001:10"),
+    };
+    ensure!(
+        route.contains(med),
+        "{:?} got no MED 10:\n{route}",
+        lab.kind()
+    );
+    ensure!(
+        route.contains(community),
+        "{:?} got no community 65001:10:\n{route}",
+        lab.kind()
+    );
+    Ok(())
+}
+
+/// Three engines and a router with a kernel table: announce, spread, withdraw on a dead backend,
+/// on a drain, on kill -9 and on SIGTERM.
+fn announce_spread_and_withdraw(kind: Kind) -> Result<()> {
+    let mut lab = BgpLab::build(kind, &ENGINES)?;
 
     // Every engine announces: one route, three next hops.
     let t = lab.wait_hops(&ENGINES, Duration::from_secs(20))?;
-    eprintln!("all three next hops in the router's table after {t:?}");
+    eprintln!("{kind:?}: all three next hops in the router's table after {t:?}");
     for id in ENGINES {
         assert_eq!(lab.metric(id, "lb_bgp_session_established")?, 1);
         assert_eq!(lab.metric(id, "lb_bgp_routes_announced")?, 1);
     }
-    let birdc_routes = lab.lab.exec(
-        &lab.rtr,
-        &[
-            "birdc",
-            "-s",
-            path(&lab.dir.path().join("bird.ctl"))?,
-            "show",
-            "route",
-            "all",
-        ],
-    )?;
-    assert!(
-        birdc_routes.contains("65001:10") || birdc_routes.contains("(65001,10)"),
-        "the community reaches BIRD:\n{birdc_routes}"
-    );
-    assert!(
-        birdc_routes.contains("BGP.med: 10"),
-        "the MED reaches BIRD:\n{birdc_routes}"
-    );
+    check_attributes(&lab)?;
 
     // Short connections spread over the engines by the router's ECMP hash.
     let r = lab.spread(300)?;
     eprintln!(
-        "spread over the engines: {:?}, errors {}",
+        "{kind:?}: spread over the engines: {:?}, errors {}",
         r.per_engine, r.errors
     );
     assert_eq!(r.errors, 0, "{:?}", r.error_samples);
@@ -391,7 +588,7 @@ fn engines_announce_the_vip_to_bird_and_withdraw_it_when_they_cannot_serve() -> 
     // The only backend of engine 3 dies: its service is unhealthy there, its route goes.
     lab.backends.get_mut(&3).unwrap().1.take();
     let t = lab.wait_hops(&[1, 2], Duration::from_secs(5))?;
-    eprintln!("engine 3's next hop withdrawn {t:?} after its backend stopped");
+    eprintln!("{kind:?}: engine 3's next hop withdrawn {t:?} after its backend stopped");
     let r = lab.spread(100)?;
     assert_eq!(r.errors, 0, "after the withdrawal: {:?}", r.error_samples);
     assert!(!r.per_engine.contains_key("b3"));
@@ -411,30 +608,70 @@ fn engines_announce_the_vip_to_bird_and_withdraw_it_when_they_cannot_serve() -> 
     let draining = BgpLab::config(2, pins.path(), true)?;
     lab.daemon_mut(2).reload(draining)?;
     let t = lab.wait_hops(&[1, 3], Duration::from_secs(3))?;
-    eprintln!("engine 2's next hop withdrawn {t:?} after it started draining");
+    eprintln!("{kind:?}: engine 2's next hop withdrawn {t:?} after it started draining");
 
-    // kill -9 engine 3: the session closes with the process and BIRD withdraws by itself.
+    // kill -9 engine 3: the session closes with the process and the router withdraws by itself.
     lab.daemon(3).proc().kill();
     let t = lab.wait_hops(&[1], Duration::from_secs(3))?;
-    eprintln!("engine 3's next hop gone {t:?} after kill -9");
+    eprintln!("{kind:?}: engine 3's next hop gone {t:?} after kill -9");
     let r = lab.spread(50)?;
     assert_eq!(r.errors, 0, "one engine left: {:?}", r.error_samples);
     assert_eq!(r.per_engine.get("b1"), Some(&50));
 
-    // A graceful stop withdraws before closing: BIRD logs no error for the session.
+    // A graceful stop withdraws, then sends a Cease.
     let stopped = Instant::now();
     lab.daemon(1).stop(Duration::from_secs(5));
     lab.wait_hops(&[], Duration::from_secs(3))?;
-    eprintln!("engine 1 stopped (SIGTERM) in {:?}", stopped.elapsed());
+    eprintln!(
+        "{kind:?}: engine 1 stopped (SIGTERM) in {:?}",
+        stopped.elapsed()
+    );
     let log = lab.daemon(1).log_tail(40);
     assert!(
         log.contains("routes withdrawn, Cease sent"),
         "engine 1's log:\n{log}"
     );
-    let bird = lab.bird_log();
+    Ok(())
+}
+
+#[test]
+fn bird_takes_an_ecmp_route_that_follows_the_engines_health() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    announce_spread_and_withdraw(Kind::Bird)
+}
+
+#[test]
+fn frr_takes_an_ecmp_route_that_follows_the_engines_health() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    announce_spread_and_withdraw(Kind::Frr)
+}
+
+/// `GoBGP` as a third implementation: the session comes up, the route with its attributes is in
+/// its RIB, a stop takes it out.
+#[test]
+fn gobgp_gets_the_route_and_loses_it_on_stop() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = BgpLab::build(Kind::Gobgp, &[1, 2])?;
+    let t = lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
+    eprintln!("GoBGP: both paths in its RIB after {t:?}");
+    check_attributes(&lab)?;
+    lab.daemon(2).stop(Duration::from_secs(5));
+    let t = lab.wait_hops(&[1], Duration::from_secs(3))?;
+    eprintln!("GoBGP: engine 2's path gone {t:?} after SIGTERM");
+    let neighbors = lab.gobgp(&["neighbor"])?;
+    let engine1 = neighbors
+        .lines()
+        .find(|l| l.contains("10.99.0.11"))
+        .unwrap_or_default();
     assert!(
-        bird.contains("Administrative shutdown") || bird.contains("administrative shutdown"),
-        "BIRD saw the Cease:\n{bird}"
+        engine1.contains("Establ"),
+        "GoBGP's neighbours:\n{neighbors}"
     );
     Ok(())
 }

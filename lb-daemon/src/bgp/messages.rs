@@ -149,7 +149,11 @@ pub fn check_open(
 /// A Cease NOTIFICATION (RFC 4486 subcode 2, administrative shutdown) with a reason (RFC 8203).
 pub fn cease(reason: &str) -> BgpMessage {
     let text = reason.as_bytes();
-    let len = text.len().min(128);
+    // At most 128 octets, cut on a character boundary (RFC 8203: UTF-8).
+    let len = (0..=text.len().min(128))
+        .rev()
+        .find(|&n| reason.is_char_boundary(n))
+        .unwrap_or(0);
     let mut value = Vec::with_capacity(len + 1);
     value.push(u8::try_from(len).unwrap_or(128));
     value.extend_from_slice(&text[..len]);
@@ -215,13 +219,18 @@ pub fn announce(route: &Route, a: &Attributes) -> Result<BgpMessage, Unannouncea
     }
     if !a.communities.is_empty() {
         let list: Vec<Community> = a.communities.iter().map(|c| Community::new(*c)).collect();
+        // Over 255 octets (64 communities) the attribute needs the Extended Length flag: netgauze
+        // writes a 2-octet length then but does not set the flag itself.
+        let extended = list.len() * 4 > usize::from(u8::MAX);
         attrs.push(
-            attr(
+            PathAttribute::from(
                 true,
                 true,
+                false,
+                extended,
                 PathAttributeValue::Communities(Communities::new(list)),
             )
-            .ok_or_else(bad)?,
+            .map_err(|_| bad())?,
         );
     }
     match route.vip {
@@ -291,16 +300,22 @@ pub fn withdraw(vip: IpAddr) -> Option<BgpMessage> {
     }
 }
 
-/// End-of-RIB markers (RFC 4724) for IPv4 and IPv6 unicast, sent after the initial routes.
-pub fn end_of_rib() -> Vec<BgpMessage> {
+/// End-of-RIB markers (RFC 4724) for IPv4 and IPv6 unicast, sent after the initial routes (each
+/// only where the peer offered the family).
+pub fn end_of_rib() -> [BgpMessage; 2] {
     let v4 = BgpMessage::Update(BgpUpdateMessage::new(vec![], vec![], vec![]));
-    let v6 = attr(
-        true,
-        false,
-        PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri: Box::new([]) }),
-    )
-    .map(|a| BgpMessage::Update(BgpUpdateMessage::new(vec![], vec![a], vec![])));
-    std::iter::once(v4).chain(v6).collect()
+    let v6 = BgpMessage::Update(BgpUpdateMessage::new(
+        vec![],
+        attr(
+            true,
+            false,
+            PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri: Box::new([]) }),
+        )
+        .into_iter()
+        .collect::<Vec<_>>(),
+        vec![],
+    ));
+    [v4, v6]
 }
 
 fn v4_nlri(a: Ipv4Addr) -> Option<Ipv4UnicastAddress> {
@@ -317,3 +332,6 @@ fn v6_nlri(a: Ipv6Addr) -> Option<Ipv6UnicastAddress> {
         Ipv6Unicast::from_net(net).ok()?,
     ))
 }
+
+#[cfg(test)]
+mod tests;

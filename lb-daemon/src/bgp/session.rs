@@ -265,6 +265,43 @@ impl Conn {
     }
 }
 
+/// The address families both sides may use on a session (RFC 4760: a speaker sends only what
+/// the peer's multiprotocol capabilities list; none listed means IPv4 unicast alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Families {
+    ipv4: bool,
+    ipv6: bool,
+}
+
+impl Families {
+    fn of(open: &netgauze_bgp_pkt::open::BgpOpenMessage) -> Families {
+        use netgauze_bgp_pkt::capabilities::BgpCapability;
+        use netgauze_iana::address_family::AddressType;
+        let mp: Vec<AddressType> = open
+            .capabilities()
+            .iter()
+            .filter_map(|c| match c {
+                BgpCapability::MultiProtocolExtensions(m) => Some(m.address_type()),
+                _ => None,
+            })
+            .collect();
+        if mp.is_empty() {
+            return Families {
+                ipv4: true,
+                ipv6: false,
+            };
+        }
+        Families {
+            ipv4: mp.contains(&AddressType::Ipv4Unicast),
+            ipv6: mp.contains(&AddressType::Ipv6Unicast),
+        }
+    }
+
+    fn has(self, vip: IpAddr) -> bool {
+        if vip.is_ipv4() { self.ipv4 } else { self.ipv6 }
+    }
+}
+
 /// The next hops of this session: configured, or the session's own local address.
 fn attributes(peer: &Peer, local: IpAddr) -> Attributes {
     let (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>) = match local {
@@ -310,7 +347,7 @@ async fn session(
         rx: BytesMut::with_capacity(MAX_MESSAGE),
         tx: BytesMut::with_capacity(MAX_MESSAGE),
     };
-    let negotiated = tokio::select! {
+    let (negotiated, families) = tokio::select! {
         n = open_exchange(peer, &mut conn, status) => match n {
             Ok(n) => n,
             Err(reason) => return failed(reason, false),
@@ -321,24 +358,19 @@ async fn session(
         }
     };
     let attrs = attributes(peer, local);
-    info!(peer = %peer.addr(), peer_id = %negotiated.peer_id, hold_time = negotiated.hold_time, "BGP session established");
+    info!(peer = %peer.addr(), peer_id = %negotiated.peer_id, hold_time = negotiated.hold_time, ?families, "BGP session established");
     update(status, |s| {
         s.state = State::Established;
         s.established_at = Some(Instant::now());
         s.established_total += 1;
         s.last_error = None;
     });
-    match established(
-        peer,
-        &mut conn,
+    let session = Session {
         negotiated,
-        &attrs,
-        &mut routes,
-        status,
-        &mut stop,
-    )
-    .await
-    {
+        families,
+        attrs,
+    };
+    match established(peer, &mut conn, &session, &mut routes, status, &mut stop).await {
         Ok(()) => Ended::Stopped,
         Err(reason) => failed(reason, true),
     }
@@ -349,7 +381,7 @@ async fn open_exchange(
     peer: &Peer,
     conn: &mut Conn,
     status: &Mutex<PeerStatus>,
-) -> Result<Negotiated, String> {
+) -> Result<(Negotiated, Families), String> {
     conn.send(messages::open(
         peer.local_asn,
         peer.hold_time,
@@ -362,7 +394,7 @@ async fn open_exchange(
         Ok(Err(e)) => return Err(e),
         Ok(Ok(Read::Message(BgpMessage::Open(open)))) => {
             match messages::check_open(&open, peer.config.asn, peer.router_id, peer.hold_time) {
-                Ok(n) => n,
+                Ok(n) => (n, Families::of(&open)),
                 Err(refused) => {
                     conn.notify(refused.notification).await;
                     return Err(format!("refused the peer's OPEN: {}", refused.reason));
@@ -382,10 +414,10 @@ async fn open_exchange(
     };
     conn.send(BgpMessage::KeepAlive).await?;
     update(status, |s| s.state = State::OpenConfirm);
-    let wait = if negotiated.hold_time == 0 {
+    let wait = if negotiated.0.hold_time == 0 {
         OPEN_TIMEOUT
     } else {
-        Duration::from_secs(u64::from(negotiated.hold_time))
+        Duration::from_secs(u64::from(negotiated.0.hold_time))
     };
     match timeout(wait, conn.read()).await {
         Err(_) => Err(format!("no KEEPALIVE within {wait:?} after the OPENs")),
@@ -417,7 +449,7 @@ fn kind(r: &Read) -> &'static str {
 /// Sends what changes between `announced` and `wanted`: withdrawals first, then announcements.
 async fn sync(
     conn: &mut Conn,
-    attrs: &Attributes,
+    session: &Session,
     announced: &mut Routes,
     wanted: &Routes,
     status: &Mutex<PeerStatus>,
@@ -437,7 +469,12 @@ async fn sync(
         if announced.get(vip) == Some(route) {
             continue;
         }
-        match messages::announce(route, attrs) {
+        if !session.families.has(*vip) {
+            warn!("BGP: not announcing {vip}: the peer did not offer its address family");
+            update(status, |s| s.unannounceable += 1);
+            continue;
+        }
+        match messages::announce(route, &session.attrs) {
             Ok(msg) => {
                 conn.send(msg).await?;
                 announced.insert(*vip, route.clone());
@@ -454,22 +491,34 @@ async fn sync(
     Ok(())
 }
 
+/// What an established session announces with.
+struct Session {
+    negotiated: Negotiated,
+    families: Families,
+    attrs: Attributes,
+}
+
 async fn established(
     peer: &Peer,
     conn: &mut Conn,
-    negotiated: Negotiated,
-    attrs: &Attributes,
+    session: &Session,
     routes: &mut watch::Receiver<Routes>,
     status: &Mutex<PeerStatus>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let mut announced = Routes::new();
     let wanted = routes.borrow_and_update().clone();
-    sync(conn, attrs, &mut announced, &wanted, status).await?;
-    for eor in messages::end_of_rib() {
-        conn.send(eor).await?;
+    sync(conn, session, &mut announced, &wanted, status).await?;
+    let [eor_v4, eor_v6] = messages::end_of_rib();
+    for (eor, family) in [
+        (eor_v4, session.families.ipv4),
+        (eor_v6, session.families.ipv6),
+    ] {
+        if family {
+            conn.send(eor).await?;
+        }
     }
-    let hold = Duration::from_secs(u64::from(negotiated.hold_time));
+    let hold = Duration::from_secs(u64::from(session.negotiated.hold_time));
     let keepalive = hold / 3;
     // Hold time 0: no keepalives, no hold timer (RFC 4271 4.4).
     let timers = !hold.is_zero();
@@ -481,7 +530,7 @@ async fn established(
             biased;
             () = stopped(stop) => {
                 let _ = timeout(STOP_FLUSH, async {
-                    sync(conn, attrs, &mut announced, &Routes::new(), status).await?;
+                    sync(conn, session, &mut announced, &Routes::new(), status).await?;
                     conn.send(messages::cease("lb-daemon shutting down")).await
                 }).await;
                 let _ = conn.stream.shutdown().await;
@@ -493,7 +542,7 @@ async fn established(
                     return Err("the route source ended".into());
                 }
                 let wanted = routes.borrow_and_update().clone();
-                sync(conn, attrs, &mut announced, &wanted, status).await?;
+                sync(conn, session, &mut announced, &wanted, status).await?;
             }
             () = sleep_until(next_keepalive.into()), if timers => {
                 conn.send(BgpMessage::KeepAlive).await?;
@@ -520,7 +569,7 @@ async fn established(
                     Read::Message(BgpMessage::RouteRefresh(_)) => {
                         heard = Instant::now();
                         let wanted = std::mem::take(&mut announced);
-                        sync(conn, attrs, &mut announced, &wanted, status).await?;
+                        sync(conn, session, &mut announced, &wanted, status).await?;
                     }
                     Read::Message(BgpMessage::Notification(n)) => return Err(describe(&n)),
                     Read::Message(BgpMessage::Open(_)) => {
