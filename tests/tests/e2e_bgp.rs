@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,12 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const CLIENT: &str = "10.98.0.2";
 const ENGINES: [u8; 3] = [1, 2, 3];
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
+
+fn engine_addr6(id: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x10 + u16::from(id))
+}
 const PEER_SERIES: &str = "{peer=\"10.99.0.1:179\"}";
 
 fn engine_addr(id: u8) -> Ipv4Addr {
@@ -48,6 +54,18 @@ protocol device {}
 protocol kernel {
   ipv4 { import none; export where source = RTS_BGP; };
   merge paths on limit 16;
+}
+protocol kernel {
+  ipv6 { import none; export where source = RTS_BGP; };
+  merge paths on limit 16;
+}
+protocol bgp lbs6 {
+  local fd99::1 as 65000;
+  neighbor range fd99::/64 as 65001;
+  dynamic name "lbsix";
+  hold time 9; keepalive time 3;
+  error wait time 1, 2;
+  ipv6 { import where net ~ [ fd00:200::/64{128,128} ]; export none; };
 }
 protocol bgp lbs {
   local 10.99.0.1 as 65000;
@@ -111,10 +129,16 @@ struct BgpLab {
     engines: BTreeMap<u8, (Ns, Option<Daemon>, Arc<PinDir>)>,
     router: Option<Router>,
     dir: tempfile::TempDir,
+    /// The engines also announce [`VIP6`] over an IPv6 session to the router's [`ROUTER6`].
+    v6: bool,
 }
 
 impl BgpLab {
     fn build(kind: Kind, ids: &[u8]) -> Result<Self> {
+        Self::build_with(kind, ids, false)
+    }
+
+    fn build_with(kind: Kind, ids: &[u8], v6: bool) -> Result<Self> {
         let lab = Lab::new("lbbgp")?;
         lab.enable_xdp_pass(&testkit_object())?;
         let rtr = lab.add_ns("rtr")?;
@@ -122,30 +146,7 @@ impl BgpLab {
         lab.sysctl(&rtr, "net.ipv4.ip_forward", "1")?;
         // Hash on ports too: otherwise every connection of the one client takes one next hop.
         lab.sysctl(&rtr, "net.ipv4.fib_multipath_hash_policy", "1")?;
-        let client = lab.add_ns("client")?;
-        lab.ip(
-            &client,
-            &[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "cl0",
-                "netns",
-                rtr.name(),
-            ],
-        )?;
-        lab.ip(
-            &client,
-            &["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"],
-        )?;
-        lab.ip(&client, &["link", "set", "eth0", "up"])?;
-        lab.ip(&client, &["route", "add", "default", "via", "10.98.0.1"])?;
-        lab.ip(&rtr, &["addr", "add", "10.98.0.1/24", "dev", "cl0"])?;
-        lab.ip(&rtr, &["link", "set", "cl0", "up"])?;
+        let client = client_behind(&lab, &rtr)?;
         let mut backends = BTreeMap::new();
         for &id in ids {
             let ns = lab.add_ns(&format!("b{id}"))?;
@@ -167,6 +168,20 @@ impl BgpLab {
                 &["route", "add", "default", "via", &ROUTER.to_string()],
             )?;
             lab.ip(&ns, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            if v6 {
+                lab.ip(
+                    &ns,
+                    &[
+                        "addr",
+                        "add",
+                        &format!("{}/64", engine_addr6(id)),
+                        "dev",
+                        "eth0",
+                        "nodad",
+                    ],
+                )?;
+                lab.ip(&ns, &["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+            }
             let pins = Arc::new(PinDir::new(&format!("{}-se{id}", lab.base()))?);
             engines.insert(id, (ns, None, pins));
         }
@@ -179,7 +194,21 @@ impl BgpLab {
             engines,
             router: None,
             dir,
+            v6,
         };
+        if v6 {
+            me.lab.ip(
+                &me.rtr,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{ROUTER6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+        }
         match kind {
             Kind::Bird => me.start_bird()?,
             Kind::Frr => me.start_frr()?,
@@ -366,7 +395,12 @@ impl BgpLab {
         self.router.as_ref().map_or(Kind::Bird, |r| r.kind)
     }
 
-    fn config(id: u8, pins: &Path, draining: bool) -> Result<Config> {
+    fn config(&self, id: u8, pins: &Path, draining: bool) -> Result<Config> {
+        let peer6 = if self.v6 {
+            format!("[[peers]]\naddress = \"{ROUTER6}\"\nasn = 65000\n")
+        } else {
+            String::new()
+        };
         let bgp: toml::Value = toml::from_str(&format!(
             r#"
 asn = 65001
@@ -378,20 +412,14 @@ communities = ["65001:10"]
 [[peers]]
 address = "{ROUTER}"
 asn = 65000
-"#,
+{peer6}"#,
             engine_addr(id)
         ))?;
-        Ok(Config {
-            daemon: DaemonSection::lab("eth0", id, pins),
-            proxy: None,
-            engines: vec![EngineEntry {
-                id,
-                ..EngineEntry::default()
-            }],
-            virtual_services: vec![VirtualService {
-                id: 0,
-                name: "web".to_owned(),
-                vip: VIP.to_string(),
+        let service = |vs_id: u32, name: &str, vip: String| -> Result<VirtualService> {
+            Ok(VirtualService {
+                id: vs_id,
+                name: name.to_owned(),
+                vip,
                 port: 80,
                 protocol: "tcp".to_owned(),
                 primary: id,
@@ -401,7 +429,20 @@ asn = 65000
                 max_connections: None,
                 draining: draining.then_some(true),
                 bgp: Some(toml::from_str("med = 10")?),
+            })
+        };
+        let mut services = vec![service(0, "web", VIP.to_string())?];
+        if self.v6 {
+            services.push(service(1, "web6", VIP6.to_string())?);
+        }
+        Ok(Config {
+            daemon: DaemonSection::lab("eth0", id, pins),
+            proxy: None,
+            engines: vec![EngineEntry {
+                id,
+                ..EngineEntry::default()
             }],
+            virtual_services: services,
             pools: vec![Pool {
                 name: "web".to_owned(),
                 algorithm: "round_robin".to_owned(),
@@ -421,8 +462,9 @@ asn = 65000
     }
 
     fn start_engine(&mut self, id: u8, draining: bool) -> Result<()> {
+        let pins = self.engines.get(&id).context("no such engine")?.2.clone();
+        let config = self.config(id, pins.path(), draining)?;
         let (ns, slot, pins) = self.engines.get_mut(&id).context("no such engine")?;
-        let config = Self::config(id, pins.path(), draining)?;
         let d = Daemon::start(
             &self.lab,
             ns,
@@ -474,6 +516,43 @@ asn = 65000
             }
         }
         Ok(hops)
+    }
+
+    /// The next hops of the router's kernel route for [`VIP6`].
+    fn next_hops6(&self) -> Result<BTreeSet<Ipv6Addr>> {
+        let out = self
+            .lab
+            .ip(&self.rtr, &["-6", "route", "show", &format!("{VIP6}/128")])?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let mut hops = BTreeSet::new();
+        for w in words.windows(2) {
+            if w[0] == "via" {
+                hops.insert(
+                    w[1].parse()
+                        .with_context(|| format!("route line {out:?}"))?,
+                );
+            }
+        }
+        Ok(hops)
+    }
+
+    fn wait_hops6(&self, ids: &[u8], within: Duration) -> Result<Duration> {
+        let want: BTreeSet<Ipv6Addr> = ids.iter().map(|i| engine_addr6(*i)).collect();
+        let start = Instant::now();
+        loop {
+            let got = self.next_hops6()?;
+            if got == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "router IPv6 next hops {got:?}, wanted {want:?} within {within:?}\nrouter log:\n{}\nengine logs:\n{}",
+                    self.router_log(),
+                    self.engine_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until the router's next hops for the VIP are exactly those of `ids`; returns how long.
@@ -528,6 +607,35 @@ asn = 65000
     fn spread(&self, n: usize) -> Result<lb_tests::client::LoadResult> {
         http_load(&self.client, &Load::new(SocketAddr::from((VIP, 80)), n))
     }
+}
+
+/// The client's namespace, on its own link to the router (10.98.0.0/24).
+fn client_behind(lab: &Lab, rtr: &Ns) -> Result<Ns> {
+    let client = lab.add_ns("client")?;
+    lab.ip(
+        &client,
+        &[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cl0",
+            "netns",
+            rtr.name(),
+        ],
+    )?;
+    lab.ip(
+        &client,
+        &["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"],
+    )?;
+    lab.ip(&client, &["link", "set", "eth0", "up"])?;
+    lab.ip(&client, &["route", "add", "default", "via", "10.98.0.1"])?;
+    lab.ip(rtr, &["addr", "add", "10.98.0.1/24", "dev", "cl0"])?;
+    lab.ip(rtr, &["link", "set", "cl0", "up"])?;
+    Ok(client)
 }
 
 fn path(p: &Path) -> Result<&str> {
@@ -605,7 +713,7 @@ fn announce_spread_and_withdraw(kind: Kind) -> Result<()> {
 
     // Engine 2 drains its service (a reload): withdrawn.
     let pins = lab.engines[&2].2.clone();
-    let draining = BgpLab::config(2, pins.path(), true)?;
+    let draining = lab.config(2, pins.path(), true)?;
     lab.daemon_mut(2).reload(draining)?;
     let t = lab.wait_hops(&[1, 3], Duration::from_secs(3))?;
     eprintln!("{kind:?}: engine 2's next hop withdrawn {t:?} after it started draining");
@@ -673,5 +781,40 @@ fn gobgp_gets_the_route_and_loses_it_on_stop() -> Result<()> {
         engine1.contains("Establ"),
         "GoBGP's neighbours:\n{neighbors}"
     );
+    Ok(())
+}
+
+/// IPv6: a /128 VIP announced over an IPv6 session (MP-BGP, `MP_REACH_NLRI` with the engine's
+/// global address as next hop) reaches BIRD's kernel table as an ECMP route; each session carries
+/// only its own family.
+#[test]
+fn an_ipv6_vip_reaches_the_router_over_an_ipv6_session() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = BgpLab::build_with(Kind::Bird, &[1, 2], true)?;
+    let t = lab.wait_hops6(&[1, 2], Duration::from_secs(20))?;
+    eprintln!("IPv6: both next hops for {VIP6} in the router's table after {t:?}");
+    lab.wait_hops(&[1, 2], Duration::from_secs(5))?;
+    for id in [1, 2] {
+        let text = lab.daemon(id).metrics()?;
+        for peer in ["10.99.0.1:179", "[fd99::1]:179"] {
+            let series = |name: &str| metric_value(&text, &format!("{name}{{peer=\"{peer}\"}}"));
+            assert_eq!(
+                series("lb_bgp_session_established"),
+                Some(1.0),
+                "se{id} {peer}"
+            );
+            // Each session announces the VIP of its own family and counts the other.
+            assert_eq!(
+                series("lb_bgp_routes_announced"),
+                Some(1.0),
+                "se{id} {peer}"
+            );
+        }
+    }
+    lab.daemon(2).proc().kill();
+    let t = lab.wait_hops6(&[1], Duration::from_secs(3))?;
+    eprintln!("IPv6: engine 2's next hop gone {t:?} after kill -9");
     Ok(())
 }
