@@ -549,7 +549,18 @@ impl Collector for BgpCollector {
                 ([("peer", a.to_string())], status)
             })
             .collect();
-        let gauges: [(&str, &str, BgpPick); 3] = [
+        let gauges: [(&str, &str, BgpPick); 4] = [
+            (
+                "lb_bgp_bfd_up",
+                "1 while the BFD session with the peer is up (0: down, or no BFD)",
+                |s| {
+                    u64::from(
+                        s.bfd
+                            .as_ref()
+                            .is_some_and(|b| *b.borrow() == crate::bgp::bfd::State::Up),
+                    )
+                },
+            ),
             (
                 "lb_bgp_session_established",
                 "1 while the BGP session with the peer is established",

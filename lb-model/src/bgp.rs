@@ -48,12 +48,49 @@ pub struct BgpPeerConfig {
     /// Hold time offered to this peer instead of `bgp.hold_time_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_time_s: Option<u16>,
+    /// BFD towards this peer (RFC 5880/5881), so a hung engine is withdrawn in the detection time
+    /// instead of the hold time; unset: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdConfig>,
     /// Next hop of IPv4 VIPs; unset: the session's local address when it is IPv4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop_v4: Option<Ipv4Addr>,
     /// Next hop of IPv6 VIPs; unset: the session's local address when it is IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop_v6: Option<Ipv6Addr>,
+}
+
+/// `bgp.peers[].bfd`: the session's timers. The router fails the engine after `multiplier`
+/// intervals without a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BfdConfig {
+    /// Fastest interval this engine sends at once Up (10–10000 ms).
+    #[serde(default = "default_bfd_interval_ms")]
+    pub min_tx_ms: u32,
+    /// Fastest interval this engine asks the router to send at (10–10000 ms).
+    #[serde(default = "default_bfd_interval_ms")]
+    pub min_rx_ms: u32,
+    /// Intervals without a packet before the session is down (1–255).
+    #[serde(default = "default_bfd_multiplier")]
+    pub multiplier: u8,
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        BfdConfig {
+            min_tx_ms: default_bfd_interval_ms(),
+            min_rx_ms: default_bfd_interval_ms(),
+            multiplier: default_bfd_multiplier(),
+        }
+    }
+}
+
+fn default_bfd_interval_ms() -> u32 {
+    100
+}
+fn default_bfd_multiplier() -> u8 {
+    3
 }
 
 /// A virtual service's `bgp` section: its VIP is announced by BGP from every engine that serves
@@ -161,6 +198,19 @@ impl BgpConfig {
             }
             if let Some(h) = p.hold_time_s {
                 check_hold(&format!("{at}.hold_time_s"), h)?;
+            }
+            if let Some(b) = &p.bfd {
+                for (name, v) in [("min_tx_ms", b.min_tx_ms), ("min_rx_ms", b.min_rx_ms)] {
+                    if !(10..=10_000).contains(&v) {
+                        return Err(invalid(
+                            format!("{at}.bfd.{name}"),
+                            format!("{v}: 10–10000 ms"),
+                        ));
+                    }
+                }
+                if b.multiplier == 0 {
+                    return Err(invalid(format!("{at}.bfd.multiplier"), "0: at least 1"));
+                }
             }
         }
         Ok(())

@@ -910,6 +910,7 @@ fn a_minimal_bgp_section_parses_with_the_defaults() {
             asn: 65000,
             port: 179,
             hold_time_s: None,
+            bfd: None,
             next_hop_v4: None,
             next_hop_v6: None,
         }]
@@ -1129,4 +1130,35 @@ fn bgp_communities_are_bounded() {
         e.contains("bgp.communities") && e.contains("at most 64"),
         "{e}"
     );
+}
+
+#[test]
+fn bfd_timers_default_and_are_bounded() {
+    let with = |bfd: &str| {
+        format!(
+            "{BASE}\n[bgp]\nasn = 65001\nrouter_id = \"10.0.0.1\"\n[[bgp.peers]]\naddress = \"10.0.0.254\"\nasn = 65000\nbfd = {{ {bfd} }}\n"
+        )
+    };
+    let c = toml::from_str::<Config>(&with("")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        c.bgp.unwrap().peers[0].bfd,
+        Some(crate::BfdConfig {
+            min_tx_ms: 100,
+            min_rx_ms: 100,
+            multiplier: 3
+        })
+    );
+    for (bad, field) in [
+        ("min_tx_ms = 5", "bgp.peers[0].bfd.min_tx_ms"),
+        ("min_rx_ms = 20000", "bgp.peers[0].bfd.min_rx_ms"),
+        ("multiplier = 0", "bgp.peers[0].bfd.multiplier"),
+    ] {
+        let e = toml::from_str::<Config>(&with(bad))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
 }

@@ -87,6 +87,12 @@ enum Kind {
     Gobgp,
 }
 
+/// BIRD's BFD protocol (put before `protocol bgp lbs`), 100 ms × 3.
+const BIRD_BFD: &str = r#"protocol bfd {
+  interface "eth0" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };
+}
+protocol bgp lbs {"#;
+
 struct Router {
     kind: Kind,
     _procs: Vec<Proc>,
@@ -131,6 +137,8 @@ struct BgpLab {
     dir: tempfile::TempDir,
     /// The engines also announce [`VIP6`] over an IPv6 session to the router's [`ROUTER6`].
     v6: bool,
+    /// BFD on the sessions (BIRD only).
+    bfd: bool,
 }
 
 impl BgpLab {
@@ -139,6 +147,10 @@ impl BgpLab {
     }
 
     fn build_with(kind: Kind, ids: &[u8], v6: bool) -> Result<Self> {
+        Self::build_full(kind, ids, v6, false)
+    }
+
+    fn build_full(kind: Kind, ids: &[u8], v6: bool, bfd: bool) -> Result<Self> {
         let lab = Lab::new("lbbgp")?;
         lab.enable_xdp_pass(&testkit_object())?;
         let rtr = lab.add_ns("rtr")?;
@@ -195,6 +207,7 @@ impl BgpLab {
             router: None,
             dir,
             v6,
+            bfd,
         };
         if v6 {
             me.lab.ip(
@@ -222,7 +235,14 @@ impl BgpLab {
 
     fn start_bird(&mut self) -> Result<()> {
         let conf = self.dir.path().join("bird.conf");
-        std::fs::write(&conf, BIRD_CONF)?;
+        let text = if self.bfd {
+            BIRD_CONF
+                .replace("protocol bgp lbs {", BIRD_BFD)
+                .replace("dynamic name \"lb\";", "dynamic name \"lb\";\n  bfd on;")
+        } else {
+            BIRD_CONF.to_owned()
+        };
+        std::fs::write(&conf, text)?;
         let log = self.dir.path().join("bird.log");
         let sock = self.dir.path().join("bird.ctl");
         let bird = self.lab.spawn(
@@ -396,6 +416,11 @@ impl BgpLab {
     }
 
     fn config(&self, id: u8, pins: &Path, draining: bool) -> Result<Config> {
+        let bfd = if self.bfd {
+            "bfd = { min_tx_ms = 100, min_rx_ms = 100, multiplier = 3 }\n"
+        } else {
+            ""
+        };
         let peer6 = if self.v6 {
             format!("[[peers]]\naddress = \"{ROUTER6}\"\nasn = 65000\n")
         } else {
@@ -412,7 +437,7 @@ communities = ["65001:10"]
 [[peers]]
 address = "{ROUTER}"
 asn = 65000
-{peer6}"#,
+{bfd}{peer6}"#,
             engine_addr(id)
         ))?;
         let service = |vs_id: u32, name: &str, vip: String| -> Result<VirtualService> {
@@ -816,5 +841,44 @@ fn an_ipv6_vip_reaches_the_router_over_an_ipv6_session() -> Result<()> {
     lab.daemon(2).proc().kill();
     let t = lab.wait_hops6(&[1], Duration::from_secs(3))?;
     eprintln!("IPv6: engine 2's next hop gone {t:?} after kill -9");
+    Ok(())
+}
+
+/// BFD: an engine that hangs (SIGSTOP: its sessions stay open, nothing answers) loses its next hop
+/// within BIRD's BFD detection time (3 × 100 ms), not the 9 s hold time; it comes back after
+/// SIGCONT.
+#[test]
+fn bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = BgpLab::build_full(Kind::Bird, &[1, 2], false, true)?;
+    lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
+    let start = Instant::now();
+    while [1, 2]
+        .iter()
+        .any(|id| lab.metric(*id, "lb_bgp_bfd_up").unwrap_or(0) != 1)
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "BFD did not come up:\n{}\n{}",
+            lab.router_log(),
+            lab.engine_logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("BFD up on both engines after {:?}", start.elapsed());
+    lab.daemon(2)
+        .proc()
+        .signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let t = lab.wait_hops(&[1], Duration::from_secs(3));
+    lab.daemon(2)
+        .proc()
+        .signal(nix::sys::signal::Signal::SIGCONT)?;
+    let t = t?;
+    eprintln!("BFD: engine 2's next hop gone {t:?} after SIGSTOP");
+    assert!(t < Duration::from_secs(1), "withdrawn after {t:?}");
+    let back = lab.wait_hops(&[1, 2], Duration::from_secs(15))?;
+    eprintln!("BFD: engine 2 back {back:?} after SIGCONT");
     Ok(())
 }

@@ -11,6 +11,7 @@
 //!
 //! A crash closes the TCP sessions with the process, and the routers withdraw by themselves.
 
+pub mod bfd;
 pub mod messages;
 pub mod session;
 
@@ -109,6 +110,11 @@ impl Speaker {
             .collect();
         let mut peers = Vec::new();
         let mut tasks = Vec::new();
+        let bfd = cfg
+            .peers
+            .iter()
+            .any(|p| p.bfd.is_some())
+            .then(|| Arc::new(bfd::Bfd::default()));
         for p in &cfg.peers {
             let peer = session::Peer {
                 config: p.clone(),
@@ -118,6 +124,7 @@ impl Speaker {
                 communities: communities.clone(),
                 min_backoff: Duration::from_millis(u64::from(cfg.min_backoff_ms)),
                 max_backoff: Duration::from_secs(u64::from(cfg.max_backoff_s)),
+                bfd: bfd.clone(),
             };
             let status = Arc::new(Mutex::new(PeerStatus::default()));
             peers.push((peer.addr(), status.clone()));

@@ -38,7 +38,10 @@ use tokio::{
 use tokio_util::codec::{Decoder, Encoder};
 use tracing::{info, warn};
 
-use super::messages::{self, Attributes, Negotiated, Route};
+use super::{
+    bfd::{self, Bfd, BfdSession, Timers},
+    messages::{self, Attributes, Negotiated, Route},
+};
 
 /// The routes to announce, keyed by VIP.
 pub type Routes = BTreeMap<IpAddr, Route>;
@@ -95,6 +98,8 @@ pub struct PeerStatus {
     pub malformed_updates: u64,
     /// Routes that could not be announced on this session (e.g. no next hop of their family).
     pub unannounceable: u64,
+    /// The BFD session's state, while the BGP session has one.
+    pub bfd: Option<watch::Receiver<bfd::State>>,
 }
 
 /// One peer's settings, resolved from `[bgp]`.
@@ -107,6 +112,8 @@ pub struct Peer {
     pub communities: Vec<u32>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// The speaker's BFD endpoint (used when `config.bfd` is set).
+    pub bfd: Option<Arc<Bfd>>,
 }
 
 impl Peer {
@@ -370,9 +377,53 @@ async fn session(
         families,
         attrs,
     };
-    match established(peer, &mut conn, &session, &mut routes, status, &mut stop).await {
-        Ok(()) => Ended::Stopped,
+    let mut bfd = start_bfd(peer, local);
+    update(status, |s| s.bfd = bfd.as_ref().map(BfdSession::watch));
+    let ended = established(
+        peer,
+        &mut conn,
+        &session,
+        &mut routes,
+        status,
+        &mut stop,
+        bfd.as_mut(),
+    )
+    .await;
+    update(status, |s| s.bfd = None);
+    match ended {
+        Ok(()) => {
+            if let Some(b) = bfd {
+                b.stop().await;
+            }
+            Ended::Stopped
+        }
         Err(reason) => failed(reason, true),
+    }
+}
+
+/// The BFD session of an established BGP session, if the peer has `bfd` set. A BFD socket that
+/// cannot open leaves the BGP session without BFD (it still has the hold timer), loudly.
+fn start_bfd(peer: &Peer, local: IpAddr) -> Option<BfdSession> {
+    let (endpoint, cfg) = (peer.bfd.as_ref()?, peer.config.bfd?);
+    let timers = Timers {
+        min_tx: Duration::from_millis(u64::from(cfg.min_tx_ms)),
+        min_rx: Duration::from_millis(u64::from(cfg.min_rx_ms)),
+        multiplier: cfg.multiplier,
+    };
+    match endpoint.session(local, peer.config.address, timers) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(peer = %peer.addr(), "BFD: cannot open its sockets ({e}); the session runs without BFD");
+            None
+        }
+    }
+}
+
+/// Resolves when BFD takes the session down (never without BFD).
+async fn bfd_failed(bfd: Option<&mut BfdSession>) {
+    match bfd {
+        Some(b) => b.failed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -505,6 +556,7 @@ async fn established(
     routes: &mut watch::Receiver<Routes>,
     status: &Mutex<PeerStatus>,
     stop: &mut watch::Receiver<bool>,
+    mut bfd: Option<&mut BfdSession>,
 ) -> Result<(), String> {
     let mut announced = Routes::new();
     let wanted = routes.borrow_and_update().clone();
@@ -536,6 +588,12 @@ async fn established(
                 let _ = conn.stream.shutdown().await;
                 info!(peer = %peer.addr(), "BGP session closed: routes withdrawn, Cease sent");
                 return Ok(());
+            }
+            () = bfd_failed(bfd.as_deref_mut()) => {
+                conn.notify(BgpNotificationMessage::CeaseError(
+                    netgauze_bgp_pkt::notification::CeaseError::OtherConfigurationChange { value: Box::new([]) },
+                )).await;
+                return Err("BFD took the session down (the peer went silent or down)".into());
             }
             changed = routes.changed() => {
                 if changed.is_err() {

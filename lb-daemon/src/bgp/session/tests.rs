@@ -47,6 +47,7 @@ async fn rig(hold_time: u16, min_backoff: Duration) -> Rig {
             hold_time_s: None,
             next_hop_v4: None,
             next_hop_v6: None,
+            bfd: None,
         },
         local_asn: LOCAL_ASN,
         router_id: Ipv4Addr::new(10, 0, 0, 1),
@@ -54,6 +55,7 @@ async fn rig(hold_time: u16, min_backoff: Duration) -> Rig {
         communities: vec![],
         min_backoff,
         max_backoff: min_backoff * 4,
+        bfd: None,
     };
     let (routes, routes_rx) = watch::channel(Routes::new());
     let (stop, stop_rx) = watch::channel(false);
