@@ -1162,3 +1162,18 @@ fn bfd_timers_default_and_are_bounded() {
         assert!(e.contains(field), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_examples_bgp_section_is_valid_when_uncommented() {
+    let at = EXAMPLE.find("# [bgp]").expect("the example shows [bgp]");
+    let bgp: String = EXAMPLE[at..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = format!("{}\n{bgp}\n", &EXAMPLE[..at]);
+    let c = Config::parse(&text).unwrap();
+    let b = c.bgp.as_ref().expect("[bgp] parsed");
+    assert_eq!(b.peers.len(), 1);
+    assert!(b.peers[0].bfd.is_some());
+}
