@@ -87,6 +87,16 @@ enum Kind {
     Gobgp,
 }
 
+/// FRR's BFD profile (bfdd), put before `router bgp`, 100 ms × 3.
+const FRR_BFD: &str = "bfd
+ profile fast
+  receive-interval 100
+  transmit-interval 100
+  detect-multiplier 3
+ !
+!
+router bgp 65000";
+
 /// BIRD's BFD protocol (put before `protocol bgp lbs`), 100 ms × 3.
 const BIRD_BFD: &str = r#"protocol bfd {
   interface "eth0" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };
@@ -137,7 +147,7 @@ struct BgpLab {
     dir: tempfile::TempDir,
     /// The engines also announce [`VIP6`] over an IPv6 session to the router's [`ROUTER6`].
     v6: bool,
-    /// BFD on the sessions (BIRD only).
+    /// BFD on the sessions (BIRD, FRR).
     bfd: bool,
 }
 
@@ -289,37 +299,60 @@ impl BgpLab {
         let dir = self.frr_dir();
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("frr.conf");
-        std::fs::write(&conf, FRR_CONF)?;
+        let text = if self.bfd {
+            FRR_CONF.replace("router bgp 65000", FRR_BFD).replace(
+                " neighbor LB timers 3 9",
+                " neighbor LB timers 3 9\n neighbor LB bfd profile fast",
+            )
+        } else {
+            FRR_CONF.to_owned()
+        };
+        std::fs::write(&conf, text)?;
         std::fs::write(dir.join("zebra.conf"), "hostname rtr\n")?;
         lb_tests::cmd::run(&["chown", "-R", "frr:frr", path(&dir)?])?;
         lb_tests::cmd::run(&["chmod", "755", path(self.dir.path())?])?;
         let zserv = dir.join("zserv.api");
         let log = dir.join("frr.log");
         let mut procs = Vec::new();
-        for (daemon, conf) in [("zebra", dir.join("zebra.conf")), ("bgpd", conf)] {
+        let mut daemons = vec![("zebra", dir.join("zebra.conf"))];
+        if self.bfd {
+            daemons.push(("bfdd", conf.clone()));
+        }
+        daemons.push(("bgpd", conf));
+        let bfdctl = dir.join("bfdd.sock");
+        for (daemon, conf) in daemons {
             let bin = format!("/usr/lib/frr/{daemon}");
             let pid = dir.join(format!("{daemon}.pid"));
+            let bfd_args: Vec<&str> = if daemon == "bfdd" {
+                vec!["--bfdctl", path(&bfdctl)?]
+            } else {
+                vec![]
+            };
             let p = self.lab.spawn(
                 &self.rtr,
                 &[
-                    &bin,
-                    "-f",
-                    path(&conf)?,
-                    "-i",
-                    path(&pid)?,
-                    "-z",
-                    path(&zserv)?,
-                    "--vty_socket",
-                    path(&dir)?,
-                    "-P",
-                    "0",
-                    "-u",
-                    "frr",
-                    "-g",
-                    "frr",
-                    "--log",
-                    &format!("file:{}", path(&log)?),
-                ],
+                    &[
+                        &bin,
+                        "-f",
+                        path(&conf)?,
+                        "-i",
+                        path(&pid)?,
+                        "-z",
+                        path(&zserv)?,
+                        "--vty_socket",
+                        path(&dir)?,
+                        "-P",
+                        "0",
+                        "-u",
+                        "frr",
+                        "-g",
+                        "frr",
+                        "--log",
+                        &format!("file:{}", path(&log)?),
+                    ][..],
+                    &bfd_args,
+                ]
+                .concat(),
                 &Output::File(dir.join(format!("{daemon}.out"))),
             )?;
             let start = Instant::now();
@@ -845,14 +878,10 @@ fn an_ipv6_vip_reaches_the_router_over_an_ipv6_session() -> Result<()> {
 }
 
 /// BFD: an engine that hangs (SIGSTOP: its sessions stay open, nothing answers) loses its next hop
-/// within BIRD's BFD detection time (3 × 100 ms), not the 9 s hold time; it comes back after
+/// within the router's BFD detection time (3 × 100 ms), not the 9 s hold time; it comes back after
 /// SIGCONT.
-#[test]
-fn bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let lab = BgpLab::build_full(Kind::Bird, &[1, 2], false, true)?;
+fn hung_engine_withdrawn_by_bfd(kind: Kind) -> Result<()> {
+    let lab = BgpLab::build_full(kind, &[1, 2], false, true)?;
     lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
     let start = Instant::now();
     while [1, 2]
@@ -867,7 +896,26 @@ fn bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("BFD up on both engines after {:?}", start.elapsed());
+    eprintln!(
+        "{kind:?}: BFD up on both engines after {:?}",
+        start.elapsed()
+    );
+    // It stays up: no session flaps (an engine slow to speed up after Up is timed out by the
+    // router at the faster rate it announced).
+    std::thread::sleep(Duration::from_secs(1));
+    for id in [1, 2] {
+        assert_eq!(
+            lab.metric(id, "lb_bgp_bfd_up")?,
+            1,
+            "se{id}: BFD went down again"
+        );
+        assert_eq!(
+            lab.metric(id, "lb_bgp_sessions_established_total")?,
+            1,
+            "se{id}: the BGP session restarted\n{}",
+            lab.engine_logs()
+        );
+    }
     lab.daemon(2)
         .proc()
         .signal(nix::sys::signal::Signal::SIGSTOP)?;
@@ -876,9 +924,25 @@ fn bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
         .proc()
         .signal(nix::sys::signal::Signal::SIGCONT)?;
     let t = t?;
-    eprintln!("BFD: engine 2's next hop gone {t:?} after SIGSTOP");
+    eprintln!("{kind:?}: engine 2's next hop gone {t:?} after SIGSTOP");
     assert!(t < Duration::from_secs(1), "withdrawn after {t:?}");
     let back = lab.wait_hops(&[1, 2], Duration::from_secs(15))?;
-    eprintln!("BFD: engine 2 back {back:?} after SIGCONT");
+    eprintln!("{kind:?}: engine 2 back {back:?} after SIGCONT");
     Ok(())
+}
+
+#[test]
+fn bird_bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    hung_engine_withdrawn_by_bfd(Kind::Bird)
+}
+
+#[test]
+fn frr_bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    hung_engine_withdrawn_by_bfd(Kind::Frr)
 }

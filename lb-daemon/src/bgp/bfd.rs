@@ -582,6 +582,9 @@ async fn run_session(
                 if m.receive(&p, Instant::now()) {
                     send(&socket, to, &mut m, &counters).await;
                 }
+                // A faster rate (going Up) starts now: the peer times us by the interval we
+                // announce, not by the slower one the next packet was scheduled with.
+                next_tx = next_tx.min(Instant::now() + jittered(m.tx_interval(), &mut seed));
                 if m.state != before {
                     info!(peer = %to.ip(), from = before.as_str(), to = m.state.as_str(), "BFD session state");
                 }
