@@ -1,5 +1,6 @@
 //! `lb-bench`: benchmarks, run by `cargo xtask bench <what>`. Results go to `bench/results/`.
 
+mod bgp;
 mod control;
 mod e2e;
 mod failover;
@@ -34,6 +35,9 @@ enum What {
     /// The auto-rebalance loop: `controller simulate`'s replay speed, in engine-hours of trace
     /// per second.
     Rebalance(rebalance::Options),
+    /// BGP: dead (kill -9, SIGSTOP with BFD and with the hold timer only) and new engines against
+    /// BIRD and FRR, time until the router's next hop changes.
+    Bgp(bgp::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         What::Control(opts) => control::run(&opts),
         What::Failover(opts) => failover::run(&opts),
         What::Rebalance(opts) => rebalance::run(&opts),
+        What::Bgp(opts) => bgp::run(&opts),
     }
 }

@@ -21,6 +21,7 @@
 //! checksum offload turned off ([`Lab::attach`]).
 
 pub mod baselines;
+pub mod bgp_lab;
 pub mod cgroup;
 pub mod client;
 pub mod cmd;

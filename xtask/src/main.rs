@@ -67,6 +67,8 @@ enum Bench {
     Failover,
     /// The auto-rebalance loop: the simulator's replay speed (`bench/results/rebalance.json`).
     Rebalance,
+    /// BGP: next-hop changes at BIRD and FRR for dead and new engines (release daemon).
+    Bgp,
 }
 
 impl Bench {
@@ -78,6 +80,7 @@ impl Bench {
             Bench::Control => "control",
             Bench::Failover => "failover",
             Bench::Rebalance => "rebalance",
+            Bench::Bgp => "bgp",
         }
     }
 }
@@ -200,7 +203,10 @@ fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
         run(cargo().args(["build", "--release", "-p", "controller"]))?;
         bench.env("LB_CONTROLLER_BIN", target_dir().join("release/controller"));
     }
-    if matches!(what, Bench::E2e | Bench::Failover | Bench::Rebalance) {
+    if matches!(
+        what,
+        Bench::E2e | Bench::Failover | Bench::Rebalance | Bench::Bgp
+    ) {
         // The daemon under test is the release build.
         run(cargo().args(["build", "--release", "-p", "lb-daemon"]))?;
         bench.env("LB_DAEMON_BIN", target_dir().join("release/lb-daemon"));
