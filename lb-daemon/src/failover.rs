@@ -246,7 +246,12 @@ impl Failover {
             .virtual_services
             .iter()
             .map(|vs| {
-                let primary_id = primaries.get(&vs.id).copied().unwrap_or(vs.primary);
+                // Scaled by BGP, every engine of the service steers (and asks about) its own share.
+                let primary_id = if vs.by_bgp() && vs.steers_here(self_id) {
+                    self_id
+                } else {
+                    primaries.get(&vs.id).copied().unwrap_or(vs.primary)
+                };
                 let peers = vs
                     .succession()
                     .into_iter()
@@ -294,7 +299,9 @@ impl Failover {
         let self_id = config.daemon.engine_id;
         let mut steering: BTreeMap<IpAddr, bool> = BTreeMap::new();
         for vs in &config.virtual_services {
-            let primary = primaries.get(&vs.id).copied().unwrap_or(vs.primary) == self_id;
+            // A VIP scaled by BGP is routed to its engines, never resolved by ARP / NDP: on `lo`.
+            let primary =
+                !vs.by_bgp() && primaries.get(&vs.id).copied().unwrap_or(vs.primary) == self_id;
             *steering.entry(vs.vip).or_default() |= primary;
         }
         for (vip, on_interface) in &steering {

@@ -124,6 +124,7 @@ impl Roles {
         config
             .virtual_services
             .iter()
+            .filter(|vs| !vs.by_bgp())
             .map(|vs| {
                 let primary = if self.mine.contains_key(&vs.id) {
                     self.self_id
@@ -146,11 +147,16 @@ impl Roles {
     /// Decides every virtual service of `config` from `view`; returns what changed.
     pub fn decide(&mut self, config: &Config, view: &View) -> Vec<Change> {
         let mut changes = Vec::new();
-        self.mine
-            .retain(|id, _| config.virtual_services.iter().any(|v| v.id == *id));
-        self.current
-            .retain(|id, _| config.virtual_services.iter().any(|v| v.id == *id));
-        for vs in &config.virtual_services {
+        // A service scaled by BGP has no primary: every engine of it steers its own share.
+        let roled = |id: u32| {
+            config
+                .virtual_services
+                .iter()
+                .any(|v| v.id == id && !v.by_bgp())
+        };
+        self.mine.retain(|id, _| roled(*id));
+        self.current.retain(|id, _| roled(*id));
+        for vs in config.virtual_services.iter().filter(|v| !v.by_bgp()) {
             let role = self.decide_one(vs, view);
             let was_mine = self.mine.contains_key(&vs.id);
             let is_mine = role.primary == self.self_id && !self.holding;
@@ -415,6 +421,25 @@ engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]
                 .map(|(id, _)| *id)
                 .collect()
         }
+    }
+
+    #[test]
+    fn a_service_scaled_by_bgp_has_no_roles() {
+        let text = format!(
+            "{}bgp = {{ med = 10 }}\n\n[bgp]\nasn = 65001\nrouter_id = \"10.0.0.2\"\n\
+             [[bgp.peers]]\naddress = \"10.0.0.254\"\nasn = 65000\n",
+            TEXT.replace("engine_id = 2", "engine_id = 1")
+        );
+        let cfg = Config::parse(&text).unwrap();
+        let mut r = Roles::new(1, None, false);
+        let view: View = [(2, gone()), (3, up(&[]))].into_iter().collect();
+        assert!(
+            r.decide(&cfg, &view).is_empty(),
+            "no promotion, no following"
+        );
+        assert!(r.claims().is_empty(), "no VIP claimed");
+        assert!(r.primaries(&cfg).is_empty());
+        assert!(cfg.virtual_services[0].steers_here(1) && cfg.virtual_services[0].steers_here(3));
     }
 
     #[test]

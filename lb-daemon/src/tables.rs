@@ -148,7 +148,7 @@ impl Tables {
         for vs in &config.virtual_services {
             let (family, addr_be) = ip_be(vs.vip);
             let mut flags = 0;
-            if vs.is_primary_here(d.engine_id) {
+            if vs.steers_here(d.engine_id) {
                 flags |= VS_F_PRIMARY;
             }
             if vs.persistence_timeout_s > 0 {
@@ -157,7 +157,7 @@ impl Tables {
             if vs.draining {
                 flags |= VS_F_REFUSE_NEW;
             }
-            if vs.is_primary_here(d.engine_id) && config.peers.is_some() && vs.engines.len() > 1 {
+            if vs.steers_here(d.engine_id) && config.peers.is_some() && vs.engines.len() > 1 {
                 flags |= VS_F_ASK_OWNER;
             }
             let key = VipKey {
@@ -178,7 +178,7 @@ impl Tables {
                 .or_default() += 1;
             // Only active engines take new flows; draining and down ones keep (or lose) theirs
             // through the connection table.
-            let members: Vec<Member> = vs
+            let mut members: Vec<Member> = vs
                 .engines
                 .iter()
                 .filter(|m| {
@@ -191,6 +191,17 @@ impl Tables {
                     weight: m.weight,
                 })
                 .collect();
+            // Scaled by BGP: the router already chose this engine for the flow, so new flows stay
+            // here; only while this engine takes none (draining, no backend up) do they go on to
+            // the others. Flows that the router moves here mid-connection find their owner by the
+            // owner queries, then the connection table.
+            if vs.by_bgp()
+                && members
+                    .iter()
+                    .any(|m| m.engine_id == d.engine_id && m.weight > 0)
+            {
+                members.retain(|m| m.engine_id == d.engine_id);
+            }
             let ring = maglev::build(&members, RING_SIZE);
             let mut entry = VsEntry {
                 vip: key,

@@ -392,9 +392,21 @@ fn default_max_connections() -> u32 {
 }
 
 impl VirtualServiceConfig {
-    /// Whether the host with engine id `self_id` steers this virtual service.
-    pub fn is_primary_here(&self, self_id: u32) -> bool {
-        self.primary == self_id
+    /// Scaled by BGP/ECMP (it has a `bgp` section): the routers spread its flows over every engine
+    /// that announces it, and each of them steers the flows it receives; there is no single
+    /// primary, and `primary` only has to name a defined engine.
+    pub fn by_bgp(&self) -> bool {
+        self.bgp.is_some()
+    }
+
+    /// Whether the host with engine id `self_id` steers this virtual service: it is the primary,
+    /// or, for a service scaled by BGP, one of its engines.
+    pub fn steers_here(&self, self_id: u32) -> bool {
+        if self.by_bgp() {
+            self.engines.iter().any(|m| m.id == self_id)
+        } else {
+            self.primary == self_id
+        }
     }
 
     /// The order in which engines take over the primary role: the primary, then the other engines

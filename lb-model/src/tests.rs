@@ -79,8 +79,8 @@ fn example_file_parses() {
     assert_eq!(vs.name, "web");
     assert_eq!(vs.vip, "10.100.0.10".parse::<IpAddr>().unwrap());
     assert_eq!((vs.port, vs.protocol), (80, Protocol::Tcp));
-    assert!(vs.is_primary_here(1));
-    assert!(!vs.is_primary_here(2));
+    assert!(vs.steers_here(1));
+    assert!(!vs.steers_here(2));
     assert_eq!(
         vs.engines,
         [Member { id: 1, weight: 1 }, Member { id: 2, weight: 1 }]

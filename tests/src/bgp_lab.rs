@@ -5,6 +5,10 @@
 //! response tells which engine proxied it. The client (10.98.0.2) sits behind the router on its own
 //! link. Used by `tests/e2e_bgp.rs` and `lb-bench bgp`.
 //!
+//! [`BgpLab::build_scaled`] makes the engines one service scaled by BGP instead: every engine's
+//! configuration lists all of them (MAC, address) and `[peers]`, so that a flow the router moves to
+//! another engine mid-connection is found and sent back to its owner.
+//!
 //! ```text
 //!   client ── rtr (router, ECMP) ══ br0 ══ se1 se2 … (lb-daemon, BGP) ── b1 b2 … (nginx)
 //! ```
@@ -23,7 +27,7 @@ use crate::daemon::{
     Backend, Config, Daemon, DaemonSection, EngineEntry, HealthCheck, Member, PinDir, Pool,
     VirtualService, metric_value,
 };
-use crate::lab::Output;
+use crate::lab::{Output, fmt_mac, host_mac};
 use crate::nginx::Nginx;
 use crate::{Lab, Ns, Proc, daemon_bin, testkit_object, xdp_object};
 
@@ -150,6 +154,9 @@ pub struct BgpLab {
     pub bfd: bool,
     /// The hold time the engines offer (the router offers 9 s; the smaller one counts).
     pub hold_time_s: u16,
+    /// The engines of the one service scaled by BGP, in every engine's configuration, with
+    /// `[peers]`; empty: each engine serves the VIP by itself.
+    pub members: Vec<u8>,
 }
 
 impl BgpLab {
@@ -165,6 +172,13 @@ impl BgpLab {
         Self::build_timed(kind, ids, v6, bfd, 9)
     }
 
+    /// One service scaled by BGP over the engines `members` (see the module), of which `started`
+    /// run from the start; the others have their namespaces and are started with
+    /// [`BgpLab::start_engine`].
+    pub fn build_scaled(kind: Kind, members: &[u8], started: &[u8]) -> Result<Self> {
+        Self::build_inner(kind, members, started, false, false, 9, members.to_vec())
+    }
+
     /// A lab whose engines offer `hold_time_s` (at most the router's 9 s).
     pub fn build_timed(
         kind: Kind,
@@ -172,6 +186,18 @@ impl BgpLab {
         v6: bool,
         bfd: bool,
         hold_time_s: u16,
+    ) -> Result<Self> {
+        Self::build_inner(kind, ids, ids, v6, bfd, hold_time_s, Vec::new())
+    }
+
+    fn build_inner(
+        kind: Kind,
+        ids: &[u8],
+        started: &[u8],
+        v6: bool,
+        bfd: bool,
+        hold_time_s: u16,
+        members: Vec<u8>,
     ) -> Result<Self> {
         let lab = Lab::new("lbbgp")?;
         lab.enable_xdp_pass(&testkit_object())?;
@@ -231,6 +257,7 @@ impl BgpLab {
             v6,
             bfd,
             hold_time_s,
+            members,
         };
         if v6 {
             me.lab.ip(
@@ -250,7 +277,7 @@ impl BgpLab {
             Kind::Frr => me.start_frr()?,
             Kind::Gobgp => me.start_gobgp(ids)?,
         }
-        for &id in ids {
+        for &id in started {
             me.start_engine(id, false)?;
         }
         Ok(me)
@@ -487,6 +514,11 @@ asn = 65000
             engine_addr(id),
             self.hold_time_s
         ))?;
+        let members = if self.members.is_empty() {
+            vec![id]
+        } else {
+            self.members.clone()
+        };
         let service = |vs_id: u32, name: &str, vip: String| -> Result<VirtualService> {
             Ok(VirtualService {
                 id: vs_id,
@@ -494,9 +526,9 @@ asn = 65000
                 vip,
                 port: 80,
                 protocol: "tcp".to_owned(),
-                primary: id,
+                primary: members[0],
                 persistence_timeout_s: 0,
-                engines: vec![Member { id, weight: 1 }],
+                engines: members.iter().map(|&id| Member { id, weight: 1 }).collect(),
                 pool: Some("web".to_owned()),
                 max_connections: None,
                 draining: draining.then_some(true),
@@ -510,10 +542,15 @@ asn = 65000
         Ok(Config {
             daemon: DaemonSection::lab("eth0", id, pins),
             proxy: None,
-            engines: vec![EngineEntry {
-                id,
-                ..EngineEntry::default()
-            }],
+            engines: members
+                .iter()
+                .map(|&m| EngineEntry {
+                    id: m,
+                    mac: (m != id).then(|| fmt_mac(&host_mac(engine_addr(m)))),
+                    address_v4: (!self.members.is_empty()).then(|| engine_addr(m).to_string()),
+                    ..EngineEntry::default()
+                })
+                .collect(),
             virtual_services: services,
             pools: vec![Pool {
                 name: "web".to_owned(),
@@ -530,6 +567,9 @@ asn = 65000
                 }),
             }],
             bgp: Some(bgp),
+            peers: (!self.members.is_empty())
+                .then(|| toml::from_str("key = \"00112233445566778899aabbccddeeff\"\n"))
+                .transpose()?,
         })
     }
 

@@ -349,6 +349,8 @@ pub struct KeeperReport {
     pub per_engine: BTreeMap<String, usize>,
     /// Each connection's client address (its flow's source), by index.
     pub clients: Vec<SocketAddr>,
+    /// The engine that answered each connection's first request, by index.
+    pub engines: Vec<String>,
 }
 
 impl Keeper {
@@ -365,6 +367,7 @@ impl Keeper {
                 .with_context(|| format!("open held connection {i}"))?;
             let name = c.get().with_context(|| format!("held connection {i}"))?;
             report.clients.push(c.local_addr()?);
+            report.engines.push(name.clone());
             *report.per_engine.entry(name.clone()).or_default() += 1;
             conns.push(Some((c, name)));
         }

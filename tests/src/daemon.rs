@@ -42,6 +42,9 @@ pub struct Config {
     /// `[bgp]` as written (left out when `None`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<toml::Value>,
+    /// `[peers]` as written (left out when `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<toml::Value>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -436,6 +439,7 @@ impl Daemon {
             proc,
             config: Config {
                 bgp: None,
+                peers: None,
                 daemon,
                 proxy: None,
                 engines: Vec::new(),
@@ -709,6 +713,7 @@ mod tests {
     fn config_serializes_to_the_schema() {
         let cfg = Config {
             bgp: None,
+            peers: None,
             daemon: DaemonSection::lab("eth0", 1, Path::new("/run/lb-tests/x")),
             engines: vec![
                 EngineEntry {

@@ -394,6 +394,7 @@ impl ProxyLab {
         daemon.max_virtual_services = 8;
         Config {
             bgp: None,
+            peers: None,
             daemon,
             proxy: Some(self.proxy.clone()),
             engines,

@@ -225,6 +225,7 @@ impl Steering {
         daemon.xdp_mode.clone_from(&self.opts.xdp_mode);
         Config {
             bgp: None,
+            peers: None,
             daemon,
             engines,
             virtual_services: vec![VirtualService {

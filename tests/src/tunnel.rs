@@ -129,6 +129,7 @@ impl Tunnel {
         daemon.tunnel_source_v4 = Some(PRIMARY.to_owned());
         Config {
             bgp: None,
+            peers: None,
             daemon,
             proxy: None,
             engines: vec![

@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, VIP6, backend_addr};
-use lb_tests::daemon::metric_value;
+use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, VIP, VIP6, backend_addr};
+use lb_tests::client::Keeper;
+use lb_tests::daemon::{metric_sum, metric_value};
 use lb_tests::nginx::Nginx;
 use lb_tests::require_root;
 
@@ -265,4 +266,120 @@ fn frr_bfd_withdraws_a_hung_engine_in_under_a_second() -> Result<()> {
         return Ok(());
     }
     hung_engine_withdrawn_by_bfd(Kind::Frr)
+}
+
+/// `lb_owner_queries_{what}_total` summed over the running engines of `ids`.
+fn owner_queries(lab: &BgpLab, ids: &[u8], what: &str) -> Result<f64> {
+    let mut sum = 0.0;
+    for &id in ids {
+        let text = lab.daemon(id).metrics()?;
+        sum += metric_sum(&text, &format!("lb_owner_queries_{what}_total"), &[]);
+    }
+    Ok(sum)
+}
+
+/// Connections survive the router rehashing them. One service scaled by BGP over engines 1-4
+/// (engine 5 is configured but not started); 500 keep-alive connections, a request on each every
+/// half second. Engine 5 starts and is announced: the router's hash moves about half of the flows
+/// to another engine, whose data plane does not know them, asks the others who owns each and sends
+/// the client's retransmission to the owner: no connection fails. Then `kill -9` engine 3: only
+/// the connections it terminated fail.
+fn held_connections_survive_ecmp_changes(kind: Kind) -> Result<()> {
+    const ALL: [u8; 5] = [1, 2, 3, 4, 5];
+    let mut lab = BgpLab::build_scaled(kind, &ALL, &ALL[..4])?;
+    lab.wait_hops(&ALL[..4], Duration::from_secs(20))?;
+    let target = SocketAddr::from((VIP, 80));
+    let keeper = Keeper::start(&lab.client, target, 500, Duration::from_millis(500))?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    lab.start_engine(5, false)?;
+    let t = lab.wait_hops(&ALL, Duration::from_secs(20))?;
+    eprintln!("{kind:?}: engine 5 announced after {t:?}");
+    // Rounds after the rehash, so that every connection sends over its new path.
+    std::thread::sleep(Duration::from_secs(4));
+    let asked = owner_queries(&lab, &ALL, "asked")?;
+    let answered = owner_queries(&lab, &ALL, "answered")?;
+    let added = keeper.finish()?;
+    eprintln!(
+        "{kind:?}: a fifth engine: {} connections {:?}, {} rounds, {} requests, {} failed, \
+         owner queries asked {asked}, answered {answered}",
+        added.connections,
+        added.per_engine,
+        added.rounds,
+        added.requests,
+        added.failed.len()
+    );
+    ensure!(
+        added.failed.is_empty() && added.moved.is_empty(),
+        "connections broke when the router rehashed: failed {:?}, moved {:?}\n{}",
+        &added.failed[..added.failed.len().min(5)],
+        &added.moved[..added.moved.len().min(5)],
+        lab.engine_logs()
+    );
+    for id in &ALL[..4] {
+        ensure!(
+            added
+                .per_engine
+                .get(&format!("b{id}"))
+                .copied()
+                .unwrap_or(0)
+                >= 50,
+            "engine {id} held too few of the 500: {:?}",
+            added.per_engine
+        );
+    }
+    // The rehash did move flows: the engines that got them asked, their owners answered. (How
+    // many depends on the router's hash: in these namespaces the client's socket hash reaches the
+    // router with the packet, and about 4-20 % of the flows moved.)
+    ensure!(
+        answered >= 10.0,
+        "only {answered} flows were found at their owners (asked {asked}): did the router rehash?"
+    );
+    ensure!(added.rounds >= 3, "only {} rounds", added.rounds);
+
+    // kill -9 engine 3: the router loses its next hop and rehashes again; the flows of the others
+    // that move are found at their owners, engine 3's are reset where they land.
+    let keeper = Keeper::start(&lab.client, target, 500, Duration::from_millis(500))?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.daemon(3).proc().kill();
+    lab.wait_hops(&[1, 2, 4, 5], Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_secs(4));
+    let killed = keeper.finish()?;
+    let of_3 = killed.engines.iter().filter(|e| *e == "b3").count();
+    let failed_elsewhere: Vec<_> = killed
+        .failed
+        .iter()
+        .filter(|(i, _)| killed.engines[*i] != "b3")
+        .collect();
+    eprintln!(
+        "{kind:?}: engine 3 killed: {} connections {:?}, {} failed ({} of engine 3's {of_3}), \
+         {} rounds",
+        killed.connections,
+        killed.per_engine,
+        killed.failed.len(),
+        killed.failed.len() - failed_elsewhere.len(),
+        killed.rounds
+    );
+    ensure!(
+        failed_elsewhere.is_empty() && killed.moved.is_empty(),
+        "connections of surviving engines broke: {:?}, moved {:?}\n{}",
+        &failed_elsewhere[..failed_elsewhere.len().min(5)],
+        &killed.moved[..killed.moved.len().min(5)],
+        lab.engine_logs()
+    );
+    ensure!(of_3 >= 40, "engine 3 held only {of_3} of the 500");
+    ensure!(
+        killed.failed.len() == of_3,
+        "{} of engine 3's {of_3} connections failed: the others cannot have survived its death",
+        killed.failed.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn bird_rehashing_breaks_no_connection_but_the_dead_engines() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    held_connections_survive_ecmp_changes(Kind::Bird)
 }

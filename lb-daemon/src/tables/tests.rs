@@ -358,3 +358,38 @@ engines = [ {{ id = 1 }}, {{ id = 2 }} ]
             .is_empty()
     );
 }
+
+/// `BASE` with its service scaled by BGP (primary 2, so that only the BGP rule makes engine 1 steer)
+/// and `[peers]`.
+fn bgp_scaled(engine_1_state: &str) -> String {
+    format!(
+        "{}bgp = {{ med = 10 }}\n\n[peers]\nkey = \"00112233445566778899aabbccddeeff\"\n\n\
+         [bgp]\nasn = 65001\nrouter_id = \"192.0.2.1\"\n[[bgp.peers]]\naddress = \"192.0.2.254\"\nasn = 65000\n",
+        BASE.replace("primary = 1", "primary = 2").replace(
+            "[[engines]]\nid = 1\n",
+            &format!("[[engines]]\nid = 1\nstate = \"{engine_1_state}\"\n")
+        )
+    )
+}
+
+#[test]
+fn a_service_scaled_by_bgp_is_steered_by_each_engine_and_keeps_new_flows_here() {
+    let t = plan(&bgp_scaled("active"));
+    let vs = t.vs[&0];
+    assert_eq!(
+        vs.flags,
+        VS_F_PRIMARY | VS_F_ASK_OWNER,
+        "steers and asks about unknown flows"
+    );
+    assert!(
+        t.rings[&0].iter().all(|&id| id == 1),
+        "new flows stay on this engine"
+    );
+    assert!(vs.rings(1) && !vs.rings(2) && !vs.rings(3));
+    // The other engines stay in the engine table: flows the router moved here go to their owner.
+    assert_eq!(t.engines[&2].state, ENGINE_ACTIVE);
+    // Draining, this engine hands new flows to the others while the router still sends them.
+    let t = plan(&bgp_scaled("draining"));
+    assert!(!t.rings[&0].contains(&1));
+    assert!(t.rings[&0].contains(&2) && t.rings[&0].contains(&3));
+}
