@@ -46,10 +46,8 @@ impl Case {
     }
 
     fn finish(&mut self) {
-        let mut v = self.ms.clone();
-        v.sort_by(f64::total_cmp);
-        self.ms_p50 = v.get(v.len() / 2).copied().unwrap_or(0.0);
-        self.ms_max = v.last().copied().unwrap_or(0.0);
+        self.ms_p50 = crate::machine::median(&self.ms);
+        self.ms_max = self.ms.iter().copied().fold(f64::NAN, f64::max);
     }
 }
 

@@ -481,10 +481,12 @@ fn summarize(
         .iter()
         .map(|&name| {
             let runs = samples.remove(name).unwrap_or_default();
-            let med = |f: fn(&Sample) -> f64| median(runs.iter().map(f).collect());
+            let med = |f: fn(&Sample) -> f64| {
+                crate::machine::median(&runs.iter().map(f).collect::<Vec<_>>())
+            };
             let med_opt = |f: fn(&Sample) -> Option<f64>| {
                 let v: Vec<f64> = runs.iter().filter_map(f).collect();
-                (!v.is_empty()).then(|| median(v))
+                (!v.is_empty()).then(|| crate::machine::median(&v))
             };
             let udp_max = {
                 let mut v: Vec<u32> = runs
@@ -910,14 +912,6 @@ fn measure(
         short_cpu_per_1k,
         udp,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn spread(runs: &[Sample], f: fn(&Sample) -> f64) -> String {

@@ -23,6 +23,19 @@ pub fn cpu_model() -> String {
     format!("{model}, {cores} cores")
 }
 
+/// The median of `v`: the middle value, or the mean of the two middle ones; NaN (null in a
+/// report) when there is none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[m],
+        _ => f64::midpoint(v[m - 1], v[m]),
+    }
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")

@@ -14,6 +14,7 @@
 //! accepts. The interval's phase is not aligned with the load, so the time to the decision ranges
 //! over window … interval + window; the median of `--e2e-runs` is reported (0: skipped).
 
+use crate::machine::median;
 use std::{
     fs,
     path::PathBuf,
@@ -188,12 +189,6 @@ struct Simulator {
     /// The same for the fit and replay of an already parsed trace.
     replay_only_engine_hours_per_s_p50: f64,
     heartbeats_per_s_p50: f64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 pub fn run(opts: &Options) -> Result<()> {

@@ -8,6 +8,7 @@
 //! sender's context, so the proxy's figure includes delivering into the sink's socket. Cases are
 //! interleaved run by run; every figure is the median over the runs.
 
+use crate::machine::median;
 use std::{
     cell::RefCell,
     fs,
@@ -565,20 +566,6 @@ const NOTES: [&str; 4] = [
     "sockmap / sk_msg redirection (kernel-side splicing between two sockets) was not measured: it needs a BPF sk_skb or sk_msg program, a sockmap kept in step with every connection, and it bypasses the relay's counters, idle timeout and half-close handling, which would have to be rebuilt around it.",
     "Splice copies each direction through a 16 KiB buffer until a read fills it, then creates that direction's pipe (two descriptors, on top of the connection's two sockets): the request/response connections here never create one, the bulk ones do after their first 16 KiB. A direction whose pipe cannot be created goes on copying.",
 ];
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        f64::midpoint(v[m - 1], v[m])
-    }
-}
 
 fn percentile(v: &mut [f64], p: usize) -> f64 {
     if v.is_empty() {

@@ -95,11 +95,6 @@ fn run_prog(prog: &Xdp, pkt: &[u8], repeat: u32) -> anyhow::Result<(u32, f64)> {
     Ok((r.return_value, r.duration.as_nanos() as f64))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[derive(Serialize)]
 struct Report {
     date: String,
@@ -295,7 +290,7 @@ fn measure(opts: &Options, testkit_path: &Path) -> anyhow::Result<Report> {
 }
 
 fn report(opts: &Options, samples: &BTreeMap<&str, Vec<f64>>) -> Report {
-    let m = |k: &str| median(samples[k].clone());
+    let m = |k: &str| crate::machine::median(&samples[k]);
     let floor_ns = m("floor");
     let new_flow_ns = m("wrap_new_flow") - m("wrap_floor_new_flow") + floor_ns;
     let tunnel_ns = m("wrap_tunnel") - m("wrap_floor_tunnel") + floor_ns;

@@ -617,17 +617,7 @@ asn = 65000
         let out = self
             .lab
             .ip(&self.rtr, &["route", "show", &format!("{VIP}/32")])?;
-        let mut hops = BTreeSet::new();
-        let words: Vec<&str> = out.split_whitespace().collect();
-        for w in words.windows(2) {
-            if w[0] == "via" {
-                hops.insert(
-                    w[1].parse()
-                        .with_context(|| format!("route line {out:?}"))?,
-                );
-            }
-        }
-        Ok(hops)
+        via_hops(&out)
     }
 
     /// The next hops of the router's kernel route for [`VIP6`].
@@ -635,45 +625,31 @@ asn = 65000
         let out = self
             .lab
             .ip(&self.rtr, &["-6", "route", "show", &format!("{VIP6}/128")])?;
-        let words: Vec<&str> = out.split_whitespace().collect();
-        let mut hops = BTreeSet::new();
-        for w in words.windows(2) {
-            if w[0] == "via" {
-                hops.insert(
-                    w[1].parse()
-                        .with_context(|| format!("route line {out:?}"))?,
-                );
-            }
-        }
-        Ok(hops)
+        via_hops(&out)
     }
 
+    /// Waits until the router's next hops for [`VIP6`] are exactly those of `ids`; returns how long.
     pub fn wait_hops6(&self, ids: &[u8], within: Duration) -> Result<Duration> {
-        let want: BTreeSet<Ipv6Addr> = ids.iter().map(|i| engine_addr6(*i)).collect();
-        let start = Instant::now();
-        loop {
-            let got = self.next_hops6()?;
-            if got == want {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > within {
-                bail!(
-                    "router IPv6 next hops {got:?}, wanted {want:?} within {within:?}\nrouter log:\n{}\nengine logs:\n{}",
-                    self.router_log(),
-                    self.engine_logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let want = ids.iter().map(|i| engine_addr6(*i)).collect();
+        self.wait_for(&want, Self::next_hops6, within)
     }
 
     /// Waits until the router's next hops for the VIP are exactly those of `ids`; returns how long.
     pub fn wait_hops(&self, ids: &[u8], within: Duration) -> Result<Duration> {
-        let want: BTreeSet<Ipv4Addr> = ids.iter().map(|i| engine_addr(*i)).collect();
+        let want = ids.iter().map(|i| engine_addr(*i)).collect();
+        self.wait_for(&want, Self::next_hops, within)
+    }
+
+    fn wait_for<A: Ord + std::fmt::Debug>(
+        &self,
+        want: &BTreeSet<A>,
+        next_hops: fn(&Self) -> Result<BTreeSet<A>>,
+        within: Duration,
+    ) -> Result<Duration> {
         let start = Instant::now();
         loop {
-            let got = self.next_hops()?;
-            if got == want {
+            let got = next_hops(self)?;
+            if got == *want {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > within {
@@ -767,6 +743,19 @@ pub fn client_behind(lab: &Lab, rtr: &Ns) -> Result<Ns> {
     lab.ip(rtr, &["addr", "add", "10.98.0.1/24", "dev", "cl0"])?;
     lab.ip(rtr, &["link", "set", "cl0", "up"])?;
     Ok(client)
+}
+
+/// The addresses after each `via` of `ip route show` output.
+fn via_hops<A: Ord + std::str::FromStr>(out: &str) -> Result<BTreeSet<A>>
+where
+    A::Err: std::error::Error + Send + Sync + 'static,
+{
+    out.split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].parse().with_context(|| format!("route line {out:?}")))
+        .collect()
 }
 
 pub fn path(p: &Path) -> Result<&str> {

@@ -345,12 +345,21 @@ pub struct KeeperReport {
     pub failed: Vec<(usize, String)>,
     /// (connection index, first engine, later engine).
     pub moved: Vec<(usize, String, String)>,
-    /// Connections per engine, from the first answers.
-    pub per_engine: BTreeMap<String, usize>,
     /// Each connection's client address (its flow's source), by index.
     pub clients: Vec<SocketAddr>,
     /// The engine that answered each connection's first request, by index.
     pub engines: Vec<String>,
+}
+
+impl KeeperReport {
+    /// Connections per engine, from the first answers.
+    pub fn per_engine(&self) -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for e in &self.engines {
+            *n.entry(e.clone()).or_default() += 1;
+        }
+        n
+    }
 }
 
 impl Keeper {
@@ -368,7 +377,6 @@ impl Keeper {
             let name = c.get().with_context(|| format!("held connection {i}"))?;
             report.clients.push(c.local_addr()?);
             report.engines.push(name.clone());
-            *report.per_engine.entry(name.clone()).or_default() += 1;
             conns.push(Some((c, name)));
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -304,7 +304,7 @@ fn held_connections_survive_ecmp_changes(kind: Kind) -> Result<()> {
         "{kind:?}: a fifth engine: {} connections {:?}, {} rounds, {} requests, {} failed, \
          owner queries asked {asked}, answered {answered}",
         added.connections,
-        added.per_engine,
+        added.per_engine(),
         added.rounds,
         added.requests,
         added.failed.len()
@@ -316,16 +316,11 @@ fn held_connections_survive_ecmp_changes(kind: Kind) -> Result<()> {
         &added.moved[..added.moved.len().min(5)],
         lab.engine_logs()
     );
+    let held = added.per_engine();
     for id in &ALL[..4] {
         ensure!(
-            added
-                .per_engine
-                .get(&format!("b{id}"))
-                .copied()
-                .unwrap_or(0)
-                >= 50,
-            "engine {id} held too few of the 500: {:?}",
-            added.per_engine
+            held.get(&format!("b{id}")).copied().unwrap_or(0) >= 50,
+            "engine {id} held too few of the 500: {held:?}"
         );
     }
     // The rehash did move flows: the engines that got them asked, their owners answered. (How
@@ -355,7 +350,7 @@ fn held_connections_survive_ecmp_changes(kind: Kind) -> Result<()> {
         "{kind:?}: engine 3 killed: {} connections {:?}, {} failed ({} of engine 3's {of_3}), \
          {} rounds",
         killed.connections,
-        killed.per_engine,
+        killed.per_engine(),
         killed.failed.len(),
         killed.failed.len() - failed_elsewhere.len(),
         killed.rounds

@@ -103,12 +103,15 @@ fn restart_crash_and_upgrade_reset_no_connection() {
     let rsts = lab.lab.tcp_counter(&primary_ns, "OutRsts").unwrap() - rsts_before;
     eprintln!(
         "held: {} connections {:?}, {} rounds, {} requests; new connections: {fresh}; primary OutRsts +{rsts}",
-        held.connections, held.per_engine, held.rounds, held.requests
+        held.connections,
+        held.per_engine(),
+        held.rounds,
+        held.requests
     );
     assert!(
-        held.per_engine.keys().any(|e| e != "se1"),
+        held.per_engine().keys().any(|e| e != "se1"),
         "some held connections are owned by secondaries: {:?}",
-        held.per_engine
+        held.per_engine()
     );
     assert!(held.rounds >= 10, "the held connections kept sending");
     assert!(
