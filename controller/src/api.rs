@@ -11,13 +11,14 @@ use std::{
 
 use lb_api::v1::{self as pb, operator_server::Operator};
 use lb_model::{
-    Algorithm, BackendConfig, HealthCheckConfig, HealthCheckKind, PoolConfig, Protocol,
+    Algorithm, BackendConfig, BfdConfig, BgpConfig, BgpPeerConfig, HealthCheckConfig,
+    HealthCheckKind, PoolConfig, Protocol, VsBgpConfig,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    cluster::{Cluster, ClusterError, GroupView, invalid},
+    cluster::{BGP_MAX_ENGINES, Cluster, ClusterError, GroupView, invalid},
     events::Event,
     health::EngineHealth,
     rebalance::{Criterion, RebalanceSettings},
@@ -231,6 +232,35 @@ pub fn vs_from_pb(v: pb::VirtualService, native_max: u32) -> Result<VsSpec, Clus
     if max_connections == 0 {
         return Err(invalid("max_connections", "must be at least 1"));
     }
+    let bgp = match scaling.mode.as_str() {
+        "" | "native" => {
+            if v.route.is_some() {
+                return Err(invalid(
+                    "route",
+                    "route attributes are for scaling mode bgp only",
+                ));
+            }
+            None
+        }
+        "bgp" => {
+            let route = v.route.unwrap_or_default();
+            Some(VsBgpConfig {
+                med: route.med,
+                local_pref: route.local_pref,
+            })
+        }
+        other => {
+            return Err(invalid(
+                "scaling.mode",
+                format!("{other:?} is not one of native, bgp"),
+            ));
+        }
+    };
+    let default_max = if bgp.is_some() {
+        BGP_MAX_ENGINES
+    } else {
+        native_max
+    };
     Ok(VsSpec {
         name: v.name,
         vip: addr("vip", &v.vip)?,
@@ -245,7 +275,7 @@ pub fn vs_from_pb(v: pb::VirtualService, native_max: u32) -> Result<VsSpec, Clus
             scaling.min_engines
         },
         max_engines: if scaling.max_engines == 0 {
-            native_max
+            default_max
         } else {
             scaling.max_engines
         },
@@ -256,7 +286,121 @@ pub fn vs_from_pb(v: pb::VirtualService, native_max: u32) -> Result<VsSpec, Clus
             short("engine_group", &v.engine_group)?;
             v.engine_group
         },
+        bgp,
     })
+}
+
+/// The BGP settings of `b`, validated as an engine would (with a stand-in router id: each engine
+/// uses its own address).
+pub fn bgp_from_pb(b: &pb::BgpSettings) -> Result<BgpConfig, ClusterError> {
+    let defaults = BgpConfig::new(b.asn, std::net::Ipv4Addr::UNSPECIFIED, Vec::new());
+    if b.peers.len() > 64 {
+        return Err(invalid("peers", "at most 64"));
+    }
+    let mut peers = Vec::new();
+    for (i, p) in b.peers.iter().enumerate() {
+        let field = |f: &str| format!("peers[{i}].{f}");
+        let bfd = p
+            .bfd
+            .map(|t| {
+                let d = BfdConfig::default();
+                Ok::<_, ClusterError>(BfdConfig {
+                    min_tx_ms: if t.min_tx_ms == 0 {
+                        d.min_tx_ms
+                    } else {
+                        t.min_tx_ms
+                    },
+                    min_rx_ms: if t.min_rx_ms == 0 {
+                        d.min_rx_ms
+                    } else {
+                        t.min_rx_ms
+                    },
+                    multiplier: match t.multiplier {
+                        0 => d.multiplier,
+                        m => u8::try_from(m).map_err(|_| {
+                            invalid(field("bfd.multiplier"), format!("{m} is outside 1–255"))
+                        })?,
+                    },
+                })
+            })
+            .transpose()?;
+        peers.push(BgpPeerConfig {
+            address: addr(&field("address"), &p.address)?,
+            asn: p.asn,
+            port: if p.port == 0 {
+                179
+            } else {
+                port(&field("port"), p.port)?
+            },
+            hold_time_s: p
+                .hold_time_s
+                .map(|h| {
+                    u16::try_from(h)
+                        .map_err(|_| invalid(field("hold_time_s"), format!("{h} is above 65535")))
+                })
+                .transpose()?,
+            bfd,
+            next_hop_v4: None,
+            next_hop_v6: None,
+        });
+    }
+    let config = BgpConfig {
+        asn: b.asn,
+        router_id: std::net::Ipv4Addr::UNSPECIFIED,
+        hold_time_s: match b.hold_time_s {
+            0 => defaults.hold_time_s,
+            h => u16::try_from(h)
+                .map_err(|_| invalid("hold_time_s", format!("{h} is above 65535")))?,
+        },
+        min_backoff_ms: if b.min_backoff_ms == 0 {
+            defaults.min_backoff_ms
+        } else {
+            b.min_backoff_ms
+        },
+        max_backoff_s: if b.max_backoff_s == 0 {
+            defaults.max_backoff_s
+        } else {
+            b.max_backoff_s
+        },
+        communities: b.communities.clone(),
+        peers,
+    };
+    let mut check = config.clone();
+    check.router_id = std::net::Ipv4Addr::new(192, 0, 2, 1);
+    check.validate().map_err(|e| match e {
+        lb_model::ConfigError::Invalid { field, reason } => invalid(
+            field.strip_prefix("bgp.").unwrap_or(&field).to_owned(),
+            reason,
+        ),
+        other => invalid("bgp", other.to_string()),
+    })?;
+    Ok(config)
+}
+
+pub fn bgp_to_pb(b: &BgpConfig, resource_version: u64) -> pb::BgpSettings {
+    pb::BgpSettings {
+        asn: b.asn,
+        hold_time_s: u32::from(b.hold_time_s),
+        communities: b.communities.clone(),
+        min_backoff_ms: b.min_backoff_ms,
+        max_backoff_s: b.max_backoff_s,
+        peers: b
+            .peers
+            .iter()
+            .map(|p| pb::BgpPeer {
+                address: p.address.to_string(),
+                asn: p.asn,
+                port: u32::from(p.port),
+                hold_time_s: p.hold_time_s.map(u32::from),
+                bfd: p.bfd.map(|t| pb::BfdTimers {
+                    min_tx_ms: t.min_tx_ms,
+                    min_rx_ms: t.min_rx_ms,
+                    multiplier: u32::from(t.multiplier),
+                }),
+            })
+            .collect(),
+        resource_version,
+    }
 }
 
 /// `g`'s settings over `base` (the defaults on create, the stored settings on update): a field
@@ -362,6 +506,11 @@ pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
             min_engines: r.spec.min_engines,
             max_engines: r.spec.max_engines,
             tags: r.spec.tags.clone().into_iter().collect(),
+            mode: if r.spec.by_bgp() { "bgp" } else { "native" }.to_owned(),
+        }),
+        route: r.spec.bgp.as_ref().map(|b| pb::RouteAttributes {
+            med: b.med,
+            local_pref: b.local_pref,
         }),
         engine_group: r.spec.engine_group.clone(),
         resource_version: r.resource_version,
@@ -380,16 +529,23 @@ pub fn vs_to_pb(r: &VsRecord, c: &Cluster) -> pb::VirtualService {
     }
 }
 
+/// The role of the engine at `index` of a service's placement: `primary` / `secondary`, or
+/// `member` in scaling mode bgp (no primary).
+pub fn role(spec: &VsSpec, index: usize) -> &'static str {
+    match (spec.by_bgp(), index) {
+        (true, _) => "member",
+        (false, 0) => "primary",
+        (false, _) => "secondary",
+    }
+}
+
 pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
     let e = c.persisted().engines.get(name)?;
     let o = c.observed(name).cloned().unwrap_or_default();
     let mut roles = BTreeMap::new();
     for v in c.persisted().services.values() {
         if let Some(i) = v.placement.iter().position(|p| p == name) {
-            roles.insert(
-                v.spec.name.clone(),
-                if i == 0 { "primary" } else { "secondary" }.to_owned(),
-            );
+            roles.insert(v.spec.name.clone(), role(&v.spec, i).to_owned());
         }
     }
     Some(pb::EngineStatus {
@@ -434,6 +590,18 @@ pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
                 id: *id,
                 daemon_up: r.daemon_up,
                 dataplane_up: r.dataplane_up,
+            })
+            .collect(),
+        bgp_peers: o
+            .bgp
+            .iter()
+            .map(|b| pb::BgpPeerStatus {
+                peer: b.peer.clone(),
+                state: b.state.clone(),
+                uptime_s: b.uptime_s,
+                routes_announced: b.routes_announced,
+                last_error: b.last_error.clone(),
+                bfd: b.bfd.clone(),
             })
             .collect(),
         claims: o
@@ -712,6 +880,39 @@ impl Operator for OperatorService {
             })
             .collect();
         Ok(Response::new(pb::AnomalyList { anomalies }))
+    }
+
+    async fn get_bgp(&self, req: Request<pb::Empty>) -> Result<Response<pb::BgpSettings>, Status> {
+        self.check(&req)?;
+        let c = lock(&self.cluster);
+        let b = c
+            .persisted()
+            .bgp
+            .as_ref()
+            .ok_or_else(|| Status::not_found("no BGP settings (lbctl bgp set)"))?;
+        Ok(Response::new(bgp_to_pb(&b.config, b.resource_version)))
+    }
+
+    async fn set_bgp(
+        &self,
+        req: Request<pb::BgpSettings>,
+    ) -> Result<Response<pb::BgpSettings>, Status> {
+        self.check(&req)?;
+        let b = req.into_inner();
+        let config = if b.peers.is_empty() {
+            None
+        } else {
+            Some(bgp_from_pb(&b)?)
+        };
+        let mut c = lock(&self.cluster);
+        let rec = c.set_bgp(config, b.resource_version)?;
+        Ok(Response::new(rec.map_or_else(
+            || pb::BgpSettings {
+                resource_version: b.resource_version + 1,
+                ..Default::default()
+            },
+            |r| bgp_to_pb(&r.config, r.resource_version),
+        )))
     }
 
     async fn list_events(

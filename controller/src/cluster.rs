@@ -25,8 +25,8 @@ use std::{
 };
 
 use lb_model::{
-    Config, DaemonConfig, Desired, EngineConfig, EngineState, Member, PoolConfig, ProxyConfig,
-    VirtualServiceConfig,
+    BgpConfig, Config, DaemonConfig, Desired, EngineConfig, EngineState, Member, PoolConfig,
+    ProxyConfig, VirtualServiceConfig,
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -40,17 +40,21 @@ use crate::{
     placement::{self, Candidate},
     rebalance::{Action, RebalanceSettings, Rebalancer, Sample, Service as RebalanceService},
     store::{
-        DEFAULT_GROUP, EngineRecord, GroupRecord, Persisted, PoolRecord, Store, StoreError,
-        VsRecord, VsSpec, Write,
+        BgpRecord, DEFAULT_GROUP, EngineRecord, GroupRecord, Persisted, PoolRecord, Store,
+        StoreError, VsRecord, VsSpec, Write,
     },
 };
+
+/// Engines a virtual service in scaling mode bgp may have at most.
+pub const BGP_MAX_ENGINES: u32 = 64;
 
 /// Settings of the controller's decisions.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     /// Virtual service ids are `0..max_virtual_services` (the engines' `daemon.max_virtual_services`).
     pub max_virtual_services: u32,
-    /// Engines a virtual service may scale to natively (beyond it: BGP/ECMP, not yet available).
+    /// Engines a virtual service may scale to natively (beyond it: scaling mode bgp, up to
+    /// [`BGP_MAX_ENGINES`]).
     pub native_max_engines: u32,
     /// An engine that has not `ACKed` the current version this long after it was sent is an anomaly.
     pub ack_timeout: Duration,
@@ -184,6 +188,28 @@ pub struct Observed {
     pub host_cpu_pct: f64,
     pub daemon_cpu_pct: f64,
     pub softirq_pct: f64,
+    /// Its BGP sessions.
+    pub bgp: Vec<BgpSessionReport>,
+}
+
+/// What an engine reports of one of its BGP sessions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BgpSessionReport {
+    /// `address:port`.
+    pub peer: String,
+    /// `idle`, `connect`, `open_sent`, `open_confirm`, `established`.
+    pub state: String,
+    pub uptime_s: u64,
+    pub routes_announced: u32,
+    pub last_error: String,
+    /// `up`, `down`, `init`, `admin_down`; empty: no BFD.
+    pub bfd: String,
+}
+
+impl BgpSessionReport {
+    fn established(&self) -> bool {
+        self.state == "established"
+    }
 }
 
 /// A lasting difference between desired and observed state.
@@ -372,6 +398,7 @@ impl Cluster {
                 }
                 Write::PeerKey(k) => self.p.peer_key = k,
                 Write::Steps(j) => self.p.steps = j,
+                Write::Bgp(b) => self.p.bgp = b,
             }
         }
         Ok(())
@@ -571,6 +598,8 @@ impl Cluster {
         entry.host_cpu_pct = o.host_cpu_pct;
         entry.daemon_cpu_pct = o.daemon_cpu_pct;
         entry.softirq_pct = o.softirq_pct;
+        let bgp_before = std::mem::replace(&mut entry.bgp, o.bgp);
+        self.bgp_events(engine, &bgp_before);
         self.clock = self.clock.max(now);
         self.drain_reports(engine, o.drains, now);
         let entry = self.observed.entry(engine.to_owned()).or_default();
@@ -588,6 +617,45 @@ impl Cluster {
                 engine,
                 "recording a promotion: {e} (retried at the next heartbeat)"
             );
+        }
+    }
+
+    /// An event for each BGP session of `engine` that came up or went down since its last report.
+    fn bgp_events(&mut self, engine: &str, before: &[BgpSessionReport]) {
+        let Some(now) = self.observed.get(engine).map(|o| &o.bgp) else {
+            return;
+        };
+        let mut reasons = Vec::new();
+        for s in now {
+            let was = before
+                .iter()
+                .find(|b| b.peer == s.peer)
+                .is_some_and(BgpSessionReport::established);
+            if was == s.established() {
+                continue;
+            }
+            reasons.push(if s.established() {
+                format!(
+                    "{engine}: BGP session with {} established, {} routes announced",
+                    s.peer, s.routes_announced
+                )
+            } else if s.last_error.is_empty() {
+                format!("{engine}: BGP session with {} is {}", s.peer, s.state)
+            } else {
+                format!(
+                    "{engine}: BGP session with {} is {}: {}",
+                    s.peer, s.state, s.last_error
+                )
+            });
+        }
+        for b in before.iter().filter(|b| b.established()) {
+            if !now.iter().any(|s| s.peer == b.peer) {
+                reasons.push(format!("{engine}: BGP session with {} removed", b.peer));
+            }
+        }
+        for reason in reasons {
+            self.events
+                .emit("bgp_session", &[obj("engine", engine)], reason);
         }
     }
 
@@ -740,7 +808,7 @@ impl Cluster {
         let h = self.settings.health;
         let allowance = h.interval * h.max_missed;
         let mut promotions = Vec::new();
-        for vs in self.p.services.values() {
+        for vs in self.p.services.values().filter(|v| !v.spec.by_bgp()) {
             let mut best: Option<(u64, &String)> = None;
             for e in &vs.placement {
                 let heard = self
@@ -848,7 +916,8 @@ impl Cluster {
         let allowance = h.interval * h.max_missed;
         let healthy = |e: &str| self.health.state(e).is_some_and(EngineHealth::is_healthy);
         let mut promotions = Vec::new();
-        for vs in self.p.services.values() {
+        // A service scaled by BGP has no primary: its failed engines just leave.
+        for vs in self.p.services.values().filter(|v| !v.spec.by_bgp()) {
             let Some(primary) = vs.placement.first() else {
                 continue;
             };
@@ -974,6 +1043,7 @@ impl Cluster {
                 placement: v.placement.clone(),
                 min_engines: v.spec.min_engines,
                 max_engines: v.spec.max_engines,
+                by_bgp: v.spec.by_bgp(),
             })
             .collect();
         let Some(d) = self
@@ -1064,7 +1134,8 @@ impl Cluster {
     /// A failed secondary leaves every placement it is in, and an eligible engine replaces it where
     /// the virtual service now has fewer than it asks for (N+M). A failed primary stays until a
     /// promotion is recorded (the engines', or the controller's after the grace): then it is an
-    /// ordinary secondary and leaves like one. Meanwhile it is an anomaly.
+    /// ordinary secondary and leaves like one. Meanwhile it is an anomaly. A service scaled by BGP
+    /// has no primary: any failed engine of it leaves at once (the routers have withdrawn it).
     fn replace_failed(&mut self) -> Result<(), ClusterError> {
         let failed: BTreeSet<String> = self
             .p
@@ -1078,7 +1149,7 @@ impl Cluster {
         for vs in self.p.services.values() {
             let mut placement = vs.placement.clone();
             let before = placement.clone();
-            let primary = placement.first().cloned();
+            let primary = placement.first().cloned().filter(|_| !vs.spec.by_bgp());
             placement.retain(|e| Some(e) == primary.as_ref() || !failed.contains(e));
             let healthy = placement.iter().filter(|e| !failed.contains(*e)).count();
             let want = vs.spec.min_engines as usize;
@@ -1165,7 +1236,7 @@ impl Cluster {
                 .iter()
                 .filter(|e| self.health.state(e).is_some_and(EngineHealth::is_healthy))
                 .count();
-            if let Some(primary) = vs.placement.first()
+            if let Some(primary) = vs.placement.first().filter(|_| !vs.spec.by_bgp())
                 && !self
                     .health
                     .state(primary)
@@ -1332,6 +1403,56 @@ impl Cluster {
         self.refresh()
     }
 
+    // ----- BGP -----
+
+    /// Replaces the engines' BGP settings (`config.router_id` unset: each engine uses its own
+    /// address), or removes them (`None`), against `resource_version` (0 when there are none).
+    pub fn set_bgp(
+        &mut self,
+        config: Option<BgpConfig>,
+        resource_version: u64,
+    ) -> Result<Option<BgpRecord>, ClusterError> {
+        let stored = self.p.bgp.as_ref().map_or(0, |b| b.resource_version);
+        check_version("BGP settings", "bgp", stored, resource_version)?;
+        if config.is_none()
+            && let Some(vs) = self.p.services.values().find(|v| v.spec.by_bgp())
+        {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "virtual service {:?} is in scaling mode bgp: change or delete it before turning BGP off",
+                vs.spec.name
+            )));
+        }
+        let rec = config.map(|config| BgpRecord {
+            config,
+            resource_version: stored + 1,
+        });
+        let mut p = self.p.clone();
+        p.bgp.clone_from(&rec);
+        self.check_desired(&p)?;
+        self.commit(vec![Write::Bgp(rec.clone())])?;
+        let reason = match &rec {
+            Some(r) => format!(
+                "BGP settings: AS {}, peers [{}]",
+                r.config.asn,
+                r.config
+                    .peers
+                    .iter()
+                    .map(|p| format!(
+                        "{} AS {}{}",
+                        p.address,
+                        p.asn,
+                        if p.bfd.is_some() { " bfd" } else { "" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "BGP settings removed: BGP off".to_owned(),
+        };
+        self.events.emit("bgp", &[], reason);
+        self.refresh()?;
+        Ok(rec)
+    }
+
     // ----- virtual services -----
 
     pub fn create_vs(&mut self, spec: VsSpec) -> Result<VsRecord, ClusterError> {
@@ -1431,12 +1552,20 @@ impl Cluster {
         self.events.emit(
             "placement",
             &[obj("vs", &rec.spec.name)],
-            format!(
-                "{what}: id {}, primary {}, engines [{}]",
-                rec.id,
-                rec.placement.first().map_or("-", String::as_str),
-                rec.placement.join(", ")
-            ),
+            if rec.spec.by_bgp() {
+                format!(
+                    "{what}: id {}, scaled by BGP, engines [{}]",
+                    rec.id,
+                    rec.placement.join(", ")
+                )
+            } else {
+                format!(
+                    "{what}: id {}, primary {}, engines [{}]",
+                    rec.id,
+                    rec.placement.first().map_or("-", String::as_str),
+                    rec.placement.join(", ")
+                )
+            },
         );
         self.refresh()?;
         Ok(rec)
@@ -1482,11 +1611,26 @@ impl Cluster {
                 ),
             ));
         }
-        if spec.max_engines > self.settings.native_max_engines {
+        if spec.by_bgp() {
+            if self.p.bgp.is_none() {
+                return Err(ClusterError::FailedPrecondition(
+                    "scaling mode bgp needs the engines' BGP settings: set them first (SetBgp, lbctl bgp set)".to_owned(),
+                ));
+            }
+            if spec.max_engines > BGP_MAX_ENGINES {
+                return Err(invalid(
+                    "scaling.max_engines",
+                    format!(
+                        "{} is above {BGP_MAX_ENGINES}, the most engines of a virtual service in scaling mode bgp",
+                        spec.max_engines
+                    ),
+                ));
+            }
+        } else if spec.max_engines > self.settings.native_max_engines {
             return Err(invalid(
                 "scaling.max_engines",
                 format!(
-                    "{} is above the native scaling limit of {} engines per virtual service; beyond it a virtual service scales by BGP/ECMP (scaling mode bgp, not available yet)",
+                    "{} is above the native scaling limit of {} engines per virtual service; beyond it a virtual service scales by BGP/ECMP: create or update it with scaling mode bgp (lbctl vs … --mode bgp), up to {BGP_MAX_ENGINES} engines",
                     spec.max_engines, self.settings.native_max_engines
                 ),
             ));
@@ -1508,11 +1652,14 @@ impl Cluster {
     /// The model's own validation, over what the engines would get, with the first registered
     /// engine as the host (every engine runs the same checks when it applies the snapshot).
     fn check_desired(&self, p: &Persisted) -> Result<(), ClusterError> {
-        let desired = desired_of(p, |_| true, |v| self.weights_of(v));
+        let mut desired = desired_of(p, |_| true, |v| self.weights_of(v));
+        if let Some(b) = desired.bgp.as_mut() {
+            // Each engine uses its own address; an engine without one refuses the snapshot.
+            b.router_id = std::net::Ipv4Addr::new(192, 0, 2, 1);
+        }
         let host = desired.engines.first().map_or(0, |e| e.id);
         let mut daemon = DaemonConfig::new("eth0", host);
         daemon.max_virtual_services = self.settings.max_virtual_services;
-        let mut desired = desired;
         if desired.engines.is_empty() {
             // No engine registered yet: check pools and services against a stand-in host.
             desired.engines.push(EngineConfig::l2(0, None));
@@ -1558,6 +1705,7 @@ fn desired_of(
     let primaries: BTreeSet<&str> = p
         .services
         .values()
+        .filter(|v| !v.spec.by_bgp())
         .filter_map(|v| v.placement.first().map(String::as_str))
         .collect();
     let engines = p
@@ -1608,7 +1756,7 @@ fn desired_of(
                 max_connections: v.spec.max_connections,
                 draining: false,
                 drain_timeout_s: timeout_s(&v.spec.engine_group),
-                bgp: None,
+                bgp: v.spec.bgp.clone(),
             })
         })
         .collect();
@@ -1623,6 +1771,7 @@ fn desired_of(
         pools: p.pools.values().map(|r| r.config.clone()).collect(),
         peers: (!p.peer_key.is_empty())
             .then(|| lb_model::PeersConfig::with_key(p.peer_key.clone())),
+        bgp: p.bgp.as_ref().map(|b| b.config.clone()),
     }
 }
 

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{Shared, lock},
-    cluster::{Claim, DrainReport, Observed, PeerReport, Snapshot, invalid},
+    cluster::{BgpSessionReport, Claim, DrainReport, Observed, PeerReport, Snapshot, invalid},
     events::unix_ms,
     store::{DEFAULT_GROUP, EngineRecord},
     tls::{Role, require},
@@ -217,6 +217,19 @@ fn handle(cluster: &Shared, name: &str, m: pb::EngineMessage) -> Option<u64> {
                             reset: d.reset,
                             remaining_ms: d.remaining_ms,
                             done: d.done,
+                        })
+                        .collect(),
+                    bgp: h
+                        .bgp
+                        .iter()
+                        .take(MAX_REPORTED)
+                        .map(|b| BgpSessionReport {
+                            peer: b.peer.chars().take(64).collect(),
+                            state: b.state.chars().take(16).collect(),
+                            uptime_s: b.uptime_s,
+                            routes_announced: b.routes_announced,
+                            last_error: b.last_error.chars().take(256).collect(),
+                            bfd: b.bfd.chars().take(16).collect(),
                         })
                         .collect(),
                     // Bounded: an engine claims at most one entry per virtual service and reports

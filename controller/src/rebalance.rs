@@ -226,6 +226,8 @@ pub struct Service {
     pub placement: Vec<String>,
     pub min_engines: u32,
     pub max_engines: u32,
+    /// Scaling mode bgp (no primary; up to 64 engines); else native.
+    pub by_bgp: bool,
 }
 
 /// A change.
@@ -451,8 +453,13 @@ impl Rebalancer {
             if s > st.hot_share {
                 let limit = st.max_scaleout_per_vs.min(heaviest.max_engines) as usize;
                 if heaviest.placement.len() >= limit {
+                    let switch = if heaviest.by_bgp {
+                        ""
+                    } else {
+                        " (natively; in scaling mode bgp it could scale past the native limit, up to 64 engines)"
+                    };
                     not_taken.push(format!(
-                        "{engine} at {load:.0} {unit}: {} makes {:.0} % of its packets, but is at its maximum of {limit} engines",
+                        "{engine} at {load:.0} {unit}: {} makes {:.0} % of its packets, but is at its maximum of {limit} engines{switch}",
                         heaviest.name,
                         s * 100.0
                     ));

@@ -139,6 +139,9 @@ struct ServiceLine {
     min_engines: u32,
     #[serde(default = "default_max")]
     max_engines: u32,
+    /// Scaling mode bgp.
+    #[serde(default)]
+    bgp: bool,
 }
 
 fn default_min() -> u32 {
@@ -332,6 +335,7 @@ fn check_service(s: ServiceLine) -> Result<Service, String> {
         placement: s.placement,
         min_engines: s.min_engines,
         max_engines: s.max_engines,
+        by_bgp: s.bgp,
     })
 }
 
@@ -388,6 +392,7 @@ fn placements(
                     placement: infer(name),
                     min_engines: DEFAULT_MIN_ENGINES,
                     max_engines: DEFAULT_MAX_ENGINES,
+                    by_bgp: false,
                 },
             );
         }

@@ -65,6 +65,16 @@ pub struct VsSpec {
     /// The engine group it is placed in (fixed at creation).
     #[serde(default = "default_group")]
     pub engine_group: String,
+    /// Scaling mode bgp, with its route's attributes (none: native).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<lb_model::VsBgpConfig>,
+}
+
+impl VsSpec {
+    /// Scaled by BGP/ECMP: no primary; every engine announces the VIP and steers its share.
+    pub fn by_bgp(&self) -> bool {
+        self.bgp.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +107,15 @@ pub struct Persisted {
     pub pools: BTreeMap<String, PoolRecord>,
     pub services: BTreeMap<String, VsRecord>,
     pub groups: BTreeMap<String, GroupRecord>,
+    /// The engines' BGP speaker settings (none: BGP off).
+    pub bgp: Option<BgpRecord>,
+}
+
+/// The engines' BGP speaker: `config.router_id` is `0.0.0.0` (each engine uses its own address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpRecord {
+    pub config: lb_model::BgpConfig,
+    pub resource_version: u64,
 }
 
 /// One change to persist.
@@ -109,9 +128,14 @@ pub enum Write {
     DeletePool(String),
     Service(VsRecord),
     DeleteService(String),
-    Snapshot { version: u64, json: String },
+    Snapshot {
+        version: u64,
+        json: String,
+    },
     PeerKey(String),
     Steps(String),
+    /// The BGP settings (none: removed).
+    Bgp(Option<BgpRecord>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,11 +223,21 @@ impl Store for RedbStore {
             .map_err(backend)?
             .map(|v| v.value().to_owned())
             .unwrap_or_default();
+        let bgp = match meta.get("bgp").map_err(backend)? {
+            Some(v) => Some(
+                serde_json::from_str(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: "meta/bgp".into(),
+                    reason: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
         Ok(Persisted {
             version,
             snapshot,
             peer_key,
             steps,
+            bgp,
             engines: read_all(&tx, ENGINES)?,
             pools: read_all(&tx, POOLS)?,
             services: read_all(&tx, SERVICES)?,
@@ -260,6 +294,12 @@ impl Store for RedbStore {
                     }
                     Write::Steps(steps) => {
                         meta.insert("steps", steps.as_str()).map_err(backend)?;
+                    }
+                    Write::Bgp(Some(b)) => {
+                        meta.insert("bgp", json(b).as_str()).map_err(backend)?;
+                    }
+                    Write::Bgp(None) => {
+                        meta.remove("bgp").map_err(backend)?;
                     }
                 }
             }
@@ -322,6 +362,7 @@ impl Store for MemStore {
                 }
                 Write::PeerKey(k) => s.peer_key = k,
                 Write::Steps(j) => s.steps = j,
+                Write::Bgp(b) => s.bgp = b,
             }
         }
         Ok(())

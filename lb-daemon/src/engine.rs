@@ -45,8 +45,6 @@ pub enum Applied {
 pub enum ApplyError {
     #[error("daemon.{0} changed: it takes effect only at a restart")]
     RestartOnly(&'static str),
-    #[error("[bgp] changed: it takes effect only at a restart")]
-    BgpRestartOnly,
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -286,9 +284,6 @@ fn publish_rings(rings: &Rings, tables: &Tables) {
 /// Host settings that size or place the maps, or bind the metrics endpoint: a running engine
 /// refuses to change them.
 fn restart_only(old: &Config, new: &Config) -> Result<(), ApplyError> {
-    if old.bgp != new.bgp {
-        return Err(ApplyError::BgpRestartOnly);
-    }
     let (old, new) = (&old.daemon, &new.daemon);
     let checks = [
         ("interface", old.interface != new.interface),

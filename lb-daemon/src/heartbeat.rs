@@ -54,6 +54,8 @@ pub struct Sampler {
     conns: Arc<ConnTable>,
     /// The failover module's plan (its `claims` are this engine's) and the peer task's view.
     peers: Option<(watch::Receiver<Option<Plan>>, watch::Receiver<View>)>,
+    /// The BGP speaker's sessions.
+    bgp: Option<crate::bgp::PeerList>,
     last: Mutex<Last>,
 }
 
@@ -235,6 +237,7 @@ impl Sampler {
             inventory,
             conns,
             peers: None,
+            bgp: None,
             last: Mutex::new(Last::default()),
         }
     }
@@ -248,6 +251,42 @@ impl Sampler {
     ) -> Self {
         self.peers = Some((plan, view));
         self
+    }
+
+    /// Reports the BGP speaker's sessions too.
+    #[must_use]
+    pub fn with_bgp(mut self, peers: crate::bgp::PeerList) -> Self {
+        self.bgp = Some(peers);
+        self
+    }
+
+    /// The BGP sessions as the heartbeat carries them.
+    fn bgp(&self) -> Vec<pb::BgpSession> {
+        let Some(peers) = &self.bgp else {
+            return Vec::new();
+        };
+        peers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(addr, status)| {
+                let s = status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                pb::BgpSession {
+                    peer: addr.to_string(),
+                    state: s.state.as_str().to_owned(),
+                    uptime_s: s.established_at.map_or(0, |t| t.elapsed().as_secs()),
+                    routes_announced: u32::try_from(s.announced).unwrap_or(u32::MAX),
+                    last_error: s.last_error.clone().unwrap_or_default(),
+                    bfd: s
+                        .bfd
+                        .as_ref()
+                        .map(|b| b.borrow().as_str().to_owned())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     /// (claims, peer view) as the heartbeat carries them.
@@ -380,6 +419,7 @@ impl Sampler {
             softirq_pct,
             serving,
             drains,
+            bgp: self.bgp(),
         }
     }
 }

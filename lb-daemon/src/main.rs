@@ -205,14 +205,8 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let dp = Dataplane::load(&object, &config.daemon)?;
     let conns = Arc::new(ConnTable::default());
     let mut engine = Engine::start(dp, config, conns.clone())?;
-    let speaker = engine.config().bgp.as_ref().map(|cfg| {
-        let speaker = Arc::new(lb_daemon::bgp::Speaker::start(cfg));
-        tokio::spawn(lb_daemon::bgp::watch_health(
-            speaker.clone(),
-            engine.inventory(),
-        ));
-        speaker
-    });
+    let mut speakers = lb_daemon::bgp::Speakers::new(engine.inventory());
+    speakers.follow(engine.config().bgp.as_ref()).await;
 
     let failover_counters = Arc::new(FailoverCounters::default());
     let mut metrics = Metrics::new(
@@ -220,9 +214,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
         engine.inventory(),
         failover_counters.clone(),
     );
-    if let Some(speaker) = &speaker {
-        metrics.register_bgp(speaker);
-    }
+    metrics.register_bgp(speakers.peers());
     let metrics = Arc::new(metrics);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
     let (view_tx, mut view_rx) = tokio::sync::watch::channel(View::new());
@@ -331,7 +323,8 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 engine.inventory(),
                 conns.clone(),
             )
-            .with_peers(plan_rx.clone(), view_rx.clone()),
+            .with_peers(plan_rx.clone(), view_rx.clone())
+            .with_bgp(speakers.peers()),
         );
         let recorder = match &args.record_heartbeats {
             Some(path) => Some(
@@ -382,6 +375,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 if result.is_ok() {
                     status.applied.store(a.version, Ordering::Relaxed);
                     failover.refresh(&mut engine).await;
+                    speakers.follow(engine.config().bgp.as_ref()).await;
                 }
                 let _ = a.reply.send(result.map(|_| ()));
             }
@@ -392,6 +386,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                     Ok(applied) => {
                         metrics.applied(&applied);
                         failover.refresh(&mut engine).await;
+                        speakers.follow(engine.config().bgp.as_ref()).await;
                         info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }
@@ -412,9 +407,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             }
         }
     }
-    if let Some(speaker) = &speaker {
-        speaker.stop().await;
-    }
+    speakers.stop().await;
     server.abort();
     info!(
         pin_dir = %engine.config().daemon.pin_dir.display(),

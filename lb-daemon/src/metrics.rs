@@ -521,12 +521,7 @@ const TRAFFIC: [(&str, &str, Pick); 3] = [
 
 /// The daemon's registry: data-plane counters plus the daemon's own.
 /// The BGP speaker's sessions, one series per peer.
-struct BgpCollector(
-    Vec<(
-        std::net::SocketAddr,
-        Arc<std::sync::Mutex<crate::bgp::PeerStatus>>,
-    )>,
-);
+struct BgpCollector(crate::bgp::PeerList);
 
 impl fmt::Debug for BgpCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -540,6 +535,8 @@ impl Collector for BgpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let peers: Vec<([(&str, String); 1], crate::bgp::PeerStatus)> = self
             .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .map(|(a, s)| {
                 let status = s
@@ -549,6 +546,10 @@ impl Collector for BgpCollector {
                 ([("peer", a.to_string())], status)
             })
             .collect();
+        if peers.is_empty() {
+            // No speaker: no BGP series at all.
+            return Ok(());
+        }
         let gauges: [(&str, &str, BgpPick); 4] = [
             (
                 "lb_bgp_bfd_up",
@@ -674,10 +675,10 @@ impl Metrics {
         }
     }
 
-    /// Adds the BGP speaker's per-peer series.
-    pub fn register_bgp(&mut self, speaker: &crate::bgp::Speaker) {
+    /// Adds the BGP speaker's per-peer series (none while no speaker runs).
+    pub fn register_bgp(&mut self, peers: crate::bgp::PeerList) {
         self.registry
-            .register_collector(Box::new(BgpCollector(speaker.peers())));
+            .register_collector(Box::new(BgpCollector(peers)));
     }
 
     /// Counts what an apply wrote.

@@ -138,6 +138,20 @@ fn check_hold(field: &str, h: u16) -> Result<(), ConfigError> {
 }
 
 impl BgpConfig {
+    /// A speaker of AS `asn` with identifier `router_id`, announcing to `peers`, with the default
+    /// hold time, backoff and no communities.
+    pub fn new(asn: u32, router_id: Ipv4Addr, peers: Vec<BgpPeerConfig>) -> Self {
+        BgpConfig {
+            asn,
+            router_id,
+            hold_time_s: default_hold_time_s(),
+            min_backoff_ms: default_min_backoff_ms(),
+            max_backoff_s: default_max_backoff_s(),
+            communities: Vec::new(),
+            peers,
+        }
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.asn == 0 || self.asn == u32::from(AS_TRANS) {

@@ -88,7 +88,7 @@ pub struct Config {
     /// Peer liveness between engines (none: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
-    /// The BGP speaker (none: off). Read at start.
+    /// The BGP speaker (none: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpConfig>,
 }
@@ -661,21 +661,37 @@ pub struct Desired {
     pub pools: Vec<PoolConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
+    /// The BGP speaker. From the controller, `router_id` is `0.0.0.0`: each engine uses its own
+    /// `engines[].address_v4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
 }
 
 impl Config {
     /// The configuration of a host with `daemon` settings that applies `desired`, validated.
+    /// A `[bgp]` whose `router_id` is `0.0.0.0` takes this host's `engines[].address_v4`.
     pub fn from_parts(daemon: DaemonConfig, desired: Desired) -> Result<Config, ConfigError> {
-        let config = Config {
+        let mut config = Config {
             daemon,
             proxy: desired.proxy,
             engines: desired.engines,
             virtual_services: desired.virtual_services,
             pools: desired.pools,
             peers: desired.peers,
-            // The controller does not push BGP settings yet.
-            bgp: None,
+            bgp: desired.bgp,
         };
+        let own_address = config.local_engine().and_then(|e| e.address_v4);
+        if let Some(bgp) = config.bgp.as_mut().filter(|b| b.router_id.is_unspecified()) {
+            bgp.router_id = own_address.ok_or_else(|| {
+                invalid(
+                    "bgp.router_id",
+                    format!(
+                        "unset, and engine {} has no address_v4 to take it from",
+                        config.daemon.engine_id
+                    ),
+                )
+            })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -688,6 +704,7 @@ impl Config {
             virtual_services: self.virtual_services.clone(),
             pools: self.pools.clone(),
             peers: self.peers.clone(),
+            bgp: self.bgp.clone(),
         }
     }
 

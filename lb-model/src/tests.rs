@@ -1177,3 +1177,32 @@ fn the_examples_bgp_section_is_valid_when_uncommented() {
     assert_eq!(b.peers.len(), 1);
     assert!(b.peers[0].bfd.is_some());
 }
+
+#[test]
+fn a_pushed_bgp_section_without_router_id_takes_the_engines_own_address() {
+    let mut desired = with_bgp().desired();
+    desired.bgp.as_mut().unwrap().router_id = Ipv4Addr::UNSPECIFIED;
+    let mut engine3 = desired.clone();
+    engine3.engines.retain(|e| e.id == 3);
+    for vs in &mut engine3.virtual_services {
+        vs.primary = 3;
+        vs.engines = vec![Member { id: 3, weight: 1 }];
+    }
+    let mut daemon = base().daemon;
+    daemon.engine_id = 3;
+    let c = Config::from_parts(daemon, engine3).expect("engine 3 has an address");
+    assert_eq!(
+        c.bgp.unwrap().router_id,
+        "192.0.2.3".parse::<Ipv4Addr>().unwrap()
+    );
+    // Engine 1 has no address_v4: nothing to take it from.
+    let err = Config::from_parts(base().daemon, desired).expect_err("no address");
+    assert_eq!(err.field(), Some("bgp.router_id"), "{err}");
+    assert!(err.to_string().contains("no address_v4"), "{err}");
+    // A router id that is set stays.
+    let c = Config::from_parts(base().daemon, with_bgp().desired()).unwrap();
+    assert_eq!(
+        c.bgp.unwrap().router_id,
+        "192.0.2.1".parse::<Ipv4Addr>().unwrap()
+    );
+}

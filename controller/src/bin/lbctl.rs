@@ -85,6 +85,9 @@ enum Command {
     /// The auto-rebalance loop.
     #[command(subcommand)]
     Rebalance(RebalanceCmd),
+    /// The engines' BGP speaker (services in scaling mode bgp): get, set, off.
+    #[command(subcommand)]
+    Bgp(BgpCmd),
     /// Development PKI.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -192,6 +195,42 @@ enum GroupCmd {
 }
 
 #[derive(Subcommand)]
+enum BgpCmd {
+    /// The BGP settings, and every engine's sessions.
+    Get,
+    /// Replace the BGP settings (every engine restarts its sessions with them).
+    Set {
+        /// The engines' AS number.
+        #[arg(long)]
+        asn: u32,
+        /// ADDRESS:ASN[:PORT] of a router to announce to; repeat.
+        #[arg(long = "peer", required = true)]
+        peers: Vec<String>,
+        /// BFD on every session (100 ms × 3 unless given).
+        #[arg(long)]
+        bfd: bool,
+        #[arg(long, default_value_t = 100)]
+        bfd_interval_ms: u32,
+        #[arg(long, default_value_t = 3)]
+        bfd_multiplier: u32,
+        /// Hold time offered, seconds (default 90).
+        #[arg(long)]
+        hold_time_s: Option<u32>,
+        /// ASN:VALUE community on every route; repeat.
+        #[arg(long = "community")]
+        communities: Vec<String>,
+        /// First reconnect wait, ms (default 500).
+        #[arg(long)]
+        min_backoff_ms: Option<u32>,
+        /// Longest reconnect wait, s (default 30).
+        #[arg(long)]
+        max_backoff_s: Option<u32>,
+    },
+    /// Remove the BGP settings (refused while a service is in scaling mode bgp).
+    Off,
+}
+
+#[derive(Subcommand)]
 enum RebalanceCmd {
     /// Every decision of the loop, and every decision not taken, with its reason and the loads
     /// (the `rebalance` and `rebalance_failed` events).
@@ -290,6 +329,16 @@ struct VsFields {
     /// The engine group to place it in (create only; default: `default`).
     #[arg(long)]
     engine_group: Option<String>,
+    /// Scaling mode: `native` (default: the primary steers, up to the native limit) or `bgp`
+    /// (every engine announces the VIP to the routers, up to 64 engines).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Mode bgp: the route's `MULTI_EXIT_DISC`.
+    #[arg(long)]
+    med: Option<u32>,
+    /// Mode bgp: the route's `LOCAL_PREF`.
+    #[arg(long)]
+    local_pref: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -460,6 +509,21 @@ fn apply_vs(v: &mut pb::VirtualService, f: VsFields) -> Result<(), Failure> {
         v.engine_group = x;
     }
     let scaling = v.scaling.get_or_insert_with(Default::default);
+    if let Some(m) = f.mode {
+        if m != "bgp" {
+            v.route = None;
+        }
+        scaling.mode = m;
+    }
+    if f.med.is_some() || f.local_pref.is_some() {
+        let route = v.route.get_or_insert_with(Default::default);
+        if f.med.is_some() {
+            route.med = f.med;
+        }
+        if f.local_pref.is_some() {
+            route.local_pref = f.local_pref;
+        }
+    }
     if let Some(x) = f.min_engines {
         scaling.min_engines = x;
     }
@@ -473,6 +537,98 @@ fn apply_vs(v: &mut pb::VirtualService, f: VsFields) -> Result<(), Failure> {
         scaling.tags.insert(k.to_owned(), val.to_owned());
     }
     Ok(())
+}
+
+/// `ADDRESS:ASN[:PORT]` (IPv6 in brackets).
+fn bgp_peer(s: &str, bfd: Option<pb::BfdTimers>) -> Result<pb::BgpPeer, Failure> {
+    let bad = || usage(format!("--peer {s}: expected ADDRESS:ASN[:PORT]"));
+    let (address, rest) = if let Some(r) = s.strip_prefix('[') {
+        let (a, rest) = r.split_once(']').ok_or_else(bad)?;
+        (a, rest.strip_prefix(':').ok_or_else(bad)?)
+    } else {
+        s.split_once(':').ok_or_else(bad)?
+    };
+    let mut parts = rest.split(':');
+    let asn = parts.next().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
+    let port = parts
+        .next()
+        .map(str::parse)
+        .transpose()
+        .map_err(|_| bad())?
+        .unwrap_or(0);
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(pb::BgpPeer {
+        address: address.to_owned(),
+        asn,
+        port,
+        hold_time_s: None,
+        bfd,
+    })
+}
+
+fn print_bgp(cli: &Cli, b: &pb::BgpSettings, engines: &[pb::EngineStatus]) {
+    if cli.json {
+        return json(&views::bgp(b, engines));
+    }
+    println!(
+        "AS {}, hold time {} s, backoff {} ms–{} s, communities [{}], rv {}",
+        b.asn,
+        b.hold_time_s,
+        b.min_backoff_ms,
+        b.max_backoff_s,
+        b.communities.join(", "),
+        b.resource_version
+    );
+    table(
+        &["PEER", "ASN", "PORT", "BFD"],
+        b.peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.address.clone(),
+                    p.asn.to_string(),
+                    p.port.to_string(),
+                    p.bfd.map_or("-".to_owned(), |t| {
+                        format!("{}/{} ms × {}", t.min_tx_ms, t.min_rx_ms, t.multiplier)
+                    }),
+                ]
+            })
+            .collect(),
+    );
+    println!();
+    table(
+        &[
+            "ENGINE",
+            "PEER",
+            "STATE",
+            "UPTIME",
+            "ROUTES",
+            "BFD",
+            "LAST ERROR",
+        ],
+        engines
+            .iter()
+            .flat_map(|e| {
+                e.bgp_peers.iter().map(|p| {
+                    vec![
+                        e.name.clone(),
+                        p.peer.clone(),
+                        p.state.clone(),
+                        format!("{}s", p.uptime_s),
+                        p.routes_announced.to_string(),
+                        if p.bfd.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            p.bfd.clone()
+                        },
+                        p.last_error.clone(),
+                    ]
+                })
+            })
+            .collect(),
+    );
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -516,7 +672,26 @@ mod views {
             "peers": e.peers.iter().map(|p| json!({"engine": p.engine, "id": p.id,
                 "daemon_up": p.daemon_up, "dataplane_up": p.dataplane_up})).collect::<Vec<_>>(),
             "claims": e.claims.iter().map(|c| json!({"virtual_service": c.virtual_service,
-                "vs_id": c.vs_id, "epoch": c.epoch})).collect::<Vec<_>>()})
+                "vs_id": c.vs_id, "epoch": c.epoch})).collect::<Vec<_>>(),
+            "bgp_peers": e.bgp_peers.iter().map(bgp_session).collect::<Vec<_>>()})
+    }
+
+    pub fn bgp_session(p: &pb::BgpPeerStatus) -> Value {
+        json!({"peer": p.peer, "state": p.state, "uptime_s": p.uptime_s,
+            "routes_announced": p.routes_announced, "last_error": p.last_error, "bfd": p.bfd})
+    }
+
+    pub fn bgp(b: &pb::BgpSettings, engines: &[pb::EngineStatus]) -> Value {
+        json!({"asn": b.asn, "hold_time_s": b.hold_time_s, "communities": b.communities,
+            "min_backoff_ms": b.min_backoff_ms, "max_backoff_s": b.max_backoff_s,
+            "resource_version": b.resource_version,
+            "peers": b.peers.iter().map(|p| json!({"address": p.address, "asn": p.asn,
+                "port": p.port, "hold_time_s": p.hold_time_s,
+                "bfd": p.bfd.map(|t| json!({"min_tx_ms": t.min_tx_ms, "min_rx_ms": t.min_rx_ms,
+                    "multiplier": t.multiplier}))})).collect::<Vec<_>>(),
+            "sessions": engines.iter().map(|e| json!({"engine": e.name,
+                "peers": e.bgp_peers.iter().map(bgp_session).collect::<Vec<_>>()}))
+                .collect::<Vec<_>>()})
     }
 
     pub fn pool(p: &pb::Pool) -> Value {
@@ -533,7 +708,9 @@ mod views {
         json!({"name": v.name, "id": v.id, "vip": v.vip, "port": v.port, "protocol": v.protocol,
             "pool": v.pool, "engine_group": v.engine_group, "resource_version": v.resource_version,
             "epoch": v.epoch,
-            "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags},
+            "scaling": {"min_engines": s.min_engines, "max_engines": s.max_engines, "tags": s.tags,
+                "mode": s.mode},
+            "route": v.route.map(|r| json!({"med": r.med, "local_pref": r.local_pref})),
             "placement": v.placement.iter().map(|p| json!({"engine": p.engine, "role": p.role,
                 "weight": p.weight, "state": p.state, "phase": p.phase,
                 "open_connections": p.open_connections, "remaining_ms": p.remaining_ms}))
@@ -618,6 +795,18 @@ fn print_vs(cli: &Cli, v: &pb::VirtualService) {
         h.backends,
         v.epoch,
         v.resource_version
+    );
+    let s = v.scaling.clone().unwrap_or_default();
+    println!(
+        "scaling: mode {}, {}–{} engines{}",
+        if s.mode.is_empty() { "native" } else { &s.mode },
+        s.min_engines,
+        s.max_engines,
+        v.route.map_or(String::new(), |r| format!(
+            ", route med {} local_pref {}",
+            r.med.map_or("-".to_owned(), |m| m.to_string()),
+            r.local_pref.map_or("-".to_owned(), |m| m.to_string())
+        ))
     );
     table(
         &["ENGINE", "ROLE", "WEIGHT", "STATE", "PHASE", "DRAINING"],
@@ -1011,6 +1200,57 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             print_vs(&cli, &v);
+        }
+        Command::Bgp(BgpCmd::Get) => {
+            let b = c.get_bgp(pb::Empty {}).await?.into_inner();
+            let engines = c.list_engines(pb::Empty {}).await?.into_inner().engines;
+            print_bgp(&cli, &b, &engines);
+        }
+        Command::Bgp(BgpCmd::Set {
+            asn,
+            peers,
+            bfd,
+            bfd_interval_ms,
+            bfd_multiplier,
+            hold_time_s,
+            communities,
+            min_backoff_ms,
+            max_backoff_s,
+        }) => {
+            let timers = bfd.then_some(pb::BfdTimers {
+                min_tx_ms: *bfd_interval_ms,
+                min_rx_ms: *bfd_interval_ms,
+                multiplier: *bfd_multiplier,
+            });
+            let resource_version = match c.get_bgp(pb::Empty {}).await {
+                Ok(b) => b.into_inner().resource_version,
+                Err(s) if s.code() == tonic::Code::NotFound => 0,
+                Err(s) => return Err(s.into()),
+            };
+            let b = c
+                .set_bgp(pb::BgpSettings {
+                    asn: *asn,
+                    hold_time_s: hold_time_s.unwrap_or(0),
+                    communities: communities.clone(),
+                    peers: peers
+                        .iter()
+                        .map(|p| bgp_peer(p, timers))
+                        .collect::<Result<_, _>>()?,
+                    min_backoff_ms: min_backoff_ms.unwrap_or(0),
+                    max_backoff_s: max_backoff_s.unwrap_or(0),
+                    resource_version,
+                })
+                .await?
+                .into_inner();
+            print_bgp(&cli, &b, &[]);
+        }
+        Command::Bgp(BgpCmd::Off) => {
+            let resource_version = c.get_bgp(pb::Empty {}).await?.into_inner().resource_version;
+            c.set_bgp(pb::BgpSettings {
+                resource_version,
+                ..Default::default()
+            })
+            .await?;
         }
         Command::Anomalies => {
             let list = c.list_anomalies(pb::Empty {}).await?.into_inner().anomalies;

@@ -75,21 +75,11 @@ impl Cluster {
             .collect()
     }
 
-    fn check_group_settings(&self, settings: &RebalanceSettings) -> Result<(), ClusterError> {
+    fn check_group_settings(settings: &RebalanceSettings) -> Result<(), ClusterError> {
         settings.validate().map_err(|e| match e.split_once(": ") {
             Some((field, reason)) => invalid(field, reason),
             None => invalid("settings", e),
         })?;
-        let native = self.settings.native_max_engines;
-        if settings.max_scaleout_per_vs > native {
-            return Err(invalid(
-                "max_scaleout_per_vs",
-                format!(
-                    "{} is above the native scaling limit of {native} engines per virtual service (the controller's --native-max-engines); beyond it a virtual service scales by BGP/ECMP",
-                    settings.max_scaleout_per_vs
-                ),
-            ));
-        }
         Ok(())
     }
 
@@ -104,7 +94,7 @@ impl Cluster {
                 "engine group {name:?} exists"
             )));
         }
-        self.check_group_settings(&settings)?;
+        Self::check_group_settings(&settings)?;
         let rec = GroupRecord {
             name: name.to_owned(),
             settings,
@@ -129,7 +119,7 @@ impl Cluster {
     ) -> Result<GroupView, ClusterError> {
         let old = self.group(name)?.record;
         check_version("engine group", name, old.resource_version, resource_version)?;
-        self.check_group_settings(&settings)?;
+        Self::check_group_settings(&settings)?;
         if settings == old.settings {
             return self.group(name);
         }

@@ -217,7 +217,8 @@ impl Scaling {
         {
             return 0;
         }
-        if index == 0 && v.placement.len() > 1 {
+        // A primary steers every packet too (no such role in scaling mode bgp).
+        if index == 0 && v.placement.len() > 1 && !v.spec.by_bgp() {
             return self
                 .primary_weights
                 .get(name)
@@ -306,7 +307,7 @@ impl Cluster {
                         }) || self.scaling.leaving.contains_key(&key);
                     PlacementView {
                         engine: e.clone(),
-                        role: if i == 0 { "primary" } else { "secondary" },
+                        role: crate::api::role(&v.spec, i),
                         weight,
                         phase: if self.scaling.pending.contains_key(&key) {
                             "pending"
@@ -328,7 +329,11 @@ impl Cluster {
             let r = d.report.clone().unwrap_or_default();
             out.push(PlacementView {
                 engine: e.clone(),
-                role: "secondary",
+                role: if v.spec.by_bgp() {
+                    "member"
+                } else {
+                    "secondary"
+                },
                 weight: 0,
                 phase: "draining",
                 open_connections: r.open,
@@ -447,7 +452,9 @@ impl Cluster {
         let staying: Vec<&String> = rec.placement.iter().filter(|e| !is_leaving(e)).collect();
         let at_min = staying.len() <= rec.spec.min_engines as usize;
         let victim = match engine {
-            Some(e) if rec.placement.first().map(String::as_str) == Some(e) => {
+            Some(e)
+                if !rec.spec.by_bgp() && rec.placement.first().map(String::as_str) == Some(e) =>
+            {
                 return Err(ClusterError::FailedPrecondition(format!(
                     "{e:?} is the primary of {name:?}: migrate it instead"
                 )));
@@ -479,17 +486,38 @@ impl Cluster {
                 m.from, m.to
             )));
         }
+        self.last_in_placement(&rec, &victim)?;
         self.begin_leaving(name, &victim, "scaled in")?;
         self.events.emit(
             "scaling",
             &[obj("vs", name), obj("engine", &victim)],
             format!(
-                "scale in: {victim} gets no new connections; once the primary has applied that, \
+                "scale in: {victim} gets no new connections; once the {} has applied that, \
                  it leaves and its connections drain for {} s, then the rest are reset",
+                if rec.spec.by_bgp() {
+                    "first engine"
+                } else {
+                    "primary"
+                },
                 self.scalein_timeout(name).as_secs()
             ),
         );
         self.vs(name)
+    }
+
+    /// In scaling mode bgp the placement's order means nothing to the engines: an engine about to
+    /// leave goes last, so the leaving steps (which wait for the first engine) never wait for it.
+    fn last_in_placement(&mut self, rec: &VsRecord, engine: &str) -> Result<(), ClusterError> {
+        if !rec.spec.by_bgp() || rec.placement.first().map(String::as_str) != Some(engine) {
+            return Ok(());
+        }
+        let mut placement = rec.placement.clone();
+        placement.retain(|e| e != engine);
+        placement.push(engine.to_owned());
+        self.commit(vec![crate::store::Write::Service(VsRecord {
+            placement,
+            ..rec.clone()
+        })])
     }
 
     /// `engine` gets weight 0 in a new snapshot, whose version it leaves at.
@@ -546,8 +574,21 @@ impl Cluster {
                 m.from, m.to
             )));
         }
-        let primary = rec.placement.first().cloned().unwrap_or_default();
-        let from = from.unwrap_or(&primary).to_owned();
+        // Scaling mode bgp has no primary: the engine to move from is named.
+        let primary = if rec.spec.by_bgp() {
+            String::new()
+        } else {
+            rec.placement.first().cloned().unwrap_or_default()
+        };
+        let from = match from {
+            Some(f) => f.to_owned(),
+            None if rec.spec.by_bgp() => {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "{name:?} is scaled by BGP (no primary): name the engine to migrate from"
+                )));
+            }
+            None => primary.clone(),
+        };
         if !rec.placement.contains(&from) {
             return Err(ClusterError::FailedPrecondition(format!(
                 "{from:?} is not placed for {name:?}"
@@ -579,6 +620,8 @@ impl Cluster {
             }
             self.scale_out(name, Some(&to))?;
         }
+        let rec = self.vs(name)?;
+        self.last_in_placement(&rec, &from)?;
         self.events.emit(
             "scaling",
             &[obj("vs", name), obj("engine", &from), obj("engine", &to)],
@@ -849,7 +892,7 @@ impl Cluster {
             .p
             .services
             .values()
-            .filter(|v| v.placement.len() > 1)
+            .filter(|v| v.placement.len() > 1 && !v.spec.by_bgp())
             .filter_map(|v| Some((v.spec.name.clone(), v.placement.first()?.clone())))
             .collect();
         for (vs, primary) in services {

@@ -47,6 +47,7 @@ fn spec(name: &str, port: u16, min: u32) -> VsSpec {
         max_engines: 4,
         tags: BTreeMap::new(),
         engine_group: DEFAULT_GROUP.into(),
+        bgp: None,
     }
 }
 
@@ -1279,8 +1280,9 @@ fn group_settings_are_checked_naming_the_setting() {
         ),
         (
             "max_scaleout_per_vs",
+            // Up to 64: the limit of scaling mode bgp (a native service stops at its max_engines).
             RebalanceSettings {
-                max_scaleout_per_vs: 8,
+                max_scaleout_per_vs: 65,
                 ..RebalanceSettings::default()
             },
         ),
@@ -1413,4 +1415,188 @@ fn each_group_rebalances_on_its_own() {
     }
     assert!(events_of(&c, "rebalance_failed").is_empty());
     assert_eq!(c.persisted().services["img"].placement.len(), 1);
+}
+
+fn bgp_settings() -> BgpConfig {
+    BgpConfig::new(
+        65001,
+        std::net::Ipv4Addr::UNSPECIFIED,
+        vec![lb_model::BgpPeerConfig {
+            address: "10.77.0.1".parse().unwrap(),
+            asn: 65000,
+            port: 179,
+            hold_time_s: None,
+            bfd: Some(lb_model::BfdConfig::default()),
+            next_hop_v4: None,
+            next_hop_v6: None,
+        }],
+    )
+}
+
+fn bgp_spec(name: &str, port: u16, min: u32) -> VsSpec {
+    VsSpec {
+        max_engines: BGP_MAX_ENGINES,
+        bgp: Some(lb_model::VsBgpConfig {
+            med: Some(10),
+            local_pref: None,
+        }),
+        ..spec(name, port, min)
+    }
+}
+
+#[test]
+fn scaling_mode_bgp_needs_the_bgp_settings_and_reaches_every_engine_with_its_own_router_id() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let err = c.create_vs(bgp_spec("web", 80, 2)).unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::FailedPrecondition(m) if m.contains("lbctl bgp set")),
+        "{err}"
+    );
+    // Beyond the native limit, a native service is told what to do.
+    let mut wide = spec("web", 80, 1);
+    wide.max_engines = 8;
+    let err = c.create_vs(wide).unwrap_err();
+    assert!(err.to_string().contains("scaling mode bgp"), "{err}");
+
+    assert!(matches!(
+        c.set_bgp(Some(bgp_settings()), 3).unwrap_err(),
+        ClusterError::Aborted(_)
+    ));
+    let rec = c.set_bgp(Some(bgp_settings()), 0).unwrap().unwrap();
+    assert_eq!(rec.resource_version, 1);
+    assert!(
+        events_of(&c, "bgp")
+            .iter()
+            .any(|e| e.reason.contains("10.77.0.1 AS 65000 bfd"))
+    );
+    let mut too_wide = bgp_spec("web", 80, 1);
+    too_wide.max_engines = 65;
+    let err = c.create_vs(too_wide).unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::InvalidArgument { field, .. } if field == "scaling.max_engines"),
+        "{err}"
+    );
+    c.create_vs(bgp_spec("web", 80, 3)).unwrap();
+
+    let d = desired(&c);
+    let b = d.bgp.clone().expect("the BGP settings in the snapshot");
+    assert!(b.router_id.is_unspecified(), "each engine fills in its own");
+    assert_eq!(d.virtual_services[0].bgp.as_ref().unwrap().med, Some(10));
+    assert_eq!(d.virtual_services[0].engines.len(), 3);
+    // Every engine's configuration from the snapshot: its own address as the BGP identifier.
+    for e in &d.engines {
+        let config = lb_model::Config::from_parts(DaemonConfig::new("eth0", e.id), d.clone())
+            .unwrap_or_else(|err| panic!("engine {}: {err}", e.id));
+        assert_eq!(
+            config.bgp.unwrap().router_id.to_string(),
+            format!("10.77.0.{}", 10 + e.id)
+        );
+    }
+
+    let err = c.set_bgp(None, 1).unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::FailedPrecondition(m) if m.contains("\"web\"")),
+        "{err}"
+    );
+    c.delete_vs("web").unwrap();
+    assert_eq!(c.set_bgp(None, 1).unwrap(), None);
+    assert_eq!(desired(&c).bgp, None);
+}
+
+#[test]
+fn a_failed_engine_of_a_bgp_service_leaves_at_once_and_nothing_is_promoted() {
+    let start = Instant::now();
+    let (mut c, _) = standard(start);
+    c.set_bgp(Some(bgp_settings()), 0).unwrap();
+    c.create_vs(bgp_spec("web", 80, 2)).unwrap();
+    assert_eq!(c.persisted().services["web"].placement, ["se1", "se2"]);
+    // se1, first in the placement, goes silent.
+    for s in 1..=10u64 {
+        let now = start + Duration::from_secs(s);
+        for e in ["se2", "se3", "se4"] {
+            c.heartbeat(e, Observed::default(), now);
+        }
+        c.tick(now).unwrap();
+    }
+    assert_eq!(c.health("se1"), Some(EngineHealth::Failed));
+    let vs = &c.persisted().services["web"];
+    assert_eq!(vs.placement, ["se2", "se3"], "se1 left, se3 added (N+M)");
+    assert_eq!(vs.epoch, 0, "no primary, no promotion");
+    assert!(events_of(&c, "promotion").is_empty());
+    let kinds: BTreeSet<&str> = c.anomalies().iter().map(|(a, _)| a.kind).collect();
+    assert!(!kinds.contains("primary_failed"), "{kinds:?}");
+    let d = desired(&c);
+    let se1 = d.engines.iter().find(|e| e.id == 1).unwrap();
+    assert_eq!(se1.state, EngineState::Down, "not kept active as a primary");
+}
+
+#[test]
+fn any_engine_of_a_bgp_service_scales_in_and_none_is_primary() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    c.set_bgp(Some(bgp_settings()), 0).unwrap();
+    c.create_vs(bgp_spec("web", 80, 2)).unwrap();
+    c.scale_out("web", Some("se3")).unwrap();
+    serves(&mut c, "se3", &["web"], 10.0, now + Duration::from_secs(1));
+    let rec = c.persisted().services["web"].clone();
+    assert_eq!(rec.placement, ["se1", "se2", "se3"]);
+    assert!(c.placement_view(&rec).iter().all(|p| p.role == "member"));
+    assert_eq!(
+        members(&c),
+        [(1, BASE_WEIGHT), (2, BASE_WEIGHT), (3, BASE_WEIGHT)],
+        "no primary share: every engine steers its own"
+    );
+    let err = c.migrate("web", None, None).unwrap_err();
+    assert!(err.to_string().contains("name the engine"), "{err}");
+    // The first engine scales in like any other (natively: "migrate it instead").
+    c.scale_in("web", Some("se1")).unwrap();
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se2", "se3", "se1"]
+    );
+    assert_eq!(
+        members(&c),
+        [(2, BASE_WEIGHT), (3, BASE_WEIGHT), (1, 0)],
+        "se1 takes no new connections"
+    );
+    let engine = crate::api::engine_to_pb("se2", &c).unwrap();
+    assert_eq!(engine.roles["web"], "member");
+}
+
+#[test]
+fn an_engines_bgp_sessions_are_shown_and_their_changes_are_events() {
+    let now = Instant::now();
+    let (mut c, _) = standard(now);
+    let session = |state: &str, error: &str| Observed {
+        bgp: vec![BgpSessionReport {
+            peer: "10.77.0.1:179".into(),
+            state: state.into(),
+            uptime_s: 0,
+            routes_announced: 1,
+            last_error: error.into(),
+            bfd: "up".into(),
+        }],
+        ..Observed::default()
+    };
+    c.heartbeat("se1", session("connect", ""), now);
+    c.heartbeat("se1", session("established", ""), now);
+    c.heartbeat("se1", session("established", ""), now);
+    c.heartbeat("se1", session("idle", "hold timer expired"), now);
+    let reasons: Vec<String> = events_of(&c, "bgp_session")
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "se1: BGP session with 10.77.0.1:179 established, 1 routes announced",
+            "se1: BGP session with 10.77.0.1:179 is idle: hold timer expired",
+        ],
+        "one event per change, none while it stays up"
+    );
+    let e = crate::api::engine_to_pb("se1", &c).unwrap();
+    assert_eq!(e.bgp_peers.len(), 1);
+    assert_eq!(e.bgp_peers[0].state, "idle");
+    assert_eq!(e.bgp_peers[0].last_error, "hold timer expired");
 }

@@ -22,6 +22,7 @@ fn vs(name: &str, placement: &[&str]) -> Service {
         placement: placement.iter().map(|s| (*s).to_owned()).collect(),
         min_engines: 1,
         max_engines: 4,
+        by_bgp: false,
     }
 }
 
@@ -529,5 +530,54 @@ fn another_criterion_reads_its_own_measure() {
         d.reason,
         "se1 at 5000 new connections/s: web makes 100 % of its packets → scale out web to se2",
         "CPU (20 %) would have said nothing"
+    );
+}
+
+#[test]
+fn a_hot_service_in_scaling_mode_bgp_scales_past_the_native_limit() {
+    let six = ["se1", "se2", "se3", "se4", "se5", "se6"];
+    let loads: Vec<Load<'_>> = six
+        .iter()
+        .map(|e| -> Load<'_> {
+            if *e == "se1" {
+                (e, 85.0, &[("web", 90.0)])
+            } else {
+                (e, 40.0, &[])
+            }
+        })
+        .collect();
+    let wide = RebalanceSettings {
+        max_scaleout_per_vs: 16,
+        ..settings()
+    };
+    let mut web = vs("web", &six[..4]);
+    web.max_engines = 64;
+    web.by_bgp = true;
+    let d = decide_once(wide, &loads, std::slice::from_ref(&web));
+    assert_eq!(
+        d.action,
+        Some(Action::ScaleOut {
+            vs: "web".into(),
+            to: "se5".into()
+        }),
+        "{}",
+        d.reason
+    );
+    // The same service, native: at its maximum of 4, and the decision says what would help.
+    let native = vs("web", &six[..4]);
+    let d = decide_once(wide, &loads, &[native]);
+    assert_eq!(d.action, None, "{}", d.reason);
+    assert!(
+        d.reason.contains("at its maximum of 4 engines") && d.reason.contains("scaling mode bgp"),
+        "{}",
+        d.reason
+    );
+    // In mode bgp too, the group's max_scaleout_per_vs bounds it.
+    let d = decide_once(settings(), &loads, &[web]);
+    assert_eq!(d.action, None, "{}", d.reason);
+    assert!(
+        d.reason.contains("at its maximum of 4 engines") && !d.reason.contains("scaling mode bgp"),
+        "{}",
+        d.reason
     );
 }

@@ -33,6 +33,7 @@ fn service(name: &str, placement: &[&str]) -> Service {
         placement: placement.iter().map(|e| (*e).to_owned()).collect(),
         min_engines: 1,
         max_engines: 4,
+        by_bgp: false,
     }
 }
 

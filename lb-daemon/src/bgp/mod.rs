@@ -7,6 +7,8 @@
 //!              └── Speaker: one session task per [[bgp.peers]] (session.rs), each announcing
 //!                  the wanted routes and withdrawing the rest
 //!   SIGTERM ─► Speaker::stop: every session withdraws its routes, sends Cease, closes.
+//!   [bgp] changed (SIGHUP, a controller snapshot) ─► Speakers::follow: the old speaker stops as
+//!            on SIGTERM, one with the new settings starts (per-peer counters carry over)
 //! ```
 //!
 //! A crash closes the TCP sessions with the process, and the routers withdraw by themselves.
@@ -90,6 +92,73 @@ pub fn wanted(announcing: &[Announcing]) -> Routes {
     routes
 }
 
+/// Every peer's state, as the metrics read it.
+pub type PeerList = Arc<RwLock<Vec<(SocketAddr, Arc<Mutex<PeerStatus>>)>>>;
+
+/// The speaker of the `[bgp]` applied now: none, or one with its health watch. It follows the
+/// configuration: a changed `[bgp]` stops the old speaker (its routes withdrawn, Cease) and starts
+/// one with the new settings.
+pub struct Speakers {
+    running: Option<(BgpConfig, Arc<Speaker>, JoinHandle<()>)>,
+    peers: PeerList,
+    inventory: Arc<RwLock<Inventory>>,
+}
+
+impl Speakers {
+    pub fn new(inventory: Arc<RwLock<Inventory>>) -> Self {
+        Speakers {
+            running: None,
+            peers: PeerList::default(),
+            inventory,
+        }
+    }
+
+    /// Runs the speaker `cfg` (validated) asks for: nothing to do if it runs already.
+    pub async fn follow(&mut self, cfg: Option<&BgpConfig>) {
+        if self.running.as_ref().map(|r| &r.0) == cfg {
+            return;
+        }
+        let previous = self.stop().await;
+        let Some(cfg) = cfg else {
+            tracing::info!("BGP speaker off");
+            return;
+        };
+        let speaker = Arc::new(Speaker::start(cfg, &previous));
+        let health = tokio::spawn(watch_health(speaker.clone(), self.inventory.clone()));
+        *self
+            .peers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = speaker.peers();
+        tracing::info!(
+            asn = cfg.asn,
+            router_id = %cfg.router_id,
+            peers = cfg.peers.len(),
+            "BGP speaker started"
+        );
+        self.running = Some((cfg.clone(), speaker, health));
+    }
+
+    /// Stops the running speaker, if any (its routes withdrawn, Cease); returns its peers' state.
+    pub async fn stop(&mut self) -> Vec<(SocketAddr, Arc<Mutex<PeerStatus>>)> {
+        let Some((_, speaker, health)) = self.running.take() else {
+            return Vec::new();
+        };
+        health.abort();
+        speaker.stop().await;
+        std::mem::take(
+            &mut *self
+                .peers
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// The peers' state, kept current across restarts of the speaker (for the metrics).
+    pub fn peers(&self) -> PeerList {
+        self.peers.clone()
+    }
+}
+
 /// The running speaker: one session task per peer.
 pub struct Speaker {
     routes: watch::Sender<Routes>,
@@ -99,8 +168,9 @@ pub struct Speaker {
 }
 
 impl Speaker {
-    /// Starts a session task per peer of `cfg` (validated), announcing nothing yet.
-    pub fn start(cfg: &BgpConfig) -> Speaker {
+    /// Starts a session task per peer of `cfg` (validated), announcing nothing yet. A peer in
+    /// `previous` (a stopped speaker's) keeps its state record, so its counters carry on.
+    pub fn start(cfg: &BgpConfig, previous: &[(SocketAddr, Arc<Mutex<PeerStatus>>)]) -> Speaker {
         let (routes, routes_rx) = watch::channel(Routes::new());
         let (stop, stop_rx) = watch::channel(false);
         let communities: Vec<u32> = cfg
@@ -126,7 +196,10 @@ impl Speaker {
                 max_backoff: Duration::from_secs(u64::from(cfg.max_backoff_s)),
                 bfd: bfd.clone(),
             };
-            let status = Arc::new(Mutex::new(PeerStatus::default()));
+            let status = previous
+                .iter()
+                .find(|(a, _)| *a == peer.addr())
+                .map_or_else(Arc::default, |(_, s)| s.clone());
             peers.push((peer.addr(), status.clone()));
             tasks.push(tokio::spawn(session::run(
                 peer,
