@@ -56,7 +56,11 @@ impl Inventory {
             engines: config.engines.iter().map(|e| e.id).collect(),
             services: proxy.services(),
             pools: proxy.pools(),
-            bgp: crate::bgp::announcing(&config.virtual_services, &proxy.services()),
+            bgp: crate::bgp::announcing(
+                config.daemon.engine_id,
+                &config.virtual_services,
+                &proxy.services(),
+            ),
         }
     }
 }

@@ -9,8 +9,12 @@
 //! configuration lists all of them (MAC, address) and `[peers]`, so that a flow the router moves to
 //! another engine mid-connection is found and sent back to its owner.
 //!
+//! [`BgpLab::build_managed`] runs the engines under a controller instead (namespace `ctl` on the
+//! segment, 10.99.0.250): managed daemons, nothing configured until the test drives `lbctl`.
+//!
 //! ```text
 //!   client ── rtr (router, ECMP) ══ br0 ══ se1 se2 … (lb-daemon, BGP) ── b1 b2 … (nginx)
+//!                                      ╚═ ctl (controller, managed mode only)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +36,8 @@ use crate::nginx::Nginx;
 use crate::{Lab, Ns, Proc, daemon_bin, testkit_object, xdp_object};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+/// The controller of [`BgpLab::build_managed`].
+pub const CONTROLLER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 250);
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const CLIENT: &str = "10.98.0.2";
 pub const ENGINES: [u8; 3] = [1, 2, 3];
@@ -157,6 +163,15 @@ pub struct BgpLab {
     /// The engines of the one service scaled by BGP, in every engine's configuration, with
     /// `[peers]`; empty: each engine serves the VIP by itself.
     pub members: Vec<u8>,
+    /// Managed mode: the controller.
+    pub control: Option<Control>,
+}
+
+/// The controller of a managed lab: its namespace, PKI and process.
+pub struct Control {
+    pub ctl: Ns,
+    pub pki: PathBuf,
+    pub proc: Proc,
 }
 
 impl BgpLab {
@@ -258,6 +273,7 @@ impl BgpLab {
             bfd,
             hold_time_s,
             members,
+            control: None,
         };
         if v6 {
             me.lab.ip(
@@ -281,6 +297,129 @@ impl BgpLab {
             me.start_engine(id, false)?;
         }
         Ok(me)
+    }
+
+    /// The router, BFD on its sessions, a controller and a managed daemon on each engine of
+    /// `ids`, every engine connected; nothing configured (the test does it by `lbctl`).
+    pub fn build_managed(kind: Kind, ids: &[u8]) -> Result<Self> {
+        let mut me = Self::build_inner(kind, ids, &[], false, true, 9, Vec::new())?;
+        let ctl = me.lab.add_ns("ctl")?;
+        me.lab.attach(&ctl, "eth0", &format!("{CONTROLLER}/24"))?;
+        let pki = me.dir.path().join("pki");
+        let names: Vec<String> = ids.iter().map(|i| format!("se{i}")).collect();
+        crate::controller_lab::make_pki(&pki, CONTROLLER, &names)?;
+        let bin = crate::controller_bin();
+        let db = me.dir.path().join("controller.redb");
+        let proc = me.lab.spawn(
+            &ctl,
+            &[
+                path(&bin)?,
+                "--listen",
+                &format!("0.0.0.0:{}", crate::controller_lab::CONTROLLER_PORT),
+                "--db",
+                path(&db)?,
+                "--tls-dir",
+                path(&pki)?,
+                "--heartbeat-interval-ms",
+                "500",
+                "--max-missed",
+                "3",
+            ],
+            &Output::File(me.dir.path().join("controller.log")),
+        )?;
+        me.control = Some(Control { ctl, pki, proc });
+        me.wait_lbctl(Duration::from_secs(10), "the controller answers", |l| {
+            Ok(l.lbctl(&["engines"])?.code == 0)
+        })?;
+        for &id in ids {
+            me.start_managed(id)?;
+        }
+        me.wait_lbctl(Duration::from_secs(20), "every engine connected", |l| {
+            let engines = l.lbctl(&["engines"])?.json()?;
+            let all = engines.as_array().context("an array")?;
+            Ok(all.len() == ids.len() && all.iter().all(|e| e["connected"] == true))
+        })?;
+        Ok(me)
+    }
+
+    /// Starts engine `id`'s daemon in managed mode.
+    pub fn start_managed(&mut self, id: u8) -> Result<()> {
+        let control = self.control.as_ref().context("not a managed lab")?;
+        let controller = crate::daemon::ControllerSection {
+            address: format!(
+                "https://{CONTROLLER}:{}",
+                crate::controller_lab::CONTROLLER_PORT
+            ),
+            name: format!("se{id}"),
+            tls_dir: control.pki.clone(),
+            state_file: self.dir.path().join(format!("se{id}-desired.json")),
+            heartbeat_interval_ms: 500,
+            tags: BTreeMap::new(),
+            group: None,
+        };
+        let (ns, slot, pins) = self.engines.get_mut(&id).context("no such engine")?;
+        let d = Daemon::start_managed(
+            &self.lab,
+            ns,
+            DaemonSection::lab("eth0", id, pins.path()),
+            &controller,
+            pins.clone(),
+            &daemon_bin(),
+            &xdp_object(),
+            &[],
+        )?;
+        *slot = Some(d);
+        Ok(())
+    }
+
+    /// `lbctl --json ARGS` against the controller of a managed lab.
+    pub fn lbctl(&self, args: &[&str]) -> Result<crate::controller_lab::Lbctl> {
+        let c = self.control.as_ref().context("not a managed lab")?;
+        crate::controller_lab::lbctl_in(&c.ctl, &c.pki, "admin", args)
+    }
+
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("controller.log"))
+            .map(|t| crate::controller_lab::tail(&t, 30))
+            .unwrap_or_default()
+    }
+
+    /// Polls `f` every 100 ms until it says yes; an error after `timeout`, naming `what`, with the
+    /// controller's and engines' logs.
+    pub fn wait_lbctl(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            match f(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => last.clear(),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{what}: not within {timeout:?} ({last})\ncontroller log:\n{}\nengine logs:\n{}",
+                    self.controller_log(),
+                    self.engine_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL to engine `id`'s daemon.
+    pub fn kill_engine(&mut self, id: u8) -> Result<()> {
+        let d = self
+            .engines
+            .get_mut(&id)
+            .and_then(|e| e.1.take())
+            .context("engine not running")?;
+        d.proc().kill();
+        Ok(())
     }
 
     pub fn start_bird(&mut self) -> Result<()> {

@@ -95,27 +95,8 @@ impl ControllerLab {
             .attach(&ctl, "eth0", &format!("{CONTROLLER_ADDR}/24"))?;
         let state = tempfile::Builder::new().prefix("lb-ctl-").tempdir()?;
         let pki = state.path().join("pki");
-        let mut args: Vec<String> = vec![
-            "certs".into(),
-            "init".into(),
-            "--dir".into(),
-            pki.display().to_string(),
-            "--controller-name".into(),
-            CONTROLLER_ADDR.to_string(),
-            "--controller-name".into(),
-            "127.0.0.1".into(),
-            "--operator".into(),
-            "admin".into(),
-        ];
-        for e in &lab.engines {
-            args.extend(["--engine".into(), e.name.clone()]);
-        }
-        let out = Command::new(crate::lbctl_bin()).args(&args).output()?;
-        ensure!(
-            out.status.success(),
-            "lbctl certs init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let names: Vec<String> = lab.engines.iter().map(|e| e.name.clone()).collect();
+        make_pki(&pki, CONTROLLER_ADDR, &names)?;
         let mut this = Self {
             daemons: BTreeMap::new(),
             pins: BTreeMap::new(),
@@ -493,26 +474,7 @@ impl ControllerLab {
 
     /// `lbctl ARGS` as operator `admin`, human output.
     pub fn lbctl_text(&self, args: &[&str]) -> Result<String> {
-        let bin = crate::lbctl_bin();
-        let pki = self.pki.clone();
-        let out = in_ns(self.ctl.name(), || {
-            Ok(Command::new(&bin)
-                .args([
-                    "--controller",
-                    &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
-                    "--tls-dir",
-                    pki.to_str().context("path")?,
-                ])
-                .args(args)
-                .output()?)
-        })?;
-        ensure!(
-            out.status.success(),
-            "lbctl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        lbctl_text_in(&self.ctl, &self.pki, args)
     }
 
     pub fn daemon(&self, id: u8) -> Option<&Daemon> {
@@ -556,26 +518,7 @@ impl ControllerLab {
 
     /// `lbctl` with the PKI directory `pki` and operator certificate `operator`.
     pub fn lbctl_as(&self, pki: &Path, operator: &str, args: &[&str]) -> Result<Lbctl> {
-        let bin = crate::lbctl_bin();
-        let out = in_ns(self.ctl.name(), || {
-            Ok(Command::new(&bin)
-                .args([
-                    "--controller",
-                    &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
-                    "--tls-dir",
-                    pki.to_str().context("path")?,
-                    "--operator",
-                    operator,
-                    "--json",
-                ])
-                .args(args)
-                .output()?)
-        })?;
-        Ok(Lbctl {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        lbctl_in(&self.ctl, pki, operator, args)
     }
 
     /// Polls `f` every 100 ms until it says yes; an error after `timeout`, naming `what`.
@@ -632,6 +575,81 @@ impl ControllerLab {
             && versions.first().is_some_and(|v| *v > 0))
         .then(|| versions[0]))
     }
+}
+
+/// A development PKI in `dir` (`lbctl certs init`): the controller at `controller` and on
+/// loopback, operator `admin`, and `engines`.
+pub fn make_pki(dir: &Path, controller: Ipv4Addr, engines: &[String]) -> Result<()> {
+    let mut args: Vec<String> = vec![
+        "certs".into(),
+        "init".into(),
+        "--dir".into(),
+        dir.display().to_string(),
+        "--controller-name".into(),
+        controller.to_string(),
+        "--controller-name".into(),
+        "127.0.0.1".into(),
+        "--operator".into(),
+        "admin".into(),
+    ];
+    for e in engines {
+        args.extend(["--engine".into(), e.clone()]);
+    }
+    let out = Command::new(crate::lbctl_bin()).args(&args).output()?;
+    ensure!(
+        out.status.success(),
+        "lbctl certs init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `lbctl --json ARGS` in namespace `ctl` against the controller there on loopback, with the PKI
+/// directory `pki` and operator certificate `operator`.
+pub fn lbctl_in(ctl: &Ns, pki: &Path, operator: &str, args: &[&str]) -> Result<Lbctl> {
+    let bin = crate::lbctl_bin();
+    let out = in_ns(ctl.name(), || {
+        Ok(Command::new(&bin)
+            .args([
+                "--controller",
+                &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
+                "--tls-dir",
+                pki.to_str().context("path")?,
+                "--operator",
+                operator,
+                "--json",
+            ])
+            .args(args)
+            .output()?)
+    })?;
+    Ok(Lbctl {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `lbctl ARGS` as operator `admin` in namespace `ctl`, human output; an error unless it succeeds.
+pub fn lbctl_text_in(ctl: &Ns, pki: &Path, args: &[&str]) -> Result<String> {
+    let bin = crate::lbctl_bin();
+    let out = in_ns(ctl.name(), || {
+        Ok(Command::new(&bin)
+            .args([
+                "--controller",
+                &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
+                "--tls-dir",
+                pki.to_str().context("path")?,
+            ])
+            .args(args)
+            .output()?)
+    })?;
+    ensure!(
+        out.status.success(),
+        "lbctl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The engines of a virtual service (`lbctl vs get --json`), the primary first; engines draining

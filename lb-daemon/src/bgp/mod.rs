@@ -45,13 +45,17 @@ pub struct Announcing {
     pub route: Route,
 }
 
-/// The BGP services among those the proxy serves, in `config`'s order.
+/// The BGP services among those the proxy serves, in `config`'s order, where engine `self_id`
+/// takes new connections (a weight above 0: an engine scaled out but not serving yet, or on its
+/// way out, draws no traffic from the routers).
 pub fn announcing(
+    self_id: u32,
     virtual_services: &[VirtualServiceConfig],
     services: &[Arc<Service>],
 ) -> Vec<Announcing> {
     virtual_services
         .iter()
+        .filter(|vs| vs.engines.iter().any(|m| m.id == self_id && m.weight > 0))
         .filter_map(|vs| {
             let bgp = vs.bgp.as_ref()?;
             let service = services
