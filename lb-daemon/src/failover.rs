@@ -7,6 +7,7 @@
 //!   config applied ────┼─► roles.decide ─► overlay (peers down, primaries, ask-UDP) ─► maps
 //!   start hold ends ───┤                 ├► VIP on the interface (primary) or lo, GARP / NA
 //!   ask-UDP expires ───┘                 ├► claims in the probes, owner plan
+//!   (the engines of a service scaled by BGP change: ask about unknown UDP flows for a while)
 //!                                        └► a new primary elsewhere: push it our flows
 //! ```
 
@@ -35,8 +36,31 @@ use crate::{
     roles::{self, Change, Roles},
 };
 
-/// How long unknown UDP flows are asked about after a promotion.
+/// How long unknown UDP flows are asked about after a promotion, or after the engines of a
+/// service scaled by BGP changed (the routers' next hops change with them).
 pub const ASK_UDP_FOR: Duration = Duration::from_secs(10);
+
+/// The engines of each service scaled by BGP that the routers may send its flows to: its members,
+/// less those whose daemon the peer view has seen down (the BGP speaker dies or hangs with it, and
+/// the routers withdraw its routes; its data plane may still answer). When this set changes the
+/// routers' ECMP hash moves flows between engines; a moved TCP flow is asked about by its non-SYN
+/// segment, a moved UDP session only while the service asks about unknown UDP flows.
+pub fn bgp_next_hops(config: &Config, view: &View) -> BTreeMap<u32, BTreeSet<u32>> {
+    config
+        .virtual_services
+        .iter()
+        .filter(|vs| vs.by_bgp())
+        .map(|vs| {
+            let live = vs
+                .engines
+                .iter()
+                .map(|m| m.id)
+                .filter(|id| view.get(id).is_none_or(|s| s.daemon_up))
+                .collect();
+            (vs.id, live)
+        })
+        .collect()
+}
 
 /// Every failover counter, for the metrics endpoint.
 #[derive(Debug, Default)]
@@ -64,6 +88,8 @@ pub struct Failover {
     /// (peer, virtual service) claims below this engine's epoch already answered with announcements.
     stale_claims: BTreeSet<(u32, u32)>,
     ask_udp: BTreeMap<u32, Instant>,
+    /// [`bgp_next_hops`] at the last refresh.
+    bgp_next_hops: BTreeMap<u32, BTreeSet<u32>>,
     hold_until: Option<Instant>,
     counters: Arc<FailoverCounters>,
 }
@@ -118,6 +144,7 @@ impl Failover {
             announcing: BTreeMap::new(),
             stale_claims: BTreeSet::new(),
             ask_udp: BTreeMap::new(),
+            bgp_next_hops: BTreeMap::new(),
             hold_until,
             counters,
         }
@@ -204,6 +231,24 @@ impl Failover {
                 }
             }
         }
+        let next_hops = bgp_next_hops(&config, &view);
+        for (vs_id, hops) in &next_hops {
+            if self.enabled
+                && self
+                    .bgp_next_hops
+                    .get(vs_id)
+                    .is_some_and(|before| before != hops)
+            {
+                info!(
+                    vs_id,
+                    engines = ?hops,
+                    "the engines of a service scaled by BGP changed: asking the others about unknown UDP flows for {} s",
+                    ASK_UDP_FOR.as_secs()
+                );
+                self.ask_udp.insert(*vs_id, now + ASK_UDP_FOR);
+            }
+        }
+        self.bgp_next_hops = next_hops;
         let primaries = if self.enabled {
             self.roles.primaries(&config)
         } else {
@@ -377,5 +422,90 @@ impl Failover {
             );
             self.announcing.insert(vip, h);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::PeerStatus;
+
+    const TEXT: &str = r#"
+[daemon]
+interface = "eth0"
+engine_id = 1
+
+[peers]
+key = "00112233445566778899aabbccddeeff"
+
+[bgp]
+asn = 65001
+router_id = "10.0.0.1"
+[[bgp.peers]]
+address = "10.0.0.254"
+asn = 65000
+
+[[engines]]
+id = 1
+address_v4 = "10.0.0.1"
+
+[[engines]]
+id = 2
+mac = "02:00:00:00:00:02"
+address_v4 = "10.0.0.2"
+
+[[engines]]
+id = 3
+mac = "02:00:00:00:00:03"
+address_v4 = "10.0.0.3"
+
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "10.100.0.10"
+port = 80
+protocol = "udp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 }, { id = 3 } ]
+bgp = { med = 10 }
+
+[[virtual_services]]
+id = 1
+name = "native"
+vip = "10.100.0.11"
+port = 80
+protocol = "udp"
+primary = 1
+engines = [ { id = 1 }, { id = 2 } ]
+"#;
+
+    fn status(daemon_up: bool, dataplane_up: bool) -> PeerStatus {
+        PeerStatus {
+            daemon_up,
+            dataplane_up,
+            claims: Vec::new(),
+            unserving: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_next_hops_of_a_service_scaled_by_bgp_follow_the_peers_daemons() {
+        let cfg = Config::parse(TEXT).unwrap();
+        let hops = |view: &[(u32, PeerStatus)]| {
+            bgp_next_hops(&cfg, &view.iter().cloned().collect::<View>())
+        };
+        let all = BTreeMap::from([(0, BTreeSet::from([1, 2, 3]))]);
+        assert_eq!(hops(&[]), all, "not probed yet: every member");
+        assert_eq!(hops(&[(2, status(true, true))]), all);
+        // A dead daemon whose data plane still steers: its BGP session is gone with it.
+        assert_eq!(
+            hops(&[(2, status(false, true)), (3, status(true, true))]),
+            BTreeMap::from([(0, BTreeSet::from([1, 3]))])
+        );
+        assert_eq!(
+            hops(&[(2, status(true, true)), (3, status(false, false))]),
+            BTreeMap::from([(0, BTreeSet::from([1, 2]))]),
+            "the native service has no next hops to follow"
+        );
     }
 }

@@ -378,3 +378,11 @@ fn bird_rehashing_breaks_no_connection_but_the_dead_engines() -> Result<()> {
     }
     held_connections_survive_ecmp_changes(Kind::Bird)
 }
+
+#[test]
+fn frr_rehashing_breaks_no_connection_but_the_dead_engines() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    held_connections_survive_ecmp_changes(Kind::Frr)
+}
