@@ -390,25 +390,15 @@ impl BgpLab {
         &self,
         timeout: Duration,
         what: &str,
-        mut f: impl FnMut(&Self) -> Result<bool>,
+        f: impl FnMut(&Self) -> Result<bool>,
     ) -> Result<Duration> {
-        let start = Instant::now();
-        let mut last = String::new();
-        loop {
-            match f(self) {
-                Ok(true) => return Ok(start.elapsed()),
-                Ok(false) => last.clear(),
-                Err(e) => last = format!("{e:#}"),
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "{what}: not within {timeout:?} ({last})\ncontroller log:\n{}\nengine logs:\n{}",
-                    self.controller_log(),
-                    self.engine_logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::controller_lab::poll(self, timeout, what, f, |l| {
+            format!(
+                "controller log:\n{}\nengine logs:\n{}",
+                l.controller_log(),
+                l.engine_logs()
+            )
+        })
     }
 
     /// SIGKILL to engine `id`'s daemon.

@@ -526,24 +526,11 @@ impl ControllerLab {
         &self,
         timeout: Duration,
         what: &str,
-        mut f: impl FnMut(&Self) -> Result<bool>,
+        f: impl FnMut(&Self) -> Result<bool>,
     ) -> Result<Duration> {
-        let start = Instant::now();
-        let mut last = String::new();
-        loop {
-            match f(self) {
-                Ok(true) => return Ok(start.elapsed()),
-                Ok(false) => last.clear(),
-                Err(e) => last = format!("{e:#}"),
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "{what}: not within {timeout:?} ({last}); controller log:\n{}",
-                    tail(&self.controller_log(), 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(self, timeout, what, f, |l| {
+            format!("controller log:\n{}", tail(&l.controller_log(), 30))
+        })
     }
 
     /// Waits until every engine in `ids` runs the same version above `after`; returns it (the one
@@ -577,6 +564,30 @@ impl ControllerLab {
     }
 }
 
+/// Polls `f(this)` every 100 ms until it says yes; after `timeout` an error naming `what`, the
+/// last error `f` returned, and `logs(this)`.
+pub fn poll<T>(
+    this: &T,
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut(&T) -> Result<bool>,
+    logs: impl Fn(&T) -> String,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        match f(this) {
+            Ok(true) => return Ok(start.elapsed()),
+            Ok(false) => last.clear(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            bail!("{what}: not within {timeout:?} ({last}); {}", logs(this));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A development PKI in `dir` (`lbctl certs init`): the controller at `controller` and on
 /// loopback, operator `admin`, and `engines`.
 pub fn make_pki(dir: &Path, controller: Ipv4Addr, engines: &[String]) -> Result<()> {
@@ -604,24 +615,28 @@ pub fn make_pki(dir: &Path, controller: Ipv4Addr, engines: &[String]) -> Result<
     Ok(())
 }
 
-/// `lbctl --json ARGS` in namespace `ctl` against the controller there on loopback, with the PKI
-/// directory `pki` and operator certificate `operator`.
-pub fn lbctl_in(ctl: &Ns, pki: &Path, operator: &str, args: &[&str]) -> Result<Lbctl> {
+/// `lbctl GLOBAL ARGS` in namespace `ctl` against the controller there on loopback, with the PKI
+/// directory `pki`.
+fn run_lbctl(ctl: &Ns, pki: &Path, global: &[&str], args: &[&str]) -> Result<std::process::Output> {
     let bin = crate::lbctl_bin();
-    let out = in_ns(ctl.name(), || {
+    in_ns(ctl.name(), || {
         Ok(Command::new(&bin)
             .args([
                 "--controller",
                 &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
                 "--tls-dir",
                 pki.to_str().context("path")?,
-                "--operator",
-                operator,
-                "--json",
             ])
+            .args(global)
             .args(args)
             .output()?)
-    })?;
+    })
+}
+
+/// `lbctl --json ARGS` in namespace `ctl` against the controller there on loopback, with the PKI
+/// directory `pki` and operator certificate `operator`.
+pub fn lbctl_in(ctl: &Ns, pki: &Path, operator: &str, args: &[&str]) -> Result<Lbctl> {
+    let out = run_lbctl(ctl, pki, &["--operator", operator, "--json"], args)?;
     Ok(Lbctl {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -631,18 +646,7 @@ pub fn lbctl_in(ctl: &Ns, pki: &Path, operator: &str, args: &[&str]) -> Result<L
 
 /// `lbctl ARGS` as operator `admin` in namespace `ctl`, human output; an error unless it succeeds.
 pub fn lbctl_text_in(ctl: &Ns, pki: &Path, args: &[&str]) -> Result<String> {
-    let bin = crate::lbctl_bin();
-    let out = in_ns(ctl.name(), || {
-        Ok(Command::new(&bin)
-            .args([
-                "--controller",
-                &format!("https://127.0.0.1:{CONTROLLER_PORT}"),
-                "--tls-dir",
-                pki.to_str().context("path")?,
-            ])
-            .args(args)
-            .output()?)
-    })?;
+    let out = run_lbctl(ctl, pki, &[], args)?;
     ensure!(
         out.status.success(),
         "lbctl {}: {}",
