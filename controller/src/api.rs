@@ -342,6 +342,7 @@ pub fn bgp_from_pb(b: &pb::BgpSettings) -> Result<BgpConfig, ClusterError> {
             bfd,
             next_hop_v4: None,
             next_hop_v6: None,
+            password: (!p.password.is_empty()).then(|| lb_model::Password(p.password.clone())),
         });
     }
     let config = BgpConfig {
@@ -397,6 +398,9 @@ pub fn bgp_to_pb(b: &BgpConfig, resource_version: u64) -> pb::BgpSettings {
                     min_rx_ms: t.min_rx_ms,
                     multiplier: u32::from(t.multiplier),
                 }),
+                // Write only: the key is not read back.
+                password: String::new(),
+                has_password: p.password.is_some(),
             })
             .collect(),
         resource_version,

@@ -58,7 +58,24 @@ pub struct BgpPeerConfig {
     /// Next hop of IPv6 VIPs; unset: the session's local address when it is IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop_v6: Option<Ipv6Addr>,
+    /// TCP MD5 signatures on the session (RFC 2385) with this key, 1–80 bytes; unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Password>,
 }
+
+/// A TCP MD5 key: shown as `<redacted>` in debug output and logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Longest TCP MD5 key Linux takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub const MAX_PASSWORD_BYTES: usize = 80;
 
 /// `bgp.peers[].bfd`: the session's timers. The router fails the engine after `multiplier`
 /// intervals without a packet.
@@ -212,6 +229,17 @@ impl BgpConfig {
             }
             if let Some(h) = p.hold_time_s {
                 check_hold(&format!("{at}.hold_time_s"), h)?;
+            }
+            if let Some(Password(key)) = &p.password
+                && !(1..=MAX_PASSWORD_BYTES).contains(&key.len())
+            {
+                return Err(invalid(
+                    format!("{at}.password"),
+                    format!(
+                        "{} bytes: a TCP MD5 key is 1–{MAX_PASSWORD_BYTES}",
+                        key.len()
+                    ),
+                ));
             }
             if let Some(b) = &p.bfd {
                 for (name, v) in [("min_tx_ms", b.min_tx_ms), ("min_rx_ms", b.min_rx_ms)] {

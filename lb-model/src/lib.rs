@@ -19,7 +19,10 @@ use lb_common::{DEFAULT_CONN_ENTRIES, DEFAULT_MAX_VS, DEFAULT_PERSIST_ENTRIES, M
 
 mod bgp;
 mod proxy;
-pub use bgp::{AS_TRANS, BfdConfig, BgpConfig, BgpPeerConfig, VsBgpConfig, parse_community};
+pub use bgp::{
+    AS_TRANS, BfdConfig, BgpConfig, BgpPeerConfig, MAX_PASSWORD_BYTES, Password, VsBgpConfig,
+    parse_community,
+};
 pub use proxy::{
     Algorithm, BackendConfig, HealthCheckConfig, HealthCheckKind, PoolConfig, ProxyConfig,
 };

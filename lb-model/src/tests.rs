@@ -913,6 +913,7 @@ fn a_minimal_bgp_section_parses_with_the_defaults() {
             bfd: None,
             next_hop_v4: None,
             next_hop_v6: None,
+            password: None,
         }]
     );
     assert!(c.virtual_services.iter().all(|vs| vs.bgp.is_none()));
@@ -1205,4 +1206,22 @@ fn a_pushed_bgp_section_without_router_id_takes_the_engines_own_address() {
         c.bgp.unwrap().router_id,
         "192.0.2.1".parse::<Ipv4Addr>().unwrap()
     );
+}
+
+#[test]
+fn a_tcp_md5_password_is_1_to_80_bytes_and_never_printed() {
+    let c = Config::parse(&format!("{BASE}{BGP}password = \"s3cret\"\n")).unwrap();
+    let p = &c.bgp.as_ref().unwrap().peers[0];
+    assert_eq!(p.password, Some(Password("s3cret".into())));
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "redacted in debug output"
+    );
+    for bad in [String::new(), "k".repeat(81)] {
+        let c = bgp_with(|b| b.peers[0].password = Some(Password(bad)));
+        rejects(&c, "bgp.peers[0].password", "1–80");
+    }
+    bgp_with(|b| b.peers[0].password = Some(Password("k".repeat(80))))
+        .validate()
+        .unwrap();
 }

@@ -114,8 +114,17 @@ protocol bgp lbs {"#;
 
 pub struct Router {
     pub kind: Kind,
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
     pub log: PathBuf,
+}
+
+impl Router {
+    /// SIGTERM to its daemons.
+    pub fn stop(&self) {
+        for p in &self.procs {
+            p.stop(Duration::from_secs(5));
+        }
+    }
 }
 
 pub const FRR_CONF: &str = "
@@ -165,6 +174,10 @@ pub struct BgpLab {
     pub members: Vec<u8>,
     /// Managed mode: the controller.
     pub control: Option<Control>,
+    /// The engines' TCP MD5 key for the router (from their next start).
+    pub password: Option<String>,
+    /// BIRD's TCP MD5 key for the engines (from its next start).
+    pub router_password: Option<String>,
 }
 
 /// The controller of a managed lab: its namespace, PKI and process.
@@ -274,6 +287,8 @@ impl BgpLab {
             hold_time_s,
             members,
             control: None,
+            password: None,
+            router_password: None,
         };
         if v6 {
             me.lab.ip(
@@ -297,6 +312,32 @@ impl BgpLab {
             me.start_engine(id, false)?;
         }
         Ok(me)
+    }
+
+    /// BIRD requiring TCP MD5 with `key` from the engines of `ids`, which run with `key` too.
+    pub fn build_signed(ids: &[u8], key: &str) -> Result<Self> {
+        let mut me = Self::build_inner(Kind::Bird, ids, &[], false, false, 9, Vec::new())?;
+        if let Some(r) = me.router.take() {
+            r.stop();
+        }
+        me.router_password = Some(key.to_owned());
+        me.password = Some(key.to_owned());
+        me.start_bird()?;
+        for &id in ids {
+            me.start_engine(id, false)?;
+        }
+        Ok(me)
+    }
+
+    /// SIGTERM to engine `id`'s daemon.
+    pub fn stop_engine(&mut self, id: u8) -> Result<()> {
+        let d = self
+            .engines
+            .get_mut(&id)
+            .and_then(|e| e.1.take())
+            .context("engine not running")?;
+        d.proc().stop(Duration::from_secs(10));
+        Ok(())
     }
 
     /// The router, BFD on its sessions, a controller and a managed daemon on each engine of
@@ -421,9 +462,18 @@ impl BgpLab {
         } else {
             BIRD_CONF.to_owned()
         };
+        let text = match &self.router_password {
+            Some(key) => text.replace(
+                "dynamic name \"lb\";",
+                &format!("dynamic name \"lb\";\n  password \"{key}\";"),
+            ),
+            None => text,
+        };
         std::fs::write(&conf, text)?;
         let log = self.dir.path().join("bird.log");
         let sock = self.dir.path().join("bird.ctl");
+        // A restart: the old socket must not pass for the new BIRD's.
+        let _ = std::fs::remove_file(&sock);
         let bird = self.lab.spawn(
             &self.rtr,
             &[
@@ -453,7 +503,7 @@ impl BgpLab {
         }
         self.router = Some(Router {
             kind: Kind::Bird,
-            _procs: vec![bird],
+            procs: vec![bird],
             log,
         });
         Ok(())
@@ -539,7 +589,7 @@ impl BgpLab {
         }
         self.router = Some(Router {
             kind: Kind::Frr,
-            _procs: procs,
+            procs,
             log,
         });
         Ok(())
@@ -572,7 +622,7 @@ impl BgpLab {
         }
         self.router = Some(Router {
             kind: Kind::Gobgp,
-            _procs: vec![p],
+            procs: vec![p],
             log,
         });
         Ok(())
@@ -639,9 +689,13 @@ communities = ["65001:10"]
 [[peers]]
 address = "{ROUTER}"
 asn = 65000
-{bfd}{peer6}"#,
+{password}{bfd}{peer6}"#,
             engine_addr(id),
-            self.hold_time_s
+            self.hold_time_s,
+            password = self
+                .password
+                .as_ref()
+                .map_or(String::new(), |k| format!("password = \"{k}\"\n")),
         ))?;
         let members = if self.members.is_empty() {
             vec![id]

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, VIP, VIP6, backend_addr};
+use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, VIP, VIP6, backend_addr, engine_addr};
 use lb_tests::client::Keeper;
 use lb_tests::daemon::{metric_sum, metric_value};
 use lb_tests::nginx::Nginx;
@@ -385,4 +385,42 @@ fn frr_rehashing_breaks_no_connection_but_the_dead_engines() -> Result<()> {
         return Ok(());
     }
     held_connections_survive_ecmp_changes(Kind::Frr)
+}
+
+const MD5_KEY: &str = "lab-md5-key";
+
+/// TCP MD5 (RFC 2385): BIRD requires a key from the engines. Engines with the key get their
+/// routes in; an engine restarted with another key, or none, never gets a session (the router's
+/// kernel drops its segments) and announces nothing; with the key again it is back.
+#[test]
+fn bird_takes_routes_only_over_sessions_signed_with_its_tcp_md5_key() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = BgpLab::build_signed(&[1, 2], MD5_KEY)?;
+    let t = lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
+    eprintln!("signed sessions: both next hops {t:?} after the start");
+    for key in [Some("another-key"), None] {
+        lab.stop_engine(2)?;
+        lab.wait_hops(&[1], Duration::from_secs(5))?;
+        lab.password = key.map(str::to_owned);
+        lab.start_engine(2, false)?;
+        std::thread::sleep(Duration::from_secs(4));
+        let hops = lab.next_hops()?;
+        ensure!(
+            hops == [engine_addr(1)].into_iter().collect(),
+            "engine 2 with key {key:?} got a route in: {hops:?}\n{}",
+            lab.router_log()
+        );
+        ensure!(
+            lab.metric(2, "lb_bgp_session_established")? == 0,
+            "engine 2 with key {key:?} has a session"
+        );
+    }
+    lab.stop_engine(2)?;
+    lab.password = Some(MD5_KEY.to_owned());
+    lab.start_engine(2, false)?;
+    let t = lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
+    eprintln!("engine 2 with the key again: its next hop back {t:?} after its start");
+    Ok(())
 }

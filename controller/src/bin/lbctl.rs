@@ -206,6 +206,9 @@ enum BgpCmd {
         /// ADDRESS:ASN[:PORT] of a router to announce to; repeat.
         #[arg(long = "peer", required = true)]
         peers: Vec<String>,
+        /// TCP MD5 key (1–80 bytes) on every session.
+        #[arg(long)]
+        password: Option<String>,
         /// BFD on every session (100 ms × 3 unless given).
         #[arg(long)]
         bfd: bool,
@@ -540,7 +543,11 @@ fn apply_vs(v: &mut pb::VirtualService, f: VsFields) -> Result<(), Failure> {
 }
 
 /// `ADDRESS:ASN[:PORT]` (IPv6 in brackets).
-fn bgp_peer(s: &str, bfd: Option<pb::BfdTimers>) -> Result<pb::BgpPeer, Failure> {
+fn bgp_peer(
+    s: &str,
+    bfd: Option<pb::BfdTimers>,
+    password: Option<&String>,
+) -> Result<pb::BgpPeer, Failure> {
     let bad = || usage(format!("--peer {s}: expected ADDRESS:ASN[:PORT]"));
     let (address, rest) = if let Some(r) = s.strip_prefix('[') {
         let (a, rest) = r.split_once(']').ok_or_else(bad)?;
@@ -565,6 +572,8 @@ fn bgp_peer(s: &str, bfd: Option<pb::BfdTimers>) -> Result<pb::BgpPeer, Failure>
         port,
         hold_time_s: None,
         bfd,
+        password: password.cloned().unwrap_or_default(),
+        has_password: false,
     })
 }
 
@@ -582,7 +591,7 @@ fn print_bgp(cli: &Cli, b: &pb::BgpSettings, engines: &[pb::EngineStatus]) {
         b.resource_version
     );
     table(
-        &["PEER", "ASN", "PORT", "BFD"],
+        &["PEER", "ASN", "PORT", "BFD", "MD5"],
         b.peers
             .iter()
             .map(|p| {
@@ -593,6 +602,7 @@ fn print_bgp(cli: &Cli, b: &pb::BgpSettings, engines: &[pb::EngineStatus]) {
                     p.bfd.map_or("-".to_owned(), |t| {
                         format!("{}/{} ms × {}", t.min_tx_ms, t.min_rx_ms, t.multiplier)
                     }),
+                    if p.has_password { "yes" } else { "-" }.to_owned(),
                 ]
             })
             .collect(),
@@ -686,7 +696,7 @@ mod views {
             "min_backoff_ms": b.min_backoff_ms, "max_backoff_s": b.max_backoff_s,
             "resource_version": b.resource_version,
             "peers": b.peers.iter().map(|p| json!({"address": p.address, "asn": p.asn,
-                "port": p.port, "hold_time_s": p.hold_time_s,
+                "port": p.port, "hold_time_s": p.hold_time_s, "md5": p.has_password,
                 "bfd": p.bfd.map(|t| json!({"min_tx_ms": t.min_tx_ms, "min_rx_ms": t.min_rx_ms,
                     "multiplier": t.multiplier}))})).collect::<Vec<_>>(),
             "sessions": engines.iter().map(|e| json!({"engine": e.name,
@@ -1209,6 +1219,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bgp(BgpCmd::Set {
             asn,
             peers,
+            password,
             bfd,
             bfd_interval_ms,
             bfd_multiplier,
@@ -1234,7 +1245,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     communities: communities.clone(),
                     peers: peers
                         .iter()
-                        .map(|p| bgp_peer(p, timers))
+                        .map(|p| bgp_peer(p, timers, password.as_ref()))
                         .collect::<Result<_, _>>()?,
                     min_backoff_ms: min_backoff_ms.unwrap_or(0),
                     max_backoff_s: max_backoff_s.unwrap_or(0),

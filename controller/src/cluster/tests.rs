@@ -1429,6 +1429,7 @@ fn bgp_settings() -> BgpConfig {
             bfd: Some(lb_model::BfdConfig::default()),
             next_hop_v4: None,
             next_hop_v6: None,
+            password: None,
         }],
     )
 }

@@ -14,6 +14,7 @@
 //! A crash closes the TCP sessions with the process, and the routers withdraw by themselves.
 
 pub mod bfd;
+pub mod md5;
 pub mod messages;
 pub mod session;
 

@@ -31,7 +31,7 @@ use netgauze_bgp_pkt::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::watch,
     time::{sleep, sleep_until, timeout},
 };
@@ -328,6 +328,22 @@ fn describe(n: &BgpNotificationMessage) -> String {
     format!("the peer sent a NOTIFICATION: {n:?}")
 }
 
+/// A TCP connection to `peer`, signed with its password if it has one.
+async fn connect(peer: &Peer) -> std::io::Result<TcpStream> {
+    let addr = peer.addr();
+    let Some(lb_model::Password(key)) = &peer.config.password else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    super::md5::set_key(&socket, addr, key.as_bytes())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("TCP MD5 key: {e}")))?;
+    socket.connect(addr).await
+}
+
 async fn session(
     peer: &Peer,
     mut routes: watch::Receiver<Routes>,
@@ -336,7 +352,7 @@ async fn session(
 ) -> Ended {
     update(status, |s| s.state = State::Connect);
     let stream = tokio::select! {
-        c = timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr())) => match c {
+        c = timeout(CONNECT_TIMEOUT, connect(peer)) => match c {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return failed(format!("connect: {e}"), false),
             Err(_) => return failed(format!("connect: no answer within {CONNECT_TIMEOUT:?}"), false),

@@ -47,6 +47,7 @@ async fn rig(hold_time: u16, min_backoff: Duration) -> Rig {
             hold_time_s: None,
             next_hop_v4: None,
             next_hop_v6: None,
+            password: None,
             bfd: None,
         },
         local_asn: LOCAL_ASN,
