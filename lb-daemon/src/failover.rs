@@ -42,7 +42,8 @@ pub const ASK_UDP_FOR: Duration = Duration::from_secs(10);
 
 /// The engines of each service scaled by BGP that the routers may send its flows to: its members,
 /// less those whose daemon the peer view has seen down (the BGP speaker dies or hangs with it, and
-/// the routers withdraw its routes; its data plane may still answer). When this set changes the
+/// the routers withdraw its routes; its data plane may still answer). When this set changes (or
+/// the service is new here: this engine's own announcement changes the next hops) the
 /// routers' ECMP hash moves flows between engines; a moved TCP flow is asked about by its non-SYN
 /// segment, a moved UDP session only while the service asks about unknown UDP flows.
 pub fn bgp_next_hops(config: &Config, view: &View) -> BTreeMap<u32, BTreeSet<u32>> {
@@ -233,12 +234,8 @@ impl Failover {
         }
         let next_hops = bgp_next_hops(&config, &view);
         for (vs_id, hops) in &next_hops {
-            if self.enabled
-                && self
-                    .bgp_next_hops
-                    .get(vs_id)
-                    .is_some_and(|before| before != hops)
-            {
+            // New here (this engine's own announcement changes the routers' next hops) or changed.
+            if self.enabled && self.bgp_next_hops.get(vs_id) != Some(hops) {
                 info!(
                     vs_id,
                     engines = ?hops,

@@ -178,6 +178,50 @@ pub struct BgpLab {
     pub password: Option<String>,
     /// BIRD's TCP MD5 key for the engines (from its next start).
     pub router_password: Option<String>,
+    /// Also a UDP service on the VIP, port [`UDP_PORT`], pool `b{i}`:[`UDP_PORT`] (from each
+    /// engine's next start), and the responders answering there.
+    pub udp: bool,
+    responders: Vec<UdpResponder>,
+}
+
+/// The UDP service's port on the VIP and on the backends.
+pub const UDP_PORT: u16 = 5353;
+
+/// A UDP server in a backend namespace answering every datagram with its name, until dropped.
+pub struct UdpResponder {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpResponder {
+    pub fn start(ns: &Ns, addr: SocketAddr, name: &str) -> Result<Self> {
+        let socket = crate::netns::in_ns(ns.name(), || Ok(std::net::UdpSocket::bind(addr)?))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.as_bytes().to_vec();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&name, from);
+                }
+            }
+        });
+        Ok(UdpResponder {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The controller of a managed lab: its namespace, PKI and process.
@@ -205,6 +249,22 @@ impl BgpLab {
     /// [`BgpLab::start_engine`].
     pub fn build_scaled(kind: Kind, members: &[u8], started: &[u8]) -> Result<Self> {
         Self::build_inner(kind, members, started, false, false, 9, members.to_vec())
+    }
+
+    /// [`BgpLab::build_scaled`] with a UDP service scaled by BGP beside the TCP one, and a
+    /// [`UdpResponder`] on each backend.
+    pub fn build_scaled_udp(kind: Kind, members: &[u8], started: &[u8]) -> Result<Self> {
+        let mut me = Self::build_inner(kind, members, &[], false, false, 9, members.to_vec())?;
+        me.udp = true;
+        for (id, (ns, _)) in &me.backends {
+            let addr = SocketAddr::from((backend_addr(*id), UDP_PORT));
+            me.responders
+                .push(UdpResponder::start(ns, addr, &format!("b{id}"))?);
+        }
+        for &id in started {
+            me.start_engine(id, false)?;
+        }
+        Ok(me)
     }
 
     /// A lab whose engines offer `hold_time_s` (at most the router's 9 s).
@@ -289,6 +349,8 @@ impl BgpLab {
             control: None,
             password: None,
             router_password: None,
+            udp: false,
+            responders: Vec::new(),
         };
         if v6 {
             me.lab.ip(
@@ -722,6 +784,13 @@ asn = 65000
         if self.v6 {
             services.push(service(1, "web6", VIP6.to_string())?);
         }
+        if self.udp {
+            let mut dns = service(2, "dns", VIP.to_string())?;
+            dns.port = UDP_PORT;
+            "udp".clone_into(&mut dns.protocol);
+            dns.pool = Some("udp".to_owned());
+            services.push(dns);
+        }
         Ok(Config {
             daemon: DaemonSection::lab("eth0", id, pins),
             proxy: None,
@@ -735,7 +804,7 @@ asn = 65000
                 })
                 .collect(),
             virtual_services: services,
-            pools: vec![Pool {
+            pools: std::iter::once(Pool {
                 name: "web".to_owned(),
                 algorithm: "round_robin".to_owned(),
                 backends: vec![Backend::new(&backend_addr(id).to_string(), 80)],
@@ -748,7 +817,14 @@ asn = 65000
                     http_path: Some("/".to_owned()),
                     expected_status: Some(200),
                 }),
-            }],
+            })
+            .chain(self.udp.then(|| Pool {
+                name: "udp".to_owned(),
+                algorithm: "round_robin".to_owned(),
+                backends: vec![Backend::new(&backend_addr(id).to_string(), UDP_PORT)],
+                health_check: None,
+            }))
+            .collect(),
             bgp: Some(bgp),
             peers: (!self.members.is_empty())
                 .then(|| toml::from_str("key = \"00112233445566778899aabbccddeeff\"\n"))

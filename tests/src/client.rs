@@ -418,6 +418,140 @@ impl Keeper {
     }
 }
 
+/// UDP sessions held from `ns`: each its own socket (source port), a datagram on each every
+/// period, answered with the name of the backend that got it (a [`crate::bgp_lab::UdpResponder`]).
+pub struct UdpSessions {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<UdpReport>,
+}
+
+/// What the UDP sessions saw.
+#[derive(Debug, Default)]
+pub struct UdpReport {
+    pub sessions: usize,
+    pub rounds: usize,
+    pub sent: usize,
+    /// Datagrams not answered within the round.
+    pub unanswered: usize,
+    /// (session index, first backend, later backend): answered by another backend (a new
+    /// session on another engine).
+    pub moved: Vec<(usize, String, String)>,
+    /// The backend that answered each session's first datagram.
+    pub backends: Vec<String>,
+}
+
+impl UdpReport {
+    /// Sessions per backend, from the first answers.
+    pub fn per_backend(&self) -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for b in &self.backends {
+            *n.entry(b.clone()).or_default() += 1;
+        }
+        n
+    }
+}
+
+/// How long a round waits for its answers.
+const UDP_ROUND_WAIT: Duration = Duration::from_millis(400);
+
+/// One datagram on each of `sockets`; the answers that came within [`UDP_ROUND_WAIT`].
+fn udp_round(sockets: &[std::net::UdpSocket], target: SocketAddr) -> Vec<Option<String>> {
+    for s in sockets {
+        let _ = s.send_to(b"ping", target);
+    }
+    let mut answers = vec![None; sockets.len()];
+    let deadline = Instant::now() + UDP_ROUND_WAIT;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline && answers.iter().any(Option::is_none) {
+        for (i, s) in sockets.iter().enumerate() {
+            if answers[i].is_none()
+                && let Ok(n) = s.recv(&mut buf)
+            {
+                answers[i] = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    answers
+}
+
+impl UdpSessions {
+    /// `n` sessions from `ns` to `target`, each answered once, then a datagram on each every
+    /// `period`.
+    pub fn start(ns: &Ns, target: SocketAddr, n: usize, period: Duration) -> Result<UdpSessions> {
+        let sockets = in_ns(ns.name(), || {
+            (0..n)
+                .map(|_| {
+                    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut report = UdpReport {
+            sessions: n,
+            ..UdpReport::default()
+        };
+        // Every session answered before the test goes on (a few tries: the first datagrams of a
+        // new session may wait for the engine's proxy).
+        let mut first: Vec<Option<String>> = vec![None; n];
+        for _ in 0..5 {
+            for (i, a) in udp_round(&sockets, target).into_iter().enumerate() {
+                if first[i].is_none() {
+                    first[i] = a;
+                }
+            }
+            if first.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        let unanswered = first.iter().filter(|a| a.is_none()).count();
+        ensure!(
+            unanswered == 0,
+            "{unanswered} of {n} UDP sessions got no answer"
+        );
+        report.backends = first.into_iter().flatten().collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut live = vec![true; n];
+            // Bounded: a test that forgets to finish stops after ten minutes.
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(10) {
+                let round = Instant::now();
+                for (i, a) in udp_round(&sockets, target).into_iter().enumerate() {
+                    if !live[i] {
+                        continue;
+                    }
+                    report.sent += 1;
+                    match a {
+                        None => report.unanswered += 1,
+                        Some(b) if b == report.backends[i] => {}
+                        Some(b) => {
+                            report.moved.push((i, report.backends[i].clone(), b));
+                            live[i] = false;
+                        }
+                    }
+                }
+                report.rounds += 1;
+                if let Some(rest) = period.checked_sub(round.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            report
+        });
+        Ok(UdpSessions { stop, thread })
+    }
+
+    /// Stops after the round in progress and returns the report.
+    pub fn finish(self) -> Result<UdpReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("UDP sessions thread panicked"))
+    }
+}
+
 /// New connections in a loop from a thread in `ns` (one request each, a pause between them) until
 /// [`NewConnections::finish`]: every failure counts.
 pub struct NewConnections {

@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, VIP, VIP6, backend_addr, engine_addr};
-use lb_tests::client::Keeper;
+use lb_daemon::failover::ASK_UDP_FOR;
+use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, UDP_PORT, VIP, VIP6, backend_addr, engine_addr};
+use lb_tests::client::{Keeper, UdpSessions};
 use lb_tests::daemon::{metric_sum, metric_value};
 use lb_tests::nginx::Nginx;
 use lb_tests::require_root;
@@ -422,5 +423,62 @@ fn bird_takes_routes_only_over_sessions_signed_with_its_tcp_md5_key() -> Result<
     lab.start_engine(2, false)?;
     let t = lab.wait_hops(&[1, 2], Duration::from_secs(20))?;
     eprintln!("engine 2 with the key again: its next hop back {t:?} after its start");
+    Ok(())
+}
+
+const FIVE: [u8; 5] = [1, 2, 3, 4, 5];
+
+/// UDP sessions survive the router rehashing them. A UDP service scaled by BGP over engines 1-4
+/// (engine 5 configured, not started), 200 sessions from the client, a datagram on each every
+/// half second, each answered by its engine's backend. Engine 5 starts and is announced: the
+/// sessions the router moves land on an engine that does not know them; for 10 s after the
+/// engines changed, every engine asks the others about unknown UDP flows and sends the datagrams
+/// to the owner: no session changes backend.
+#[test]
+fn bird_udp_sessions_stay_with_their_engine_when_the_router_rehashes() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut lab = BgpLab::build_scaled_udp(Kind::Bird, &FIVE, &FIVE[..4])?;
+    lab.wait_hops(&FIVE[..4], Duration::from_secs(20))?;
+    // Past the engines' own ask windows of their start.
+    std::thread::sleep(ASK_UDP_FOR);
+    let target = SocketAddr::from((VIP, UDP_PORT));
+    let sessions = UdpSessions::start(&lab.client, target, 200, Duration::from_millis(500))?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.start_engine(5, false)?;
+    let t = lab.wait_hops(&FIVE, Duration::from_secs(20))?;
+    eprintln!("engine 5 announced after {t:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    let asked = owner_queries(&lab, &FIVE, "asked")?;
+    let answered = owner_queries(&lab, &FIVE, "answered")?;
+    let r = sessions.finish()?;
+    eprintln!(
+        "UDP: {} sessions {:?}, {} rounds, {} datagrams, {} unanswered, {} moved; owner queries \
+         asked {asked}, answered {answered}",
+        r.sessions,
+        r.per_backend(),
+        r.rounds,
+        r.sent,
+        r.unanswered,
+        r.moved.len()
+    );
+    ensure!(
+        r.moved.is_empty(),
+        "UDP sessions moved to another engine when the router rehashed: {:?}\n{}",
+        &r.moved[..r.moved.len().min(5)],
+        lab.engine_logs()
+    );
+    ensure!(
+        answered >= 5.0,
+        "only {answered} sessions were found at their owners (asked {asked}): did the router rehash?"
+    );
+    // A datagram that waits for its owner's answer may be lost (UDP): at most one per moved one.
+    ensure!(
+        f64::from(u32::try_from(r.unanswered)?) <= answered,
+        "{} datagrams unanswered, {answered} sessions moved",
+        r.unanswered
+    );
+    ensure!(r.rounds >= 8, "only {} rounds", r.rounds);
     Ok(())
 }
