@@ -206,7 +206,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
     let conns = Arc::new(ConnTable::default());
     let mut engine = Engine::start(dp, config, conns.clone())?;
     let mut speakers = lb_daemon::bgp::Speakers::new(engine.inventory());
-    speakers.follow(engine.config().bgp.as_ref()).await;
+    speakers.follow(engine.config()).await;
 
     let failover_counters = Arc::new(FailoverCounters::default());
     let mut metrics = Metrics::new(
@@ -375,7 +375,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                 if result.is_ok() {
                     status.applied.store(a.version, Ordering::Relaxed);
                     failover.refresh(&mut engine).await;
-                    speakers.follow(engine.config().bgp.as_ref()).await;
+                    speakers.follow(engine.config()).await;
                 }
                 let _ = a.reply.send(result.map(|_| ()));
             }
@@ -386,7 +386,7 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
                     Ok(applied) => {
                         metrics.applied(&applied);
                         failover.refresh(&mut engine).await;
-                        speakers.follow(engine.config().bgp.as_ref()).await;
+                        speakers.follow(engine.config()).await;
                         info!(?applied, "configuration reloaded");
                         metrics.reload(true);
                     }

@@ -21,7 +21,7 @@ pub mod session;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_model::{BgpConfig, VirtualServiceConfig, parse_community};
@@ -97,6 +97,16 @@ pub fn wanted(announcing: &[Announcing]) -> Routes {
     routes
 }
 
+/// How long after its start a daemon with `[peers]` announces nothing. The other engines of a
+/// service scaled by BGP see a (re)started daemon up only after `up_after` probes, and only then
+/// ask about unknown UDP flows; announcing earlier lets the routers rehash sessions onto engines
+/// that would place them locally. Two intervals to spare.
+fn peer_hold(config: &lb_model::Config) -> Duration {
+    config.peers.as_ref().map_or(Duration::ZERO, |p| {
+        Duration::from_millis(u64::from(p.interval_ms) * u64::from(p.up_after.saturating_add(2)))
+    })
+}
+
 /// Every peer's state, as the metrics read it.
 pub type PeerList = Arc<RwLock<Vec<(SocketAddr, Arc<Mutex<PeerStatus>>)>>>;
 
@@ -107,6 +117,8 @@ pub struct Speakers {
     running: Option<(BgpConfig, Arc<Speaker>, JoinHandle<()>)>,
     peers: PeerList,
     inventory: Arc<RwLock<Inventory>>,
+    /// When this daemon started: see [`Speakers::follow`].
+    started: Instant,
 }
 
 impl Speakers {
@@ -115,11 +127,14 @@ impl Speakers {
             running: None,
             peers: PeerList::default(),
             inventory,
+            started: Instant::now(),
         }
     }
 
-    /// Runs the speaker `cfg` (validated) asks for: nothing to do if it runs already.
-    pub async fn follow(&mut self, cfg: Option<&BgpConfig>) {
+    /// Runs the speaker the (validated) configuration's `[bgp]` asks for: nothing to do if it
+    /// runs already. It announces nothing until [`peer_hold`] after this daemon's start.
+    pub async fn follow(&mut self, config: &lb_model::Config) {
+        let (cfg, hold) = (config.bgp.as_ref(), peer_hold(config));
         if self.running.as_ref().map(|r| &r.0) == cfg {
             return;
         }
@@ -129,7 +144,11 @@ impl Speakers {
             return;
         };
         let speaker = Arc::new(Speaker::start(cfg, &previous));
-        let health = tokio::spawn(watch_health(speaker.clone(), self.inventory.clone()));
+        let health = tokio::spawn(watch_health(
+            speaker.clone(),
+            self.inventory.clone(),
+            self.started + hold,
+        ));
         *self
             .peers
             .write()
@@ -274,7 +293,12 @@ impl Speaker {
 
 /// Keeps the speaker's routes in step with the services' health (the inventory is refreshed by
 /// every apply), forever.
-pub async fn watch_health(speaker: Arc<Speaker>, inventory: Arc<RwLock<Inventory>>) {
+pub async fn watch_health(
+    speaker: Arc<Speaker>,
+    inventory: Arc<RwLock<Inventory>>,
+    announce_from: Instant,
+) {
+    tokio::time::sleep_until(announce_from.into()).await;
     let mut tick = tokio::time::interval(HEALTH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
