@@ -251,6 +251,11 @@ impl BgpLab {
         Self::build_inner(kind, members, started, false, false, 9, members.to_vec())
     }
 
+    /// [`BgpLab::build_scaled`] with every engine started and BFD on every session.
+    pub fn build_scaled_bfd(kind: Kind, members: &[u8]) -> Result<Self> {
+        Self::build_inner(kind, members, members, false, true, 9, members.to_vec())
+    }
+
     /// [`BgpLab::build_scaled`] with a UDP service scaled by BGP beside the TCP one, and a
     /// [`UdpResponder`] on each backend.
     pub fn build_scaled_udp(kind: Kind, members: &[u8], started: &[u8]) -> Result<Self> {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -174,6 +174,42 @@ pub fn one_request(target: SocketAddr, timeout: Duration) -> Result<String> {
     let (status, body) = split_response(&buf)?;
     ensure!(status == 200, "HTTP status {status}");
     Ok(String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// Sends `count` TCP segments without SYN (ACK only) from `ns` to `target` through a raw socket,
+/// each of a flow nobody has: the sources are `first_source` and the addresses after it (40 000
+/// ports each, from 20 000), which must be unused addresses of `ns`'s subnet, so that the resets
+/// sent back go nowhere. How many the kernel took.
+pub fn unknown_segments(
+    ns: &Ns,
+    target: SocketAddrV4,
+    count: u32,
+    first_source: Ipv4Addr,
+) -> Result<u32> {
+    use etherparse::PacketBuilder;
+    in_ns(ns.name(), || {
+        let sock = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
+        )?;
+        let to: socket2::SockAddr = SocketAddr::V4(target).into();
+        let mut frame = Vec::with_capacity(40);
+        let mut sent = 0u32;
+        for i in 0..count {
+            let port = 20_000 + u16::try_from(i % 40_000)?;
+            let src = Ipv4Addr::from(u32::from(first_source) + i / 40_000);
+            let b = PacketBuilder::ipv4(src.octets(), target.ip().octets(), 64)
+                .tcp(port, target.port(), i, 64_000)
+                .ack(7);
+            frame.clear();
+            b.write(&mut frame, &[])?;
+            if sock.send_to(&frame, &to).is_ok() {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })
 }
 
 /// Polls `GET /` from a thread in `ns`, each attempt given `attempt` (which bounds how finely the

@@ -11,13 +11,13 @@
 //!
 //! Needs root, `lb-daemon` (`$LB_DAEMON_BIN`), the XDP objects and BIRD (`cargo xtask setup`).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use lb_daemon::failover::ASK_UDP_FOR;
 use lb_tests::bgp_lab::{BgpLab, ENGINES, Kind, UDP_PORT, VIP, VIP6, backend_addr, engine_addr};
-use lb_tests::client::{Keeper, UdpSessions};
+use lb_tests::client::{Keeper, UdpSessions, served_again, unknown_segments};
 use lb_tests::daemon::{metric_sum, metric_value};
 use lb_tests::nginx::Nginx;
 use lb_tests::require_root;
@@ -480,5 +480,162 @@ fn bird_udp_sessions_stay_with_their_engine_when_the_router_rehashes() -> Result
         r.unanswered
     );
     ensure!(r.rounds >= 8, "only {} rounds", r.rounds);
+    Ok(())
+}
+
+/// Segments of the storm of unknown mid-flow packets.
+const STORM: u32 = 300_000;
+
+/// A storm of TCP segments without SYN for flows nobody has, spread by the router's ECMP hash
+/// over the four engines of a service scaled by BGP: each is a mid-flow packet at an engine that
+/// does not own it, so each is an owner query. Each engine's data plane rate-limits what it asks
+/// (the rest is placed by the ring: here, itself, which resets them), its daemon bounds what it
+/// waits for and settles every query, and nothing else changes: 200 held connections keep
+/// working, new connections are served during the storm, no BGP or BFD session drops, no peer is
+/// seen down, the router keeps every next hop. (What one sender thread pushes through the router
+/// here, about 12 000 segments/s, stays under each engine's rate; going over it is the flood test
+/// of a native primary, `a_flood_of_unknown_non_syn_segments_is_bounded`, and the XDP fixture
+/// `owner_queries_over_the_rate_are_placed_by_the_ring`.)
+#[test]
+#[allow(clippy::too_many_lines)]
+fn bird_bounds_a_storm_of_unknown_mid_flow_packets() -> Result<()> {
+    const ALL: [u8; 4] = [1, 2, 3, 4];
+    if !require_root() {
+        return Ok(());
+    }
+    let lab = BgpLab::build_scaled_bfd(Kind::Bird, &ALL)?;
+    lab.wait_hops(&ALL, Duration::from_secs(20))?;
+    lab.wait_bfd_up(&ALL, Duration::from_secs(20))?;
+    let target = SocketAddrV4::new(VIP, 80);
+    // Per engine, a series summed over its labels.
+    let per_engine = |name: &str, labels: &[(&str, &str)]| -> Result<Vec<f64>> {
+        ALL.iter()
+            .map(|id| Ok(metric_sum(&lab.daemon(*id).metrics()?, name, labels)))
+            .collect()
+    };
+    let since = |now: Vec<f64>, before: &[f64]| -> Vec<f64> {
+        now.iter().zip(before).map(|(a, b)| a - b).collect()
+    };
+    let xdp = |reason: &str| per_engine("lb_xdp_packets_total", &[("reason", reason)]);
+    let (asked0, overflow0) = (xdp("owner_asked")?, xdp("owner_query_overflow")?);
+    let down0 = per_engine("lb_peer_transitions_total", &[("to", "down")])?;
+    let established0: Vec<u64> = ALL
+        .iter()
+        .map(|id| lab.metric(*id, "lb_bgp_sessions_established_total"))
+        .collect::<Result<_>>()?;
+    let keeper = Keeper::start(
+        &lab.client,
+        SocketAddr::V4(target),
+        200,
+        Duration::from_millis(500),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let started = Instant::now();
+    let (sent, during) = std::thread::scope(|s| {
+        // Addresses of the client's link nobody has.
+        let storm =
+            s.spawn(|| unknown_segments(&lab.client, target, STORM, Ipv4Addr::new(10, 98, 0, 150)));
+        let during = served_again(
+            &lab.client,
+            SocketAddr::V4(target),
+            Instant::now(),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        );
+        (storm.join(), during)
+    });
+    let sent = sent.map_err(|_| anyhow::anyhow!("the storm thread panicked"))??;
+    let storm_time = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let held = keeper.finish()?;
+    let asked = since(xdp("owner_asked")?, &asked0);
+    let overflow = since(xdp("owner_query_overflow")?, &overflow0);
+    let answered = owner_queries(&lab, &ALL, "answered")?;
+    let unowned = owner_queries(&lab, &ALL, "unowned")?;
+    let unanswered = owner_queries(&lab, &ALL, "unanswered")?;
+    let bounded = owner_queries(&lab, &ALL, "overflow")?;
+    let daemon_asked = owner_queries(&lab, &ALL, "asked")?;
+    eprintln!(
+        "{sent} segments in {storm_time:?}; per engine asked {asked:?}, over the rate {overflow:?}; \
+         daemons: asked {daemon_asked}, answered {answered}, unowned {unowned}, unanswered \
+         {unanswered}, over their bound {bounded}; served during the storm after {during:?}; \
+         held {} connections {:?}, {} rounds, {} failed",
+        held.connections,
+        held.per_engine(),
+        held.rounds,
+        held.failed.len()
+    );
+    ensure!(sent > STORM / 2, "the storm was not sent: {sent}");
+    ensure!(
+        during.is_some(),
+        "not served during the storm\n{}",
+        lab.engine_logs()
+    );
+    ensure!(
+        held.failed.is_empty() && held.moved.is_empty(),
+        "held connections broke in the storm: failed {:?}, moved {:?}",
+        &held.failed[..held.failed.len().min(5)],
+        &held.moved[..held.moved.len().min(5)]
+    );
+    ensure!(held.rounds >= 3, "only {} rounds", held.rounds);
+    // The per-CPU rate (one query per 20 µs, bursts of 1024) bounds what each engine asked.
+    let cpus = f64::from(u32::try_from(std::thread::available_parallelism()?.get())?);
+    let bound = cpus * (1024.0 + storm_time.as_secs_f64() / 20e-6);
+    for (i, id) in ALL.iter().enumerate() {
+        // The router spread the storm: every engine met a share of it.
+        ensure!(
+            asked[i] + overflow[i] > f64::from(sent) / 20.0,
+            "engine {id} met only {} of the storm's {sent} segments",
+            asked[i] + overflow[i]
+        );
+        ensure!(
+            asked[i] <= bound,
+            "engine {id} asked {}, bound {bound}",
+            asked[i]
+        );
+    }
+    let met: f64 = asked.iter().chain(&overflow).sum();
+    ensure!(
+        met >= f64::from(sent) * 0.9,
+        "the engines met {met} of the {sent} segments"
+    );
+    // Every query the data planes raised reached its daemon, which settled it (nobody owns the
+    // storm's flows) or counted it over its bound: none is lost or left waiting.
+    let raised: f64 = asked.iter().sum();
+    ensure!(
+        daemon_asked + bounded >= raised * 0.99,
+        "the daemons took {daemon_asked} (+{bounded} over their bound) of {raised} queries"
+    );
+    ensure!(
+        answered < 1.0 && unowned + unanswered + bounded >= daemon_asked * 0.99,
+        "queries not settled: asked {daemon_asked}, answered {answered}, unowned {unowned}, \
+         unanswered {unanswered}, over the bound {bounded}"
+    );
+    let established: Vec<u64> = ALL
+        .iter()
+        .map(|id| lab.metric(*id, "lb_bgp_sessions_established_total"))
+        .collect::<Result<_>>()?;
+    ensure!(
+        established == established0,
+        "a BGP session was re-established in the storm: {established0:?} → {established:?}\n{}",
+        lab.router_log()
+    );
+    lab.wait_bfd_up(&ALL, Duration::ZERO)?;
+    let down = since(
+        per_engine("lb_peer_transitions_total", &[("to", "down")])?,
+        &down0,
+    );
+    ensure!(
+        down.iter().all(|d| d.abs() < f64::EPSILON),
+        "engines saw peers down in the storm: {down:?}"
+    );
+    let hops = lab.next_hops()?;
+    ensure!(
+        hops == ALL.iter().map(|id| engine_addr(*id)).collect(),
+        "the router lost a next hop: {hops:?}"
+    );
+    let after = lab.spread(100)?;
+    ensure!(after.errors == 0, "after the storm: {after:?}");
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use lb_daemon::peers::{Kind, Message, seal};
-use lb_tests::client::{Keeper, one_request, served_again};
+use lb_tests::client::{Keeper, one_request, served_again, unknown_segments};
 use lb_tests::controller_lab::{ControllerLab, placement};
 use lb_tests::daemon::metric_sum;
 use lb_tests::netns::{enter, in_ns};
@@ -703,7 +703,6 @@ const SEGMENTS: u32 = 200_000;
 #[test]
 #[allow(clippy::too_many_lines)]
 fn a_flood_of_unknown_non_syn_segments_is_bounded() {
-    use etherparse::PacketBuilder;
     if !require_root() {
         return;
     }
@@ -720,32 +719,9 @@ fn a_flood_of_unknown_non_syn_segments_is_bounded() {
     };
     let started = Instant::now();
     let (sent, during) = std::thread::scope(|s| {
-        let flood = s.spawn(|| {
-            in_ns(client.name(), || {
-                let sock = socket2::Socket::new(
-                    socket2::Domain::IPV4,
-                    socket2::Type::RAW,
-                    Some(socket2::Protocol::from(nix::libc::IPPROTO_RAW)),
-                )?;
-                let to: socket2::SockAddr = SocketAddr::V4(target).into();
-                let mut sent = 0u32;
-                for i in 0..SEGMENTS {
-                    // Distinct unknown flows: sources of the client's subnet nobody uses (the
-                    // resets sent back go nowhere), 40 000 ports each.
-                    let port = 20_000 + u16::try_from(i % 40_000).unwrap();
-                    let src = Ipv4Addr::new(10, 77, 0, 150 + u8::try_from(i / 40_000).unwrap());
-                    let b = PacketBuilder::ipv4(src.octets(), target.ip().octets(), 64)
-                        .tcp(port, target.port(), i, 64_000)
-                        .ack(7);
-                    let mut frame = Vec::with_capacity(b.size(0));
-                    b.write(&mut frame, &[]).unwrap();
-                    if sock.send_to(&frame, &to).is_ok() {
-                        sent += 1;
-                    }
-                }
-                Ok(sent)
-            })
-        });
+        // Sources of the client's subnet nobody uses.
+        let flood =
+            s.spawn(|| unknown_segments(&client, target, SEGMENTS, Ipv4Addr::new(10, 77, 0, 150)));
         // The service answers while the flood runs.
         let during = served_again(
             &client,
