@@ -4,6 +4,7 @@ mod bgp;
 mod control;
 mod e2e;
 mod failover;
+mod fuzz;
 mod machine;
 mod rebalance;
 mod relay;
@@ -38,6 +39,9 @@ enum What {
     /// BGP: dead (kill -9, SIGSTOP with BFD and with the hold timer only) and new engines against
     /// BIRD and FRR, time until the router's next hop changes.
     Bgp(bgp::Options),
+    /// Fuzzing the daemon's network decoders (BGP stream, BFD, peer messages) with cargo fuzz,
+    /// for a bounded time per target (nightly).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         What::Failover(opts) => failover::run(&opts),
         What::Rebalance(opts) => rebalance::run(&opts),
         What::Bgp(opts) => bgp::run(&opts),
+        What::Fuzz(opts) => fuzz::run(&opts),
     }
 }

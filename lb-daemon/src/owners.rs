@@ -153,7 +153,7 @@ fn encode_flows(vs_id: u32, flows: &[Client]) -> Vec<u8> {
     b
 }
 
-fn decode_flows(body: &[u8]) -> Option<(u32, Vec<Client>)> {
+pub fn decode_flows(body: &[u8]) -> Option<(u32, Vec<Client>)> {
     if body.len() < 4 || !(body.len() - 4).is_multiple_of(FLOW_LEN) {
         return None;
     }

@@ -66,7 +66,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn of(b: u8) -> Option<Kind> {
+    pub fn of(b: u8) -> Option<Kind> {
         Some(match b {
             0 => Kind::Request,
             1 => Kind::Reply,

@@ -69,6 +69,8 @@ enum Bench {
     Rebalance,
     /// BGP: next-hop changes at BIRD and FRR for dead and new engines (release daemon).
     Bgp,
+    /// Fuzzing the daemon's network decoders for a bounded time (installs nightly and cargo-fuzz).
+    Fuzz,
 }
 
 impl Bench {
@@ -81,6 +83,7 @@ impl Bench {
             Bench::Failover => "failover",
             Bench::Rebalance => "rebalance",
             Bench::Bgp => "bgp",
+            Bench::Fuzz => "fuzz",
         }
     }
 }
@@ -199,6 +202,9 @@ fn bench(what: Bench, args: &[OsString]) -> anyhow::Result<()> {
         .args(["run", "--release", "-p", "lb-bench", "--", what.name()])
         .args(args)
         .env("LB_XDP_OBJECT", xdp_object());
+    if matches!(what, Bench::Fuzz) {
+        setup::fuzz_tools()?;
+    }
     if matches!(what, Bench::Control) {
         run(cargo().args(["build", "--release", "-p", "controller"]))?;
         bench.env("LB_CONTROLLER_BIN", target_dir().join("release/controller"));

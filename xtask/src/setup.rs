@@ -155,3 +155,24 @@ fn mount_bpffs(root: bool) -> anyhow::Result<()> {
     }
     run(cmd("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
+
+/// What `bench fuzz` runs on: a nightly toolchain (the sanitizer) and cargo-fuzz.
+pub fn fuzz_tools() -> anyhow::Result<()> {
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("cannot run rustup: the fuzz benchmark needs a nightly toolchain from rustup")?;
+    if String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        eprintln!("setup: a nightly toolchain is installed");
+    } else {
+        run(cmd("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    if let Some(path) = find_in_path("cargo-fuzz") {
+        eprintln!("setup: cargo-fuzz is {}", path.display());
+        return Ok(());
+    }
+    run(cargo().args(["install", "cargo-fuzz", "--locked", "--version", "0.13.2"]))
+}

@@ -190,15 +190,104 @@ fn failed(reason: impl Into<String>, established: bool) -> Ended {
 struct Conn {
     stream: TcpStream,
     codec: BgpCodec,
-    rx: BytesMut,
+    inbound: Inbound,
     tx: BytesMut,
 }
 
-/// One message read, or why reading stopped.
-enum Read {
+/// One message read from the peer.
+pub enum Frame {
     Message(BgpMessage),
     /// A well-framed UPDATE that did not parse.
     MalformedUpdate(String),
+}
+
+/// Why the peer's stream cannot be read on: the NOTIFICATION to send before closing, and why.
+pub struct Unframed {
+    pub notification: BgpNotificationMessage,
+    pub reason: String,
+}
+
+/// The receiving side's framing: bytes from the peer in, whole messages out (no I/O, so the
+/// fuzz targets drive exactly what a session runs).
+pub struct Inbound {
+    codec: BgpCodec,
+    rx: BytesMut,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inbound {
+    pub fn new() -> Inbound {
+        Inbound {
+            codec: BgpCodec::new(true),
+            rx: BytesMut::with_capacity(MAX_MESSAGE),
+        }
+    }
+
+    /// Where received bytes go.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.rx
+    }
+
+    /// The next whole message, `None` until one has arrived. After an `Err` the stream is out
+    /// of step and the session ends.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, Unframed> {
+        if self.rx.len() < HEADER {
+            return Ok(None);
+        }
+        if self.rx[..16].iter().any(|b| *b != 0xff) {
+            return Err(Unframed {
+                notification: BgpNotificationMessage::MessageHeaderError(
+                    MessageHeaderError::ConnectionNotSynchronized {
+                        value: Box::new([]),
+                    },
+                ),
+                reason: "the peer's stream lost the BGP marker".into(),
+            });
+        }
+        let len = usize::from(u16::from_be_bytes([self.rx[16], self.rx[17]]));
+        if !(HEADER..=MAX_MESSAGE).contains(&len) {
+            return Err(Unframed {
+                notification: BgpNotificationMessage::MessageHeaderError(
+                    MessageHeaderError::BadMessageLength {
+                        value: u16::try_from(len).unwrap_or(0).to_be_bytes().into(),
+                    },
+                ),
+                reason: format!("the peer sent a message of length {len}"),
+            });
+        }
+        if self.rx.len() < len {
+            return Ok(None);
+        }
+        let kind = self.rx[18];
+        // The decoder sees exactly one message: whatever it makes of it, the next one starts
+        // where the header says.
+        let mut one = self.rx.split_to(len);
+        match self.codec.decode(&mut one) {
+            Ok(Some((msg, _ignored))) => Ok(Some(Frame::Message(msg))),
+            Ok(None) => Err(Unframed {
+                notification: BgpNotificationMessage::MessageHeaderError(
+                    MessageHeaderError::BadMessageLength {
+                        value: u16::try_from(len).unwrap_or(0).to_be_bytes().into(),
+                    },
+                ),
+                reason: "the BGP decoder wanted more than a whole message".into(),
+            }),
+            Err(e) if kind == 2 => Ok(Some(Frame::MalformedUpdate(e.to_string()))),
+            Err(e) => Err(Unframed {
+                notification: BgpNotificationMessage::MessageHeaderError(
+                    MessageHeaderError::Unspecific {
+                        value: Box::new([]),
+                    },
+                ),
+                reason: format!("the peer sent a malformed message: {e}"),
+            }),
+        }
+    }
 }
 
 impl Conn {
@@ -218,51 +307,21 @@ impl Conn {
         let _ = timeout(STOP_FLUSH, self.send(BgpMessage::Notification(n))).await;
     }
 
-    /// Reads the next message. A header error has already been answered with a NOTIFICATION
+    /// Reads the next message. A framing error has already been answered with a NOTIFICATION
     /// when this returns `Err`.
-    async fn read(&mut self) -> Result<Read, String> {
+    async fn read(&mut self) -> Result<Frame, String> {
         loop {
-            if self.rx.len() >= HEADER {
-                if self.rx[..16].iter().any(|b| *b != 0xff) {
-                    self.notify(BgpNotificationMessage::MessageHeaderError(
-                        MessageHeaderError::ConnectionNotSynchronized {
-                            value: Box::new([]),
-                        },
-                    ))
-                    .await;
-                    return Err("the peer's stream lost the BGP marker".into());
-                }
-                let len = usize::from(u16::from_be_bytes([self.rx[16], self.rx[17]]));
-                if !(HEADER..=MAX_MESSAGE).contains(&len) {
-                    self.notify(BgpNotificationMessage::MessageHeaderError(
-                        MessageHeaderError::BadMessageLength {
-                            value: u16::try_from(len).unwrap_or(0).to_be_bytes().into(),
-                        },
-                    ))
-                    .await;
-                    return Err(format!("the peer sent a message of length {len}"));
-                }
-                if self.rx.len() >= len {
-                    let kind = self.rx[18];
-                    return match self.codec.decode(&mut self.rx) {
-                        Ok(Some((msg, _ignored))) => Ok(Read::Message(msg)),
-                        Ok(None) => Err("the BGP decoder wanted more than a whole message".into()),
-                        Err(e) if kind == 2 => Ok(Read::MalformedUpdate(e.to_string())),
-                        Err(e) => {
-                            self.notify(BgpNotificationMessage::MessageHeaderError(
-                                MessageHeaderError::Unspecific {
-                                    value: Box::new([]),
-                                },
-                            ))
-                            .await;
-                            Err(format!("the peer sent a malformed message: {e}"))
-                        }
-                    };
+            match self.inbound.next_frame() {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(bad) => {
+                    self.notify(bad.notification).await;
+                    return Err(bad.reason);
                 }
             }
             let n = self
                 .stream
-                .read_buf(&mut self.rx)
+                .read_buf(self.inbound.buffer())
                 .await
                 .map_err(|e| format!("receiving: {e}"))?;
             if n == 0 {
@@ -275,13 +334,13 @@ impl Conn {
 /// The address families both sides may use on a session (RFC 4760: a speaker sends only what
 /// the peer's multiprotocol capabilities list; none listed means IPv4 unicast alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Families {
-    ipv4: bool,
-    ipv6: bool,
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
 }
 
 impl Families {
-    fn of(open: &netgauze_bgp_pkt::open::BgpOpenMessage) -> Families {
+    pub fn of(open: &netgauze_bgp_pkt::open::BgpOpenMessage) -> Families {
         use netgauze_bgp_pkt::capabilities::BgpCapability;
         use netgauze_iana::address_family::AddressType;
         let mp: Vec<AddressType> = open
@@ -367,7 +426,7 @@ async fn session(
     let mut conn = Conn {
         stream,
         codec: BgpCodec::new(true),
-        rx: BytesMut::with_capacity(MAX_MESSAGE),
+        inbound: Inbound::new(),
         tx: BytesMut::with_capacity(MAX_MESSAGE),
     };
     let (negotiated, families) = tokio::select! {
@@ -459,7 +518,7 @@ async fn open_exchange(
     let negotiated = match timeout(OPEN_TIMEOUT, conn.read()).await {
         Err(_) => return Err(format!("no OPEN within {OPEN_TIMEOUT:?}")),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(Read::Message(BgpMessage::Open(open)))) => {
+        Ok(Ok(Frame::Message(BgpMessage::Open(open)))) => {
             match messages::check_open(&open, peer.config.asn, peer.router_id, peer.hold_time) {
                 Ok(n) => (n, Families::of(&open)),
                 Err(refused) => {
@@ -468,7 +527,7 @@ async fn open_exchange(
                 }
             }
         }
-        Ok(Ok(Read::Message(BgpMessage::Notification(n)))) => return Err(describe(&n)),
+        Ok(Ok(Frame::Message(BgpMessage::Notification(n)))) => return Err(describe(&n)),
         Ok(Ok(other)) => {
             conn.notify(BgpNotificationMessage::FiniteStateMachineError(
                 FiniteStateMachineError::ReceiveUnexpectedMessageInOpenSentState {
@@ -489,8 +548,8 @@ async fn open_exchange(
     match timeout(wait, conn.read()).await {
         Err(_) => Err(format!("no KEEPALIVE within {wait:?} after the OPENs")),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(Read::Message(BgpMessage::KeepAlive))) => Ok(negotiated),
-        Ok(Ok(Read::Message(BgpMessage::Notification(n)))) => Err(describe(&n)),
+        Ok(Ok(Frame::Message(BgpMessage::KeepAlive))) => Ok(negotiated),
+        Ok(Ok(Frame::Message(BgpMessage::Notification(n)))) => Err(describe(&n)),
         Ok(Ok(other)) => {
             conn.notify(BgpNotificationMessage::FiniteStateMachineError(
                 FiniteStateMachineError::ReceiveUnexpectedMessageInOpenConfirmState {
@@ -503,13 +562,13 @@ async fn open_exchange(
     }
 }
 
-fn kind(r: &Read) -> &'static str {
+fn kind(r: &Frame) -> &'static str {
     match r {
-        Read::Message(BgpMessage::Open(_)) => "OPEN",
-        Read::Message(BgpMessage::Update(_)) | Read::MalformedUpdate(_) => "UPDATE",
-        Read::Message(BgpMessage::Notification(_)) => "NOTIFICATION",
-        Read::Message(BgpMessage::KeepAlive) => "KEEPALIVE",
-        Read::Message(BgpMessage::RouteRefresh(_)) => "ROUTE-REFRESH",
+        Frame::Message(BgpMessage::Open(_)) => "OPEN",
+        Frame::Message(BgpMessage::Update(_)) | Frame::MalformedUpdate(_) => "UPDATE",
+        Frame::Message(BgpMessage::Notification(_)) => "NOTIFICATION",
+        Frame::Message(BgpMessage::KeepAlive) => "KEEPALIVE",
+        Frame::Message(BgpMessage::RouteRefresh(_)) => "ROUTE-REFRESH",
     }
 }
 
@@ -630,23 +689,23 @@ async fn established(
             }
             read = conn.read() => {
                 match read? {
-                    Read::Message(BgpMessage::KeepAlive) => heard = Instant::now(),
-                    Read::Message(BgpMessage::Update(_)) => {
+                    Frame::Message(BgpMessage::KeepAlive) => heard = Instant::now(),
+                    Frame::Message(BgpMessage::Update(_)) => {
                         heard = Instant::now();
                         update(status, |s| s.updates_received += 1);
                     }
-                    Read::MalformedUpdate(e) => {
+                    Frame::MalformedUpdate(e) => {
                         heard = Instant::now();
                         tracing::debug!(peer = %peer.addr(), "ignored a malformed UPDATE: {e}");
                         update(status, |s| s.malformed_updates += 1);
                     }
-                    Read::Message(BgpMessage::RouteRefresh(_)) => {
+                    Frame::Message(BgpMessage::RouteRefresh(_)) => {
                         heard = Instant::now();
                         let wanted = std::mem::take(&mut announced);
                         sync(conn, session, &mut announced, &wanted, status).await?;
                     }
-                    Read::Message(BgpMessage::Notification(n)) => return Err(describe(&n)),
-                    Read::Message(BgpMessage::Open(_)) => {
+                    Frame::Message(BgpMessage::Notification(n)) => return Err(describe(&n)),
+                    Frame::Message(BgpMessage::Open(_)) => {
                         conn.notify(BgpNotificationMessage::FiniteStateMachineError(
                             FiniteStateMachineError::ReceiveUnexpectedMessageInEstablishedState {
                                 value: Box::new([]),
