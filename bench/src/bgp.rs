@@ -159,11 +159,7 @@ pub fn run(opts: &Options) -> Result<()> {
         hold_time_s: opts.hold_time_s,
         routers,
     };
-    let dir = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results"));
-    fs::create_dir_all(&dir)?;
+    let dir = crate::machine::results_dir(opts.out_dir.as_deref())?;
     fs::write(dir.join("bgp.json"), serde_json::to_string_pretty(&report)?)?;
     let md = markdown(&report);
     fs::write(dir.join("bgp.md"), &md)?;

@@ -320,11 +320,7 @@ pub fn run(opts: &Options) -> Result<()> {
         keepalived_fast: k_fast,
         vrrp_advert_ms: opts.vrrp_advert_ms,
     };
-    let dir = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results"));
-    fs::create_dir_all(&dir)?;
+    let dir = crate::machine::results_dir(opts.out_dir.as_deref())?;
     let path = dir.join("failover.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!(

@@ -92,11 +92,7 @@ pub fn run(opts: &Options) -> Result<()> {
         seconds_per_target: opts.seconds,
         targets: runs,
     };
-    let dir = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results"));
-    fs::create_dir_all(&dir)?;
+    let dir = crate::machine::results_dir(opts.out_dir.as_deref())?;
     let path = dir.join("fuzz.json");
     fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     println!("→ {}", path.display());

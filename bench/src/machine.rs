@@ -42,3 +42,10 @@ pub fn loadavg() -> String {
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
+
+/// Where a benchmark writes its report: `--out-dir`, else `bench/results`; created if missing.
+pub fn results_dir(out_dir: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = out_dir.map_or_else(|| "bench/results".into(), std::path::Path::to_path_buf);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

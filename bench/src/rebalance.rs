@@ -249,11 +249,7 @@ pub fn run(opts: &Options) -> Result<()> {
         total_s,
         engine_hours_per_s,
     };
-    let dir = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results"));
-    fs::create_dir_all(&dir)?;
+    let dir = crate::machine::results_dir(opts.out_dir.as_deref())?;
     let path = dir.join("rebalance.json");
     // Other parts of this benchmark keep their keys.
     let mut all = match fs::read_to_string(&path) {

@@ -366,3 +366,46 @@ async fn a_malformed_update_is_counted_and_the_session_stays() {
     assert_eq!(status(&r).state, State::Established);
     r.stop.send_replace(true);
 }
+
+fn framed(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0xff; 16];
+    m.extend_from_slice(&u16::try_from(19 + body.len()).unwrap().to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// A malformed UPDATE is consumed whole (its length says where the next message starts), so
+/// the KEEPALIVE behind it reads; a message cut across reads waits for its rest.
+#[test]
+fn framing_consumes_a_malformed_update_and_reads_on() {
+    let mut inbound = Inbound::new();
+    // Withdrawn routes longer than the message.
+    let bad = framed(2, &[0xff, 0xff, 0, 0]);
+    let keepalive = framed(4, &[]);
+    inbound.buffer().extend_from_slice(&bad);
+    inbound.buffer().extend_from_slice(&keepalive[..10]);
+    assert!(matches!(
+        inbound.next_frame(),
+        Ok(Some(Frame::MalformedUpdate(_)))
+    ));
+    assert!(matches!(inbound.next_frame(), Ok(None)));
+    inbound.buffer().extend_from_slice(&keepalive[10..]);
+    assert!(matches!(
+        inbound.next_frame(),
+        Ok(Some(Frame::Message(BgpMessage::KeepAlive)))
+    ));
+    assert!(matches!(inbound.next_frame(), Ok(None)));
+    assert!(inbound.buffer().is_empty());
+    // A lost marker ends the stream with a header error.
+    inbound.buffer().extend_from_slice(&[0; 19]);
+    assert!(matches!(
+        inbound.next_frame(),
+        Err(Unframed {
+            notification: BgpNotificationMessage::MessageHeaderError(
+                MessageHeaderError::ConnectionNotSynchronized { .. }
+            ),
+            ..
+        })
+    ));
+}
