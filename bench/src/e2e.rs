@@ -95,8 +95,8 @@ const UDP_LOSS_OK_PCT: f64 = 0.1;
 const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 11);
 const HAPROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 31);
 const NGINX_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 32);
-/// Threads / worker processes of each baseline proxy (our daemon runs one runtime thread per CPU:
-/// 2 here).
+/// Threads / worker processes of each baseline proxy (our daemon runs one TCP proxy thread per
+/// CPU: 2 here).
 const PROXY_THREADS: u32 = 2;
 
 /// One wrk figure pair.
@@ -126,6 +126,9 @@ struct Sample {
     /// CPU seconds of the proxy's processes per 1000 requests (none for the direct path).
     keepalive_cpu_per_1k: Option<f64>,
     short_cpu_per_1k: Option<f64>,
+    /// The share of that CPU time spent in the kernel (system time).
+    keepalive_kernel_share: Option<f64>,
+    short_kernel_share: Option<f64>,
     udp: Option<Udp>,
 }
 
@@ -151,6 +154,10 @@ struct PathResult {
     iperf_gbit_per_s: f64,
     /// CPU seconds of the proxy's processes per 1000 requests.
     cpu_per_1k_requests: CpuPer1k,
+    /// The share of it that is system time: the kernel's work on the proxy's behalf (system
+    /// calls, and the network stack's work charged to them), a floor for any proxy that makes the
+    /// same connections.
+    cpu_kernel_share: CpuPer1k,
     /// UDP loss at `--udp-rate` (percent), and the highest ladder rate at ≤ 0.1 % loss.
     udp_loss_pct: Option<f64>,
     udp_max_mbit_at_0_1pct: Option<u32>,
@@ -283,8 +290,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         offloads,
         placement: "No CPU pinning: every process (wrk's 2 threads, 3 backend nginx processes, \
             the proxies) is scheduled by the kernel on both cores; veth traffic is processed in \
-            softirq on the sending CPU. lb-daemon runs 2 runtime threads per engine (one per CPU), HAProxy \
-            nbthread 2, nginx 2 worker processes; each backend nginx is one process."
+            softirq on the sending CPU. lb-daemon runs, per engine, 2 TCP proxy threads (one per CPU, each \
+            its own event loop and listener) beside its 2 runtime threads, HAProxy nbthread 2, nginx 2 worker processes; each backend nginx is one process."
             .to_owned(),
         topology: format!(
             "One bridge; client 10.77.0.2; engines se1-se3 10.77.0.11-13 ({proxies}), lb-daemon {} XDP; \
@@ -509,6 +516,10 @@ fn summarize(
                         keepalive: med_opt(|s| s.keepalive_cpu_per_1k),
                         short: med_opt(|s| s.short_cpu_per_1k),
                     },
+                    cpu_kernel_share: CpuPer1k {
+                        keepalive: med_opt(|s| s.keepalive_kernel_share),
+                        short: med_opt(|s| s.short_kernel_share),
+                    },
                     udp_loss_pct: med_opt(|s| s.udp.as_ref().map(|u| u.loss_pct)),
                     udp_max_mbit_at_0_1pct: udp_max,
                     errors: runs
@@ -598,23 +609,41 @@ fn proxy_host(lab: &Lab, role: &str, addr: Ipv4Addr) -> anyhow::Result<Ns> {
     Ok(ns)
 }
 
-/// `f`'s result, and the CPU seconds `roots` (and their descendants) spent meanwhile per 1000 of
-/// its requests (`None` without roots).
+/// What the proxy's processes spent over one wrk run.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuSpent {
+    /// CPU seconds per 1000 requests.
+    per_1k: Option<f64>,
+    /// System time over user + system time.
+    kernel_share: Option<f64>,
+}
+
+/// `f`'s result, and the CPU time `roots` (and their descendants) spent meanwhile (`None`s
+/// without roots).
 fn with_cpu(
     roots: &[u32],
     f: impl FnOnce() -> anyhow::Result<WrkResult>,
-) -> anyhow::Result<(WrkResult, Option<f64>)> {
+) -> anyhow::Result<(WrkResult, CpuSpent)> {
     let before = tree_cpu_seconds(roots);
     let r = f()?;
-    let spent = tree_cpu_seconds(roots) - before;
+    let after = tree_cpu_seconds(roots);
+    let (user, system) = (after.0 - before.0, after.1 - before.1);
+    let spent = user + system;
     #[allow(clippy::cast_precision_loss)]
     let per_1k =
         (!roots.is_empty() && r.requests > 0).then(|| spent / (r.requests as f64 / 1000.0));
-    Ok((r, per_1k))
+    let kernel_share = (!roots.is_empty() && spent > 0.0).then(|| system / spent);
+    Ok((
+        r,
+        CpuSpent {
+            per_1k,
+            kernel_share,
+        },
+    ))
 }
 
-/// Every process under `/proc`: (pid, parent, user + system ticks).
-fn processes() -> Vec<(u32, u32, u64)> {
+/// Every process under `/proc`: (pid, parent, (user ticks, system ticks)).
+fn processes() -> Vec<(u32, u32, (u64, u64))> {
     let mut procs = Vec::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -630,13 +659,13 @@ fn processes() -> Vec<(u32, u32, u64)> {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
         let parent = u32::try_from(num(1)).unwrap_or(0);
-        procs.push((pid, parent, num(11) + num(12)));
+        procs.push((pid, parent, (num(11), num(12))));
     }
     procs
 }
 
 /// `roots` and every descendant among `procs`.
-fn tree(procs: &[(u32, u32, u64)], roots: &[u32]) -> std::collections::BTreeSet<u32> {
+fn tree(procs: &[(u32, u32, (u64, u64))], roots: &[u32]) -> std::collections::BTreeSet<u32> {
     let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
     loop {
         let before = inside.len();
@@ -651,17 +680,17 @@ fn tree(procs: &[(u32, u32, u64)], roots: &[u32]) -> std::collections::BTreeSet<
     }
 }
 
-/// User + system CPU seconds of `roots` and every descendant, from `/proc/*/stat`.
-fn tree_cpu_seconds(roots: &[u32]) -> f64 {
+/// User and system CPU seconds of `roots` and every descendant, from `/proc/*/stat`.
+fn tree_cpu_seconds(roots: &[u32]) -> (f64, f64) {
     let procs = processes();
     let inside = tree(&procs, roots);
-    let ticks: u64 = procs
+    let (user, system) = procs
         .iter()
         .filter(|(pid, _, _)| inside.contains(pid))
-        .map(|(_, _, t)| t)
-        .sum();
+        .fold((0, 0), |(u, s), (_, _, (pu, ps))| (u + pu, s + ps));
+    let hz = clock_ticks();
     #[allow(clippy::cast_precision_loss)]
-    let secs = ticks as f64 / clock_ticks();
+    let secs = (user as f64 / hz, system as f64 / hz);
     secs
 }
 
@@ -870,12 +899,12 @@ fn measure(
         duration: Duration::from_secs(opts.wrk_seconds),
         ..Wrk::new(&url)
     };
-    let (keepalive, keepalive_cpu_per_1k) = profiled(opts, name, "keepalive", round, t, || {
+    let (keepalive, keepalive_cpu) = profiled(opts, name, "keepalive", round, t, || {
         with_cpu(&t.cpu_roots, || wrk.run(client))
     })?;
     // Let the short-connection run start without the keep-alive run's sockets closing.
     std::thread::sleep(Duration::from_millis(500));
-    let (short, short_cpu_per_1k) = profiled(opts, name, "short", round, t, || {
+    let (short, short_cpu) = profiled(opts, name, "short", round, t, || {
         with_cpu(&t.cpu_roots, || {
             Wrk {
                 close: true,
@@ -908,8 +937,10 @@ fn measure(
         keepalive: Http::from(&keepalive),
         short: Http::from(&short),
         iperf_gbit_per_s: iperf.received_gbit_per_s(),
-        keepalive_cpu_per_1k,
-        short_cpu_per_1k,
+        keepalive_cpu_per_1k: keepalive_cpu.per_1k,
+        short_cpu_per_1k: short_cpu.per_1k,
+        keepalive_kernel_share: keepalive_cpu.kernel_share,
+        short_kernel_share: short_cpu.kernel_share,
         udp,
     })
 }
@@ -919,6 +950,26 @@ fn spread(runs: &[Sample], f: fn(&Sample) -> f64) -> String {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     format!("{lo:.0}–{hi:.0}")
+}
+
+/// The kernel's share of each proxy's CPU, one line.
+fn kernel_shares_markdown(r: &Report, s: &mut String) {
+    let shares: Vec<String> = PATHS
+        .iter()
+        .filter_map(|&name| {
+            let k = &r.paths[name].cpu_kernel_share;
+            Some(format!(
+                "{name} {:.0} % / {:.0} %",
+                k.keepalive? * 100.0,
+                k.short? * 100.0
+            ))
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "- Kernel share of that CPU (system time; keep-alive / short): {}.",
+        shares.join(", ")
+    );
 }
 
 fn markdown(r: &Report) -> String {
@@ -996,6 +1047,7 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "- Topology: {}", r.topology);
     let _ = writeln!(s, "- Placement: {}", r.placement);
     s.push_str("- CPU per request: user + system time of the proxy's processes and their children (`/proc/PID/stat`) over each wrk run, per 1000 requests; for ours every engine's lb-daemon. Softirq work (XDP, the stack) is accounted to no process and counts for no path.\n");
+    kernel_shares_markdown(r, &mut s);
     s.push_str("- Offloads (same for every path; tx checksum offload is off on every lab veth because packets that cross XDP need it — netns-lab trap 2 — which also turns TSO off; GSO then segments in software):\n");
     for (host, o) in &r.offloads {
         let _ = writeln!(s, "  - {host}: {o}");

@@ -26,7 +26,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     links::SystemLinks,
     metrics::Inventory,
-    proxy::{Proxy, ProxyError},
+    proxy::{Proxy, ProxyError, threads::ProxyThreads},
     tables::{Changes, PlanError, Tables},
 };
 
@@ -151,7 +151,9 @@ impl Engine {
         let tables = Tables::plan(&config, &SystemLinks)?;
         dp.apply(&Changes::between(None, &tables))
             .context("filling the maps")?;
-        let mut proxy = Proxy::new(conns);
+        let threads = ProxyThreads::start(config.daemon.proxy_thread_count())
+            .context("starting the proxy's threads")?;
+        let mut proxy = Proxy::new(conns, threads);
         proxy.apply(&config)?;
         dp.attach(&config.daemon.interface, config.daemon.xdp_mode)?;
         let inventory = Arc::new(RwLock::new(Inventory::of(&config, &proxy)));
@@ -281,8 +283,8 @@ fn publish_rings(rings: &Rings, tables: &Tables) {
     }
 }
 
-/// Host settings that size or place the maps, or bind the metrics endpoint: a running engine
-/// refuses to change them.
+/// Host settings that size or place the maps, bind the metrics endpoint or size the thread pools:
+/// a running engine refuses to change them.
 fn restart_only(old: &Config, new: &Config) -> Result<(), ApplyError> {
     let (old, new) = (&old.daemon, &new.daemon);
     let checks = [
@@ -290,6 +292,8 @@ fn restart_only(old: &Config, new: &Config) -> Result<(), ApplyError> {
         ("engine_id", old.engine_id != new.engine_id),
         ("xdp_mode", old.xdp_mode != new.xdp_mode),
         ("pin_dir", old.pin_dir != new.pin_dir),
+        ("worker_threads", old.worker_threads != new.worker_threads),
+        ("proxy_threads", old.proxy_threads != new.proxy_threads),
         ("metrics_listen", old.metrics_listen != new.metrics_listen),
         (
             "max_virtual_services",

@@ -196,6 +196,11 @@ pub struct DaemonConfig {
     /// daemon may run on. Read at start.
     #[serde(default)]
     pub worker_threads: u32,
+    /// Threads the TCP proxy accepts and relays on, 1–256; 0: one per CPU the daemon may run on.
+    /// Each runs its own event loop with its own listener of every TCP virtual service (a
+    /// `SO_REUSEPORT` group), and a connection stays on the thread that accepted it. Read at start.
+    #[serde(default)]
+    pub proxy_threads: u32,
 }
 
 impl DaemonConfig {
@@ -216,15 +221,25 @@ impl DaemonConfig {
             tunnel_source_v4: None,
             tunnel_source_v6: None,
             worker_threads: 0,
+            proxy_threads: 0,
         }
     }
 
     /// The runtime's threads: `worker_threads`, or one per CPU the daemon may run on.
     pub fn runtime_threads(&self) -> usize {
-        match self.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            n => n as usize,
-        }
+        threads_or_cpus(self.worker_threads)
+    }
+
+    /// The TCP proxy's threads: `proxy_threads`, or one per CPU the daemon may run on.
+    pub fn proxy_thread_count(&self) -> usize {
+        threads_or_cpus(self.proxy_threads)
+    }
+}
+
+fn threads_or_cpus(n: u32) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n as usize,
     }
 }
 
@@ -803,11 +818,13 @@ impl Config {
     fn validate_daemon(&self) -> Result<(), ConfigError> {
         let d = &self.daemon;
         check_ifname("daemon.interface", &d.interface)?;
-        if d.worker_threads > 256 {
-            return Err(invalid(
-                "daemon.worker_threads",
-                format!("{} is above 256 (0: one per CPU)", d.worker_threads),
-            ));
+        for (field, n) in [
+            ("daemon.worker_threads", d.worker_threads),
+            ("daemon.proxy_threads", d.proxy_threads),
+        ] {
+            if n > 256 {
+                return Err(invalid(field, format!("{n} is above 256 (0: one per CPU)")));
+            }
         }
         if !(1..=MAX_VIRTUAL_SERVICES).contains(&d.max_virtual_services) {
             return Err(invalid(

@@ -711,6 +711,22 @@ fn worker_threads_default_to_the_cpus_and_are_bounded() {
 }
 
 #[test]
+fn proxy_threads_default_to_the_cpus_and_are_bounded() {
+    let mut c = with_pool();
+    assert_eq!(c.daemon.proxy_threads, 0);
+    assert_eq!(
+        c.daemon.proxy_thread_count(),
+        std::thread::available_parallelism().unwrap().get()
+    );
+    c.daemon.proxy_threads = 3;
+    assert_eq!(c.daemon.proxy_thread_count(), 3);
+    c.validate().unwrap();
+    c.daemon.proxy_threads = 257;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("daemon.proxy_threads"), "{e}");
+}
+
+#[test]
 fn the_udp_buffer_is_4_mib_by_default_and_bounded() {
     let mut c = with_pool();
     assert_eq!(c.proxy.udp_buffer_bytes, 4 << 20);

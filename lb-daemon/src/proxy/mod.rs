@@ -12,6 +12,7 @@
 
 pub mod relay;
 pub mod tcp;
+pub mod threads;
 pub mod udp;
 
 use std::{
@@ -26,7 +27,7 @@ use std::{
 };
 
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::backend::Backend;
@@ -38,6 +39,7 @@ use crate::{
     pool::Pool,
 };
 use relay::Progress;
+use threads::{ProxyThreads, Tasks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -255,12 +257,15 @@ struct PoolEntry {
 
 struct ServiceEntry {
     service: Arc<Service>,
-    task: Option<JoinHandle<()>>,
+    /// Its listener loops (TCP: one per proxy thread) or socket loop (UDP).
+    tasks: Tasks,
 }
 
 /// The proxy of this engine: reconciles services and pools with the configuration.
 pub struct Proxy {
     conns: Arc<ConnTable>,
+    /// Where TCP services accept and relay.
+    threads: ProxyThreads,
     pools: HashMap<String, PoolEntry>,
     services: HashMap<(SocketAddr, Protocol), ServiceEntry>,
     /// Services removed from the configuration, draining until their deadline.
@@ -269,9 +274,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(conns: Arc<ConnTable>) -> Self {
+    pub fn new(conns: Arc<ConnTable>, threads: ProxyThreads) -> Self {
         Proxy {
             conns,
+            threads,
             pools: HashMap::new(),
             services: HashMap::new(),
             retiring: Vec::new(),
@@ -377,9 +383,7 @@ impl Proxy {
             let s = &e.service;
             let unreported = !s.drain_reported.load(Ordering::Relaxed)
                 && matches!(s.drain_state(), Drain::Draining { deadline } if now < deadline);
-            s.stats.active.load(Ordering::Relaxed) > 0
-                || e.task.as_ref().is_some_and(|t| !t.is_finished())
-                || unreported
+            s.stats.active.load(Ordering::Relaxed) > 0 || e.tasks.running() || unreported
         });
         Ok(())
     }
@@ -395,19 +399,18 @@ impl Proxy {
         for (index, vs) in placed {
             let key = (SocketAddr::new(vs.vip, vs.port), vs.protocol);
             let serving = !(engine_draining || vs.draining);
-            let has_task = self
-                .services
-                .get(&key)
-                .is_some_and(|e| e.task.as_ref().is_some_and(|t| !t.is_finished()));
+            let has_task = self.services.get(&key).is_some_and(|e| e.tasks.running());
             if serving && !has_task {
-                let socket = Socket::open(key.0, vs.protocol, udp_buffer).map_err(|source| {
-                    ProxyError::Listen {
-                        index: *index,
-                        name: vs.name.clone(),
-                        addr: key.0,
-                        source,
-                    }
-                })?;
+                let listeners = self.threads.len();
+                let socket =
+                    Socket::open(key.0, vs.protocol, udp_buffer, listeners).map_err(|source| {
+                        ProxyError::Listen {
+                            index: *index,
+                            name: vs.name.clone(),
+                            addr: key.0,
+                            source,
+                        }
+                    })?;
                 opened.insert(key, socket);
             }
         }
@@ -478,7 +481,7 @@ impl Proxy {
                 drain_reported: AtomicBool::new(false),
                 stats: ServiceStats::default(),
             }),
-            task: None,
+            tasks: Tasks::default(),
         });
         let s = &entry.service;
         *s.pool
@@ -497,7 +500,7 @@ impl Proxy {
         } else {
             s.drain.send_replace(Drain::Serving);
             if let Some(socket) = opened.remove(&key) {
-                entry.task = Some(socket.spawn(s.clone(), self.conns.clone()));
+                entry.tasks = socket.spawn(s.clone(), self.conns.clone(), &self.threads);
                 info!(vs = %s.name, addr = %s.vip, protocol = %s.protocol, "serving");
             }
         }
@@ -517,31 +520,49 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         for e in self.services.values().chain(&self.retiring) {
-            if let Some(t) = &e.task {
-                t.abort();
-            }
+            e.tasks.abort();
         }
     }
 }
 
-/// A listening socket opened ahead of the service that will use it.
+/// The listening sockets opened ahead of the service that will use them.
 enum Socket {
-    Tcp(tokio::net::TcpListener),
+    /// One per proxy thread, in one `SO_REUSEPORT` group.
+    Tcp(Vec<std::net::TcpListener>),
     Udp(tokio::net::UdpSocket),
 }
 
 impl Socket {
-    fn open(addr: SocketAddr, protocol: Protocol, udp_buffer: usize) -> io::Result<Socket> {
+    fn open(
+        addr: SocketAddr,
+        protocol: Protocol,
+        udp_buffer: usize,
+        listeners: usize,
+    ) -> io::Result<Socket> {
         Ok(match protocol {
-            Protocol::Tcp => Socket::Tcp(tcp::listen(addr)?),
+            Protocol::Tcp => Socket::Tcp(
+                (0..listeners.max(1))
+                    .map(|_| tcp::listen(addr))
+                    .collect::<io::Result<_>>()?,
+            ),
             Protocol::Udp => Socket::Udp(udp::bind(addr, udp_buffer)?),
         })
     }
 
-    fn spawn(self, s: Arc<Service>, conns: Arc<ConnTable>) -> JoinHandle<()> {
+    /// TCP: each listener's accept loop on its proxy thread (a listener registers with the
+    /// runtime of the thread that serves it). UDP: the socket loop on the daemon's runtime.
+    fn spawn(self, s: Arc<Service>, conns: Arc<ConnTable>, threads: &ProxyThreads) -> Tasks {
         match self {
-            Socket::Tcp(l) => tokio::spawn(tcp::serve(l, s, conns)),
-            Socket::Udp(u) => tokio::spawn(udp::serve(u, s, conns)),
+            Socket::Tcp(listeners) => Tasks(threads.spawn_all(listeners.into_iter().map(|l| {
+                let (s, conns) = (s.clone(), conns.clone());
+                async move {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => tcp::serve(l, s, conns).await,
+                        Err(e) => warn!(vs = %s.name, "listener: {e}"),
+                    }
+                }
+            }))),
+            Socket::Udp(u) => Tasks(vec![tokio::spawn(udp::serve(u, s, conns))]),
         }
     }
 }
@@ -604,12 +625,11 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
 
     #[tokio::test]
     async fn a_removed_service_stays_listed_until_a_heartbeat_reported_its_drain_end() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut proxy = Proxy::new(Arc::new(ConnTable::default()));
+        let port = free_port();
+        let mut proxy = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(2).unwrap(),
+        );
         proxy.apply(&config(port, true)).unwrap();
         assert_eq!(proxy.services().len(), 1);
         // Removed with nothing open: its drain has ended at once, but nobody has seen it yet.
@@ -620,21 +640,12 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
         assert_eq!(listed[0].stats.active.load(Ordering::Relaxed), 0);
         // Its listener task ends (it closes the listener on the drain).
         for _ in 0..100 {
-            if proxy
-                .retiring
-                .iter()
-                .all(|e| e.task.as_ref().is_none_or(JoinHandle::is_finished))
-            {
+            if proxy.retiring.iter().all(|e| !e.tasks.running()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(
-            proxy
-                .retiring
-                .iter()
-                .all(|e| e.task.as_ref().is_none_or(JoinHandle::is_finished))
-        );
+        assert!(proxy.retiring.iter().all(|e| !e.tasks.running()));
         proxy.apply(&config(port, false)).unwrap();
         assert_eq!(
             proxy.services().len(),
@@ -646,15 +657,134 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
         assert!(proxy.services().is_empty(), "reported: forgotten");
     }
 
+    fn served_config(port: u16, backend_port: u16) -> Config {
+        Config::parse(&format!(
+            r#"
+[daemon]
+interface = "lo"
+engine_id = 1
+
+[[engines]]
+id = 1
+
+[[pools]]
+name = "web"
+backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
+
+[[virtual_services]]
+id = 0
+name = "web"
+vip = "127.0.0.1"
+port = {port}
+protocol = "tcp"
+primary = 1
+pool = "web"
+engines = [ {{ id = 1 }} ]
+"#
+        ))
+        .unwrap()
+    }
+
+    /// Sockets listening on 127.0.0.1:`port` (`/proc/net/tcp`, state 0A).
+    fn listeners_on(port: u16) -> usize {
+        let want = format!("0100007F:{port:04X}");
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+            })
+            .count()
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Each proxy thread has its own listener of the service (one `SO_REUSEPORT` group), and
+    /// connections the kernel hands to any of them are relayed.
+    #[tokio::test]
+    async fn a_tcp_service_listens_once_per_proxy_thread_and_every_listener_relays() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_port = backend.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16];
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    let _ = c.write_all(&buf[..n]).await;
+                });
+            }
+        });
+        let port = free_port();
+        let mut proxy = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(3).unwrap(),
+        );
+        proxy.apply(&served_config(port, backend_port)).unwrap();
+        assert_eq!(listeners_on(port), 3, "one listener per proxy thread");
+        // Enough connections from distinct ports that the group's hash reaches every listener
+        // (a listener that did not serve would leave its clients unanswered).
+        for i in 0..60u8 {
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            c.write_all(&[i; 4]).await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} unanswered"))
+                .unwrap();
+            assert_eq!(got, [i; 4]);
+        }
+        let s = &proxy.services()[0];
+        assert_eq!(s.stats.total.load(Ordering::Relaxed), 60);
+        drop(proxy);
+        // The threads stopped with their runtimes: the listeners are closed.
+        for _ in 0..100 {
+            if listeners_on(port) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listeners_on(port), 0);
+    }
+
+    /// A port some other socket holds (without `SO_REUSEPORT`) is a clear error naming the
+    /// service, and nothing is served.
+    #[tokio::test]
+    async fn a_port_held_by_another_socket_is_a_listen_error() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut proxy = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(2).unwrap(),
+        );
+        let e = proxy.apply(&served_config(port, 9)).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::Listen { name, .. } if name == "web"),
+            "{e:?}"
+        );
+        assert!(proxy.services().is_empty());
+        assert_eq!(listeners_on(port), 1, "only the other socket");
+    }
+
     /// A service that leaves this engine but stays placed elsewhere (a scale-in) drains for its own
     /// timeout (its engine group's), not the proxy's default.
     #[tokio::test]
     async fn a_service_leaving_this_engine_drains_for_its_own_timeout() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let text = |engines: &str| {
             format!(
                 r#"
@@ -689,7 +819,10 @@ engines = [ {engines} ]
 "#
             )
         };
-        let mut proxy = Proxy::new(Arc::new(ConnTable::default()));
+        let mut proxy = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(2).unwrap(),
+        );
         proxy
             .apply(&Config::parse(&text("{ id = 2 }, { id = 1 }")).unwrap())
             .unwrap();

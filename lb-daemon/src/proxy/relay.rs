@@ -23,7 +23,8 @@
 //!
 //! Both behave the same way:
 //! - **Half-close.** When one side sends FIN, the other side's write half is shut down
-//!   (`shutdown(SHUT_WR)`, forwarding the FIN) and the other direction goes on until it ends too.
+//!   (`shutdown(SHUT_WR)`, forwarding the FIN) and the other direction goes on until it ends too;
+//!   the second FIN is forwarded by the caller closing both sockets.
 //! - **Backpressure.** At most one buffer (or pipe) per direction is in flight: nothing is read
 //!   from a side while the previous chunk has not been written to the other side.
 //! - **Idle timeout.** No byte moved either way for `idle` ends the relay ([`RelayEnd::IdleTimeout`]).
@@ -38,7 +39,7 @@ use std::{
     fmt, io,
     os::fd::OwnedFd,
     str::FromStr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -171,8 +172,9 @@ pub enum RelayEnd {
 
 /// Relays between `client` and `backend` until both directions end, one side fails, or nothing
 /// moved for `idle` (`Duration::ZERO`: no idle timeout). Progress goes to `progress` as it
-/// happens. The streams are left open (with their write halves shut down after `Closed`); the
-/// caller drops or resets them.
+/// happens. The streams are left open; the caller drops or resets them. After `Closed` the side
+/// that sent FIN first has had it passed on (its peer's write half shut down); the other side's
+/// FIN is passed on when the caller drops the streams, so it must drop them at once.
 pub async fn relay(
     kind: RelayKind,
     client: &mut TcpStream,
@@ -238,6 +240,8 @@ struct Way<'a> {
     to: Side,
     moved: &'a AtomicU64,
     progress: &'a Progress,
+    /// Set by the first direction to end (shared by both).
+    one_ended: &'a AtomicBool,
 }
 
 impl Way<'_> {
@@ -245,20 +249,33 @@ impl Way<'_> {
         self.moved.fetch_add(n as u64, Ordering::Relaxed);
         self.progress.touch();
     }
+
+    /// `from` sent FIN: passes it on to `to`. The first direction to end shuts `to`'s write half
+    /// down (the other direction goes on); when the second ends, the relay is over and the caller
+    /// closes both sockets at once, which sends this FIN without a `shutdown` call (both receive
+    /// queues are empty by then, so the close is a FIN, not a reset).
+    async fn pass_fin(&self, to: &mut WriteHalf<'_>) -> Result<(), Failed> {
+        if self.one_ended.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        to.shutdown().await.map_err(|e| self.to.failed(&e))
+    }
 }
 
-fn ways(progress: &Progress) -> (Way<'_>, Way<'_>) {
+fn ways<'a>(progress: &'a Progress, one_ended: &'a AtomicBool) -> (Way<'a>, Way<'a>) {
     let up = Way {
         from: Side::Client,
         to: Side::Backend,
         moved: &progress.to_backend,
         progress,
+        one_ended,
     };
     let down = Way {
         from: Side::Backend,
         to: Side::Client,
         moved: &progress.to_client,
         progress,
+        one_ended,
     };
     (up, down)
 }
@@ -272,7 +289,8 @@ async fn both_ways(
 ) -> Result<(), Failed> {
     let (mut client_r, mut client_w) = client.split();
     let (mut backend_r, mut backend_w) = backend.split();
-    let (up, down) = ways(progress);
+    let one_ended = AtomicBool::new(false);
+    let (up, down) = ways(progress, &one_ended);
     match kind {
         RelayKind::Copy => tokio::try_join!(
             copy_one_way(&mut client_r, &mut backend_w, &up),
@@ -308,7 +326,7 @@ async fn copy_chunk(
     buf.clear();
     let n = from.read_buf(buf).await.map_err(|e| way.from.failed(&e))?;
     if n == 0 {
-        to.shutdown().await.map_err(|e| way.to.failed(&e))?;
+        way.pass_fin(to).await?;
         return Ok(0);
     }
     way.progress.touch();
@@ -390,7 +408,7 @@ async fn splice_loop(
             }
         };
         if n == 0 {
-            return to.shutdown().await.map_err(|e| way.to.failed(&e));
+            return way.pass_fin(to).await;
         }
         way.progress.touch();
         let out: &TcpStream = to.as_ref();

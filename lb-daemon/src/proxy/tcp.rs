@@ -8,6 +8,7 @@ use std::{
 };
 
 use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
@@ -23,25 +24,29 @@ use crate::{
 };
 
 /// Accept queue length (the kernel caps it at `net.core.somaxconn`).
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
 
-/// A listener on `addr`. `IP_FREEBIND` lets it bind before the VIP is configured on this host.
-pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
+/// A listener on `addr`, one of the service's `SO_REUSEPORT` group (one per proxy thread), not yet
+/// registered with a runtime. `IP_FREEBIND` lets it bind before the VIP is configured on this host.
+pub fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv4() {
-        setsockopt(&socket, sockopt::IpFreebind, &true)?;
+        socket.set_freebind_v4(true)?;
     } else {
-        socket2::SockRef::from(&socket).set_freebind_v6(true)?;
+        socket.set_freebind_v6(true)?;
     }
     // Accepted connections inherit it: no system call per connection.
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Accepts until the service drains (the listener then closes: new clients are refused by the
