@@ -695,32 +695,21 @@ fn proxy_defaults() {
 }
 
 #[test]
-fn worker_threads_default_to_the_cpus_and_are_bounded() {
+fn thread_counts_default_to_the_cpus_and_are_bounded() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
     let mut c = with_pool();
-    assert_eq!(c.daemon.worker_threads, 0);
-    assert_eq!(
-        c.daemon.runtime_threads(),
-        std::thread::available_parallelism().unwrap().get()
-    );
+    assert_eq!((c.daemon.worker_threads, c.daemon.proxy_threads), (0, 0));
+    assert_eq!(c.daemon.runtime_threads(), cpus);
+    assert_eq!(c.daemon.proxy_thread_count(), cpus);
     c.daemon.worker_threads = 3;
+    c.daemon.proxy_threads = 5;
     assert_eq!(c.daemon.runtime_threads(), 3);
+    assert_eq!(c.daemon.proxy_thread_count(), 5);
     c.validate().unwrap();
     c.daemon.worker_threads = 257;
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("daemon.worker_threads"), "{e}");
-}
-
-#[test]
-fn proxy_threads_default_to_the_cpus_and_are_bounded() {
-    let mut c = with_pool();
-    assert_eq!(c.daemon.proxy_threads, 0);
-    assert_eq!(
-        c.daemon.proxy_thread_count(),
-        std::thread::available_parallelism().unwrap().get()
-    );
-    c.daemon.proxy_threads = 3;
-    assert_eq!(c.daemon.proxy_thread_count(), 3);
-    c.validate().unwrap();
+    c.daemon.worker_threads = 0;
     c.daemon.proxy_threads = 257;
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("daemon.proxy_threads"), "{e}");

@@ -588,7 +588,9 @@ pub fn reset_on_close(s: &impl std::os::fd::AsFd) {
 mod tests {
     use super::*;
 
-    fn config(port: u16, placed: bool) -> Config {
+    /// Engine 1 on lo; the service `web` on 127.0.0.1:`port` when `placed`, its pool one backend
+    /// on 127.0.0.1:`backend_port`.
+    fn config_to(port: u16, backend_port: u16, placed: bool) -> Config {
         let services = if placed {
             format!(
                 r#"
@@ -617,7 +619,7 @@ id = 1
 
 [[pools]]
 name = "web"
-backends = [ {{ address = "127.0.0.1", port = 9 }} ]
+backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
 {services}"#
         ))
         .unwrap()
@@ -630,10 +632,10 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
             Arc::new(ConnTable::default()),
             ProxyThreads::start(2).unwrap(),
         );
-        proxy.apply(&config(port, true)).unwrap();
+        proxy.apply(&config_to(port, 9, true)).unwrap();
         assert_eq!(proxy.services().len(), 1);
         // Removed with nothing open: its drain has ended at once, but nobody has seen it yet.
-        proxy.apply(&config(port, false)).unwrap();
+        proxy.apply(&config_to(port, 9, false)).unwrap();
         let listed = proxy.services();
         assert_eq!(listed.len(), 1, "still listed for the heartbeat");
         assert!(matches!(listed[0].drain_state(), Drain::Draining { .. }));
@@ -646,43 +648,15 @@ backends = [ {{ address = "127.0.0.1", port = 9 }} ]
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(proxy.retiring.iter().all(|e| !e.tasks.running()));
-        proxy.apply(&config(port, false)).unwrap();
+        proxy.apply(&config_to(port, 9, false)).unwrap();
         assert_eq!(
             proxy.services().len(),
             1,
             "nothing open, no task, not reported"
         );
         listed[0].drain_end_reported();
-        proxy.apply(&config(port, false)).unwrap();
+        proxy.apply(&config_to(port, 9, false)).unwrap();
         assert!(proxy.services().is_empty(), "reported: forgotten");
-    }
-
-    fn served_config(port: u16, backend_port: u16) -> Config {
-        Config::parse(&format!(
-            r#"
-[daemon]
-interface = "lo"
-engine_id = 1
-
-[[engines]]
-id = 1
-
-[[pools]]
-name = "web"
-backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
-
-[[virtual_services]]
-id = 0
-name = "web"
-vip = "127.0.0.1"
-port = {port}
-protocol = "tcp"
-primary = 1
-pool = "web"
-engines = [ {{ id = 1 }} ]
-"#
-        ))
-        .unwrap()
     }
 
     /// Sockets listening on 127.0.0.1:`port` (`/proc/net/tcp`, state 0A).
@@ -728,7 +702,7 @@ engines = [ {{ id = 1 }} ]
             Arc::new(ConnTable::default()),
             ProxyThreads::start(3).unwrap(),
         );
-        proxy.apply(&served_config(port, backend_port)).unwrap();
+        proxy.apply(&config_to(port, backend_port, true)).unwrap();
         assert_eq!(listeners_on(port), 3, "one listener per proxy thread");
         // Enough connections from distinct ports that the group's hash reaches every listener
         // (a listener that did not serve would leave its clients unanswered).
@@ -771,7 +745,7 @@ engines = [ {{ id = 1 }} ]
             Arc::new(ConnTable::default()),
             ProxyThreads::start(2).unwrap(),
         );
-        let e = proxy.apply(&served_config(port, 9)).unwrap_err();
+        let e = proxy.apply(&config_to(port, 9, true)).unwrap_err();
         assert!(
             matches!(&e, ProxyError::Listen { name, .. } if name == "web"),
             "{e:?}"
