@@ -153,11 +153,11 @@ struct PathResult {
     short_p99_ms: f64,
     iperf_gbit_per_s: f64,
     /// CPU seconds of the proxy's processes per 1000 requests.
-    cpu_per_1k_requests: CpuPer1k,
+    cpu_per_1k_requests: ByLoad,
     /// The share of it that is system time: the kernel's work on the proxy's behalf (system
     /// calls, and the network stack's work charged to them), a floor for any proxy that makes the
     /// same connections.
-    cpu_kernel_share: CpuPer1k,
+    cpu_kernel_share: ByLoad,
     /// UDP loss at `--udp-rate` (percent), and the highest ladder rate at ≤ 0.1 % loss.
     udp_loss_pct: Option<f64>,
     udp_max_mbit_at_0_1pct: Option<u32>,
@@ -166,8 +166,9 @@ struct PathResult {
     runs: Vec<Sample>,
 }
 
+/// One figure for each wrk load.
 #[derive(Clone, Debug, Default, Serialize)]
-struct CpuPer1k {
+struct ByLoad {
     keepalive: Option<f64>,
     short: Option<f64>,
 }
@@ -512,11 +513,11 @@ fn summarize(
                     short_rps: med(|s| s.short.requests_per_s),
                     short_p99_ms: med(|s| s.short.p99_ms),
                     iperf_gbit_per_s: med(|s| s.iperf_gbit_per_s),
-                    cpu_per_1k_requests: CpuPer1k {
+                    cpu_per_1k_requests: ByLoad {
                         keepalive: med_opt(|s| s.keepalive_cpu_per_1k),
                         short: med_opt(|s| s.short_cpu_per_1k),
                     },
-                    cpu_kernel_share: CpuPer1k {
+                    cpu_kernel_share: ByLoad {
                         keepalive: med_opt(|s| s.keepalive_kernel_share),
                         short: med_opt(|s| s.short_kernel_share),
                     },

@@ -192,13 +192,15 @@ pub struct DaemonConfig {
     /// Outer source address of IPv6-in-IPv6 packets (needed when an engine tunnels over IPv6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_source_v6: Option<Ipv6Addr>,
-    /// Threads of the daemon's runtime (the proxy and everything else), 1–256; 0: one per CPU the
-    /// daemon may run on. Read at start.
+    /// Threads of the daemon's runtime (control, health checks, the UDP proxy, metrics; the TCP
+    /// proxy has `proxy_threads`), 1–256; 0: one per CPU the daemon may run on. A reload cannot
+    /// change it.
     #[serde(default)]
     pub worker_threads: u32,
     /// Threads the TCP proxy accepts and relays on, 1–256; 0: one per CPU the daemon may run on.
     /// Each runs its own event loop with its own listener of every TCP virtual service (a
-    /// `SO_REUSEPORT` group), and a connection stays on the thread that accepted it. Read at start.
+    /// `SO_REUSEPORT` group), and a connection stays on the thread that accepted it. A reload
+    /// cannot change it.
     #[serde(default)]
     pub proxy_threads: u32,
 }

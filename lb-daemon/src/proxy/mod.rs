@@ -401,7 +401,7 @@ impl Proxy {
             let serving = !(engine_draining || vs.draining);
             let has_task = self.services.get(&key).is_some_and(|e| e.tasks.running());
             if serving && !has_task {
-                let listeners = self.threads.len();
+                let listeners = self.threads.count();
                 let socket =
                     Socket::open(key.0, vs.protocol, udp_buffer, listeners).map_err(|source| {
                         ProxyError::Listen {
@@ -541,7 +541,7 @@ impl Socket {
     ) -> io::Result<Socket> {
         Ok(match protocol {
             Protocol::Tcp => Socket::Tcp(
-                (0..listeners.max(1))
+                (0..listeners)
                     .map(|_| tcp::listen(addr))
                     .collect::<io::Result<_>>()?,
             ),

@@ -51,13 +51,9 @@ impl ProxyThreads {
         })
     }
 
-    /// How many threads (listeners per TCP service).
-    pub fn len(&self) -> usize {
+    /// How many threads (listeners per TCP service); at least one.
+    pub fn count(&self) -> usize {
         self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// Runs the `i`-th task on thread `i` (wrapping around if there are more tasks than threads).
