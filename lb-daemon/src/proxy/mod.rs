@@ -540,11 +540,7 @@ impl Socket {
         listeners: usize,
     ) -> io::Result<Socket> {
         Ok(match protocol {
-            Protocol::Tcp => Socket::Tcp(
-                (0..listeners)
-                    .map(|_| tcp::listen(addr))
-                    .collect::<io::Result<_>>()?,
-            ),
+            Protocol::Tcp => Socket::Tcp(tcp::listen_group(addr, listeners)?),
             Protocol::Udp => Socket::Udp(udp::bind(addr, udp_buffer)?),
         })
     }
@@ -752,6 +748,41 @@ backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
         );
         assert!(proxy.services().is_empty());
         assert_eq!(listeners_on(port), 1, "only the other socket");
+    }
+
+    /// A second daemon on this host (same user, so the kernel would let it join the first one's
+    /// `SO_REUSEPORT` group and take a share of its clients) gets a Listen error instead, and the
+    /// first daemon's listeners are all that listen.
+    #[tokio::test]
+    async fn a_port_another_daemon_serves_is_a_listen_error() {
+        let port = free_port();
+        let mut first = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(2).unwrap(),
+        );
+        first.apply(&config_to(port, 9, true)).unwrap();
+        let mut second = Proxy::new(
+            Arc::new(ConnTable::default()),
+            ProxyThreads::start(2).unwrap(),
+        );
+        let e = second.apply(&config_to(port, 9, true)).unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::Listen { name, source, .. }
+                if name == "web" && source.kind() == io::ErrorKind::AddrInUse),
+            "{e:?}"
+        );
+        assert!(second.services().is_empty());
+        assert_eq!(listeners_on(port), 2, "only the first daemon's");
+        // Once the first is gone, the port is free again.
+        drop(first);
+        for _ in 0..100 {
+            if listeners_on(port) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        second.apply(&config_to(port, 9, true)).unwrap();
+        assert_eq!(listeners_on(port), 2);
     }
 
     /// A service that leaves this engine but stays placed elsewhere (a scale-in) drains for its own

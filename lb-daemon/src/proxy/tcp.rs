@@ -26,9 +26,29 @@ use crate::{
 /// Accept queue length (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
-/// A listener on `addr`, one of the service's `SO_REUSEPORT` group (one per proxy thread), not yet
-/// registered with a runtime. `IP_FREEBIND` lets it bind before the VIP is configured on this host.
-pub fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// The listeners of a service on `addr`, one per proxy thread, in one `SO_REUSEPORT` group, not
+/// yet registered with a runtime. A group only this call creates: `addr` is first bound without
+/// `SO_REUSEPORT`, which fails while any socket listens there, so a second daemon on this host
+/// (same user, so the kernel would let it join) gets `EADDRINUSE` instead of half the connections.
+pub fn listen_group(addr: SocketAddr, listeners: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let claim = socket_for(addr)?;
+    claim.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                format!("{e}: another socket listens on {addr} (another daemon on this host?)"),
+            )
+        } else {
+            e
+        }
+    })?;
+    drop(claim);
+    (0..listeners).map(|_| listen(addr)).collect()
+}
+
+/// A TCP socket for `addr` with the options every listener has: nonblocking, `SO_REUSEADDR`,
+/// `IP_FREEBIND` (it binds before the VIP is configured on this host).
+fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
@@ -36,12 +56,18 @@ pub fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     socket.set_nonblocking(true)?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     if addr.is_ipv4() {
         socket.set_freebind_v4(true)?;
     } else {
         socket.set_freebind_v6(true)?;
     }
+    Ok(socket)
+}
+
+/// One listener of the group on `addr`.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket_for(addr)?;
+    socket.set_reuse_port(true)?;
     // Accepted connections inherit it: no system call per connection.
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
