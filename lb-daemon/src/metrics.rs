@@ -206,7 +206,7 @@ impl Collector for PeerCollector {
         }
         let mut m = encoder.encode_descriptor(
             "lb_peer_probes_refused",
-            "Datagrams on the peer port refused, by reason (length, magic, kind, mac, body, stranger)",
+            "Datagrams on the peer port refused, by reason (length, magic, kind, mac, body, stranger; busy: authentic, but the task it is for is behind)",
             None,
             MetricType::Counter,
         )?;

@@ -269,7 +269,6 @@ impl ConnTables {
 }
 
 struct Pending {
-    vs_id: u32,
     /// The query that asked about it.
     seq: u64,
     asked: Vec<u32>,
@@ -315,15 +314,17 @@ pub async fn run(
         }
     };
     let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
+    let mut in_flight = InFlight::new();
+    // The plan as of the last look; cloned again only when it changed.
+    let mut plan = ch.plan.borrow().clone();
     let mut early = Early::default();
-    let mut seq = 0u64;
     let mut batch: BTreeMap<u32, Vec<Client>> = BTreeMap::new();
     let mut sweep = tokio::time::interval(QUERY_TIMEOUT / 4);
     loop {
         tokio::select! {
             changed = ch.plan.changed() => {
                 if changed.is_err() { return; }
-                let plan = ch.plan.borrow().clone();
+                plan = ch.plan.borrow().clone();
                 for (vs_id, s) in plan.services.iter().filter(|(_, s)| s.primary) {
                     let flows = early.take(*vs_id, Instant::now());
                     if !flows.is_empty() {
@@ -334,7 +335,7 @@ pub async fn run(
             }
             guard = queries.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
-                let plan = ch.plan.borrow().clone();
+                refresh(&ch.plan, &mut plan);
                 while let Some(q) = guard.get_inner_mut().next_query() {
                     let client = client_of(&q);
                     let key = (q.vs_id, client);
@@ -349,7 +350,6 @@ pub async fn run(
                     counters.asked.fetch_add(1, Ordering::Relaxed);
                     let mine = conns.contains(&FlowKey { client, vip: s.vip, protocol: s.protocol });
                     pending.insert(key, Pending {
-                        vs_id: q.vs_id,
                         seq: 0,
                         asked: s.peers.iter().map(|(id, _)| *id).collect(),
                         answered: Vec::new(),
@@ -366,13 +366,13 @@ pub async fn run(
                 for (vs_id, clients) in std::mem::take(&mut batch) {
                     let Some(s) = plan.services.get(&vs_id) else { continue };
                     let peers: Vec<SocketAddr> = s.peers.iter().map(|(_, addr)| *addr).collect();
-                    ask(&sender, &mut pending, &mut seq, vs_id, &clients, &peers).await;
+                    ask(&sender, &mut pending, &mut in_flight, vs_id, &clients, &peers).await;
+                    // Flows with nobody to ask (or known here) are decided at once.
+                    settle_flows(&mut pending, vs_id, &clients, &plan, &mut tables, &rings, &counters);
                 }
-                // Flows with nobody to ask are decided at once.
-                settle(&mut pending, &plan, &mut tables, &rings, &counters, false);
             }
             Some(inc) = ch.incoming.recv() => {
-                let plan = ch.plan.borrow().clone();
+                refresh(&ch.plan, &mut plan);
                 let m = inc.message;
                 let Some((vs_id, flows)) = decode_flows(&m.body) else {
                     debug!(engine = m.from, "owner message with a malformed body");
@@ -403,25 +403,17 @@ pub async fn run(
                             debug!(engine = m.from, vs_id, dropped, "too many flows pushed early");
                         }
                     }
+                    // An answer: it touches the flows it names and those of its query, no others.
                     Kind::Owned => {
-                        for c in &flows {
-                            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
-                                p.owner.get_or_insert(m.from);
-                            }
-                        }
-                        // The answer covers every flow of that query.
-                        for p in pending.values_mut().filter(|p| p.seq == m.seq && p.vs_id == vs_id && p.asked.contains(&m.from)) {
-                            if !p.answered.contains(&m.from) {
-                                p.answered.push(m.from);
-                            }
-                        }
-                        settle(&mut pending, &plan, &mut tables, &rings, &counters, false);
+                        let asked = in_flight.answered(&mut pending, vs_id, m.seq, m.from, &flows);
+                        settle_flows(&mut pending, vs_id, &flows, &plan, &mut tables, &rings, &counters);
+                        settle_flows(&mut pending, vs_id, asked, &plan, &mut tables, &rings, &counters);
                     }
                     _ => {}
                 }
             }
             Some(cmd) = ch.commands.recv() => {
-                let plan = ch.plan.borrow().clone();
+                refresh(&ch.plan, &mut plan);
                 let Command::PushFlows { vs_id, primary } = cmd;
                 let sender = ch.sender.borrow().clone();
                 let (Some(s), Some(sender)) = (plan.services.get(&vs_id), sender) else { continue };
@@ -436,15 +428,16 @@ pub async fn run(
             _ = sweep.tick() => {
                 early.expire(Instant::now());
                 if !pending.is_empty() {
-                    let plan = ch.plan.borrow().clone();
-                    let again = settle(&mut pending, &plan, &mut tables, &rings, &counters, true);
+                    refresh(&ch.plan, &mut plan);
+                    let again = settle(&mut pending, &plan, &mut tables, &rings, &counters);
                     let sender = ch.sender.borrow().clone();
                     if let Some(sender) = sender {
                         for ((vs_id, peers), clients) in again {
-                            ask(&sender, &mut pending, &mut seq, vs_id, &clients, &peers).await;
+                            ask(&sender, &mut pending, &mut in_flight, vs_id, &clients, &peers).await;
                         }
                     }
                 }
+                in_flight.forget_settled(&pending);
             }
         }
     }
@@ -492,23 +485,90 @@ impl Early {
 async fn ask(
     sender: &Sender,
     pending: &mut HashMap<(u32, Client), Pending>,
-    seq: &mut u64,
+    in_flight: &mut InFlight,
     vs_id: u32,
     clients: &[Client],
     peers: &[SocketAddr],
 ) {
     for chunk in clients.chunks(FLOWS_PER_MESSAGE) {
-        *seq += 1;
-        for c in chunk {
+        let seq = in_flight.open(pending, vs_id, chunk);
+        let body = encode_flows(vs_id, chunk);
+        for addr in peers {
+            sender.send(*addr, Kind::Query, seq, body.clone()).await;
+        }
+    }
+}
+
+/// The owner queries in flight: each query's flows by its sequence number, so that an answer
+/// touches its own flows and not every pending one (under a storm of unknown segments thousands
+/// of flows wait and thousands of answers arrive per second).
+#[derive(Debug, Default)]
+struct InFlight {
+    last: u64,
+    flows: HashMap<u64, (u32, Vec<Client>)>,
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        InFlight::default()
+    }
+
+    /// A new query about `clients` of `vs_id` (all pending): its sequence number, which each
+    /// flow remembers as the query that asked about it last.
+    fn open(
+        &mut self,
+        pending: &mut HashMap<(u32, Client), Pending>,
+        vs_id: u32,
+        clients: &[Client],
+    ) -> u64 {
+        self.last += 1;
+        for c in clients {
             if let Some(p) = pending.get_mut(&(vs_id, *c)) {
-                p.seq = *seq;
+                p.seq = self.last;
             }
         }
-        for addr in peers {
-            sender
-                .send(*addr, Kind::Query, *seq, encode_flows(vs_id, chunk))
-                .await;
+        self.flows.insert(self.last, (vs_id, clients.to_vec()));
+        self.last
+    }
+
+    /// Engine `from` answered query `seq` of `vs_id`, owning `owned`: those flows have their
+    /// owner (whichever query asked), and every flow `seq` was the last query of has `from`'s
+    /// answer. Returns the flows of the query (to settle with `owned`).
+    fn answered(
+        &self,
+        pending: &mut HashMap<(u32, Client), Pending>,
+        vs_id: u32,
+        seq: u64,
+        from: u32,
+        owned: &[Client],
+    ) -> &[Client] {
+        for c in owned {
+            if let Some(p) = pending.get_mut(&(vs_id, *c)) {
+                p.owner.get_or_insert(from);
+            }
         }
+        let Some((_, asked)) = self.flows.get(&seq).filter(|(vs, _)| *vs == vs_id) else {
+            return &[];
+        };
+        for c in asked {
+            if let Some(p) = pending.get_mut(&(vs_id, *c))
+                && p.seq == seq
+                && p.asked.contains(&from)
+                && !p.answered.contains(&from)
+            {
+                p.answered.push(from);
+            }
+        }
+        asked
+    }
+
+    /// Forgets the queries none of whose flows waits on them any more.
+    fn forget_settled(&mut self, pending: &HashMap<(u32, Client), Pending>) {
+        self.flows.retain(|seq, (vs_id, clients)| {
+            clients
+                .iter()
+                .any(|c| pending.get(&(*vs_id, *c)).is_some_and(|p| p.seq == *seq))
+        });
     }
 }
 
@@ -533,64 +593,105 @@ fn bulk_load(
 /// (service, the peers to ask) → the flows to ask them about again.
 type AskAgain = BTreeMap<(u32, Vec<SocketAddr>), Vec<Client>>;
 
-/// Decides the flows that can be: an owner found, everyone answered, or (`sweep`) time is up and
-/// the retries are spent. Returns the flows whose engines are to be asked again: time is up, some
-/// have not answered, retries are left.
+/// The sweep: decides the flows that can be (an owner found, everyone answered, or time is up
+/// and the retries are spent). Returns the flows whose engines are to be asked again: time is
+/// up, some have not answered, retries are left.
 fn settle(
     pending: &mut HashMap<(u32, Client), Pending>,
     plan: &OwnerPlan,
     tables: &mut ConnTables,
     rings: &Rings,
     counters: &OwnerCounters,
-    sweep: bool,
 ) -> AskAgain {
     let now = Instant::now();
     let mut again = AskAgain::new();
     pending.retain(|(vs_id, client), p| {
         let peers = plan.services.get(vs_id).map_or(&[][..], |s| &s.peers[..]);
-        match next_step(p, peers, now, sweep) {
-            Step::Wait => return true,
+        match next_step(p, peers, now, true) {
+            Step::Wait => true,
             Step::AskAgain(silent) => {
                 p.retries += 1;
                 p.since = now;
                 counters.retried.fetch_add(1, Ordering::Relaxed);
                 again.entry((*vs_id, silent)).or_default().push(*client);
-                return true;
+                true
             }
-            Step::Decide => {}
+            Step::Decide => {
+                decide(*vs_id, *client, p, plan, tables, rings, counters, now);
+                false
+            }
         }
-        let Some(s) = plan.services.get(vs_id) else {
-            return false;
-        };
-        let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
-        let owner = if let Some(o) = p.owner {
-            counters.answered.fetch_add(1, Ordering::Relaxed);
-            o
-        } else {
-            if all_answered {
-                counters.unowned.fetch_add(1, Ordering::Relaxed);
-            } else {
-                counters.unanswered.fetch_add(1, Ordering::Relaxed);
-            }
-            // Nobody owns it. TCP: this engine takes it, and its stack resets the stray segment.
-            // UDP: a new session where the ring places it.
-            let placed = (s.protocol == Protocol::Udp)
-                .then(|| {
-                    let r = rings
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    ring_owner(r.get(vs_id)?, s, *client)
-                })
-                .flatten();
-            placed.unwrap_or(plan.self_id)
-        };
-        counters
-            .latency
-            .observe(now.duration_since(p.first).as_secs_f64());
-        tables.write(s, *vs_id, *client, owner);
-        false
     });
     again
+}
+
+/// Decides those of `clients` (of `vs_id`) that can be without waiting: an owner found or
+/// everyone answered. Time-outs are the sweep's.
+fn settle_flows(
+    pending: &mut HashMap<(u32, Client), Pending>,
+    vs_id: u32,
+    clients: &[Client],
+    plan: &OwnerPlan,
+    tables: &mut ConnTables,
+    rings: &Rings,
+    counters: &OwnerCounters,
+) {
+    let now = Instant::now();
+    let peers = plan.services.get(&vs_id).map_or(&[][..], |s| &s.peers[..]);
+    for c in clients {
+        let key = (vs_id, *c);
+        if pending
+            .get(&key)
+            .is_some_and(|p| next_step(p, peers, now, false) == Step::Decide)
+            && let Some(p) = pending.remove(&key)
+        {
+            decide(vs_id, *c, &p, plan, tables, rings, counters, now);
+        }
+    }
+}
+
+/// Writes where `client`'s flow goes: its owner, or if nobody owns it this engine (TCP) or
+/// where the ring places it (UDP), and counts which.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    vs_id: u32,
+    client: Client,
+    p: &Pending,
+    plan: &OwnerPlan,
+    tables: &mut ConnTables,
+    rings: &Rings,
+    counters: &OwnerCounters,
+    now: Instant,
+) {
+    let Some(s) = plan.services.get(&vs_id) else {
+        return;
+    };
+    let all_answered = p.asked.iter().all(|id| p.answered.contains(id));
+    let owner = if let Some(o) = p.owner {
+        counters.answered.fetch_add(1, Ordering::Relaxed);
+        o
+    } else {
+        if all_answered {
+            counters.unowned.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.unanswered.fetch_add(1, Ordering::Relaxed);
+        }
+        // Nobody owns it. TCP: this engine takes it, and its stack resets the stray segment.
+        // UDP: a new session where the ring places it.
+        let placed = (s.protocol == Protocol::Udp)
+            .then(|| {
+                let r = rings
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                ring_owner(r.get(&vs_id)?, s, client)
+            })
+            .flatten();
+        placed.unwrap_or(plan.self_id)
+    };
+    counters
+        .latency
+        .observe(now.duration_since(p.first).as_secs_f64());
+    tables.write(s, vs_id, client, owner);
 }
 
 /// What a pending flow needs now.
@@ -621,6 +722,14 @@ fn next_step(p: &Pending, peers: &[(u32, SocketAddr)], now: Instant, sweep: bool
         Step::AskAgain(silent)
     } else {
         Step::Decide
+    }
+}
+
+/// `plan` as the channel has it now, cloned only if it changed (not marked seen: the task's
+/// `changed` arm still runs for it).
+fn refresh(rx: &watch::Receiver<OwnerPlan>, plan: &mut OwnerPlan) {
+    if rx.has_changed().unwrap_or(false) {
+        *plan = rx.borrow().clone();
     }
 }
 
@@ -674,6 +783,78 @@ mod tests {
         assert!(early.0.is_empty());
     }
 
+    fn waiting(asked: &[u32], t0: Instant) -> Pending {
+        Pending {
+            seq: 0,
+            asked: asked.to_vec(),
+            answered: Vec::new(),
+            owner: None,
+            first: t0,
+            since: t0,
+            retries: 0,
+        }
+    }
+
+    /// An answer marks the flows of its own query answered by its sender, and gives an owner to the
+    /// flows it names, whichever query asked; flows of other queries or services are untouched,
+    /// and a query is forgotten once no flow waits on it.
+    #[test]
+    fn an_answer_touches_its_querys_flows_and_those_it_names() {
+        let t0 = Instant::now();
+        let c = |port: u16| -> Client { SocketAddr::new("10.0.0.9".parse().unwrap(), port) };
+        let mut pending = HashMap::new();
+        for port in 1..=6 {
+            pending.insert((7, c(port)), waiting(&[2, 3], t0));
+        }
+        pending.insert((8, c(1)), waiting(&[2, 3], t0));
+        let mut in_flight = InFlight::new();
+        let first = in_flight.open(&mut pending, 7, &[c(1), c(2), c(3)]);
+        let second = in_flight.open(&mut pending, 7, &[c(4), c(5)]);
+        let other = in_flight.open(&mut pending, 8, &[c(1)]);
+        assert!(first < second && second < other);
+        // c(3) asked again: the first query's answers no longer count for it.
+        let again = in_flight.open(&mut pending, 7, &[c(3)]);
+
+        let asked = in_flight.answered(&mut pending, 7, first, 2, &[c(2), c(4)]);
+        assert_eq!(asked, [c(1), c(2), c(3)]);
+        let answered = |p: &HashMap<(u32, Client), Pending>, vs: u32, port: u16| {
+            p[&(vs, c(port))].answered.clone()
+        };
+        assert_eq!(answered(&pending, 7, 1), [2]);
+        assert_eq!(answered(&pending, 7, 2), [2]);
+        assert!(answered(&pending, 7, 3).is_empty(), "asked again since");
+        assert!(answered(&pending, 7, 4).is_empty(), "another query");
+        assert!(answered(&pending, 8, 1).is_empty(), "another service");
+        assert_eq!(pending[&(7, c(2))].owner, Some(2));
+        assert_eq!(
+            pending[&(7, c(4))].owner,
+            Some(2),
+            "owned, whichever query asked"
+        );
+        assert_eq!(pending[&(7, c(1))].owner, None);
+        // An engine not asked about a flow does not answer for it; an unknown query touches nothing.
+        in_flight.answered(&mut pending, 7, second, 9, &[]);
+        assert!(answered(&pending, 7, 4).is_empty());
+        assert!(in_flight.answered(&mut pending, 7, 999, 3, &[]).is_empty());
+        assert!(
+            in_flight
+                .answered(&mut pending, 8, first, 3, &[])
+                .is_empty(),
+            "not that service's query"
+        );
+
+        // The first query's flows settle; it and nothing else is forgotten.
+        pending.remove(&(7, c(1)));
+        pending.remove(&(7, c(2)));
+        in_flight.forget_settled(&pending);
+        let mut left: Vec<u64> = in_flight.flows.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [second, other, again]);
+        pending.clear();
+        in_flight.forget_settled(&pending);
+        assert!(in_flight.flows.is_empty());
+    }
+
     #[test]
     fn silent_engines_are_asked_again_until_the_retries_are_spent() {
         let t0 = Instant::now();
@@ -681,7 +862,6 @@ mod tests {
         let b: SocketAddr = "10.0.0.3:7401".parse().unwrap();
         let peers = [(2, a), (3, b)];
         let mut p = Pending {
-            vs_id: 0,
             seq: 1,
             asked: vec![2, 3],
             answered: vec![3],

@@ -102,16 +102,20 @@ pub enum Refused {
     Body,
     /// Authentic, from an engine this one shares no virtual service with.
     Stranger,
+    /// Authentic, but the task it is for (owner queries, the persistence mirror) is behind: its
+    /// queue is full.
+    Busy,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 6] = [
+    pub const ALL: [Refused; 7] = [
         Refused::Length,
         Refused::Magic,
         Refused::Kind,
         Refused::Mac,
         Refused::Body,
         Refused::Stranger,
+        Refused::Busy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -122,6 +126,7 @@ impl Refused {
             Refused::Mac => "mac",
             Refused::Body => "body",
             Refused::Stranger => "stranger",
+            Refused::Busy => "busy",
         }
     }
 }
@@ -310,7 +315,7 @@ pub struct PeerCounters {
     pub answered: AtomicU64,
     pub replies: AtomicU64,
     pub echo_replies: AtomicU64,
-    pub refused: [AtomicU64; 6],
+    pub refused: [AtomicU64; Refused::ALL.len()],
     pub downs: AtomicU64,
     pub ups: AtomicU64,
     pub dataplane_downs: AtomicU64,
@@ -580,14 +585,18 @@ pub async fn run(mut ch: Channels, counters: Arc<PeerCounters>) {
                                 counters.refuse(Refused::Stranger);
                                 continue;
                             }
-                            let _ = ch.owners.try_send(Incoming { from_addr: from, message: m });
+                            if ch.owners.try_send(Incoming { from_addr: from, message: m }).is_err() {
+                                counters.refuse(Refused::Busy);
+                            }
                         }
                         Kind::Persist => {
                             if !peers.contains_key(&m.from) {
                                 counters.refuse(Refused::Stranger);
                                 continue;
                             }
-                            let _ = ch.mirror.try_send(Incoming { from_addr: from, message: m });
+                            if ch.mirror.try_send(Incoming { from_addr: from, message: m }).is_err() {
+                                counters.refuse(Refused::Busy);
+                            }
                         }
                         Kind::Health => {
                             let Ok(ids) = decode_ids(&m.body) else {

@@ -558,10 +558,14 @@ fn bird_bounds_a_storm_of_unknown_mid_flow_packets() -> Result<()> {
     let unanswered = owner_queries(&lab, &ALL, "unanswered")?;
     let bounded = owner_queries(&lab, &ALL, "overflow")?;
     let daemon_asked = owner_queries(&lab, &ALL, "asked")?;
+    let busy: f64 = per_engine("lb_peer_probes_refused_total", &[("reason", "busy")])?
+        .iter()
+        .sum();
     eprintln!(
         "{sent} segments in {storm_time:?}; per engine asked {asked:?}, over the rate {overflow:?}; \
          daemons: asked {daemon_asked}, answered {answered}, unowned {unowned}, unanswered \
-         {unanswered}, over their bound {bounded}; served during the storm after {during:?}; \
+         {unanswered}, over their bound {bounded}, peer messages dropped busy {busy}; served \
+         during the storm after {during:?}; \
          held {} connections {:?}, {} rounds, {} failed",
         held.connections,
         held.per_engine(),
