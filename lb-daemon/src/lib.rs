@@ -10,6 +10,7 @@ pub mod engine;
 pub mod failover;
 pub mod health;
 pub mod heartbeat;
+pub mod kernel_sockets;
 pub mod links;
 pub mod managed;
 pub mod metrics;

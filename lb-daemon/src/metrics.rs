@@ -166,6 +166,11 @@ impl Collector for PeerCollector {
                 &o.queries_answered,
             ),
             (
+                "lb_owner_flows_kernel_held",
+                "Flows this engine claimed in an owner query that only the kernel's socket table knew (half open, or not accepted by the proxy yet)",
+                &o.kernel_held,
+            ),
+            (
                 "lb_flows_bulk_loaded",
                 "Flows written into the connection table from surviving engines' lists",
                 &o.bulk_loaded,

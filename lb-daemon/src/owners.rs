@@ -11,7 +11,8 @@
 //!   a while after a promotion) a UDP datagram — the XDP program hands the 5-tuple to this task
 //!   (the `OWNER_QUERIES` ring buffer) and drops the packet. The task asks every engine of the
 //!   service that is not gone (`Query`; a daemon that missed its probes while its data plane
-//!   answers is asked too), each says which of the flows are its own (`Owned`, the query's seq),
+//!   answers is asked too), each says which of the flows are its own (`Owned`, the query's seq:
+//!   in its proxy's table or, TCP, in the kernel's socket table before the proxy accepted it),
 //!   and the answer goes into the connection table: the client's retransmission reaches the
 //!   owner. Engines that have not answered within [`QUERY_TIMEOUT`] are asked again, up to
 //!   [`QUERY_RETRIES`] times: a slow daemon (an overloaded engine, the one a migration leaves)
@@ -53,6 +54,7 @@ use crate::{
     config::Protocol,
     conntable::{ConnTable, FlowKey},
     engine::Rings,
+    kernel_sockets::KernelSockets,
     peers::{Incoming, Kind, MAX_BODY, Sender},
 };
 
@@ -113,6 +115,9 @@ pub struct OwnerCounters {
     pub bulk_loaded: AtomicU64,
     pub bulk_sent: AtomicU64,
     pub queries_answered: AtomicU64,
+    /// Flows this engine said it holds that only the kernel's socket table knew (half open, or
+    /// not accepted by the proxy yet).
+    pub kernel_held: AtomicU64,
     /// Seconds from a flow's query to its answer.
     pub latency: Histogram,
 }
@@ -129,6 +134,7 @@ impl Default for OwnerCounters {
             bulk_loaded: AtomicU64::new(0),
             bulk_sent: AtomicU64::new(0),
             queries_answered: AtomicU64::new(0),
+            kernel_held: AtomicU64::new(0),
             latency: Histogram::new([
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
             ]),
@@ -313,6 +319,11 @@ pub async fn run(
             return;
         }
     };
+    let mut kernel = KernelSockets::open()
+        .inspect_err(|e| {
+            warn!("owner queries: no socket table lookups ({e}); only the proxy's connections are claimed");
+        })
+        .ok();
     let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
     let mut in_flight = InFlight::new();
     // The plan as of the last look; cloned again only when it changed.
@@ -348,7 +359,7 @@ pub async fn run(
                     }
                     let Some(s) = plan.services.get(&q.vs_id) else { continue };
                     counters.asked.fetch_add(1, Ordering::Relaxed);
-                    let mine = conns.contains(&FlowKey { client, vip: s.vip, protocol: s.protocol });
+                    let mine = holds(&conns, &mut kernel, &counters, s, client);
                     pending.insert(key, Pending {
                         seq: 0,
                         asked: s.peers.iter().map(|(id, _)| *id).collect(),
@@ -383,7 +394,7 @@ pub async fn run(
                     Kind::Query => {
                         let owned: Vec<Client> = flows
                             .into_iter()
-                            .filter(|c| conns.contains(&FlowKey { client: *c, vip: s.vip, protocol: s.protocol }))
+                            .filter(|c| holds(&conns, &mut kernel, &counters, s, *c))
                             .collect();
                         counters.queries_answered.fetch_add(1, Ordering::Relaxed);
                         let sender = ch.sender.borrow().clone();
@@ -623,6 +634,40 @@ fn settle(
         }
     });
     again
+}
+
+/// Whether this engine holds `client`'s flow to `s`: in the proxy's connection table or, for TCP,
+/// in the kernel's socket table before the proxy has accepted it (see [`crate::kernel_sockets`]).
+fn holds(
+    conns: &ConnTable,
+    kernel: &mut Option<KernelSockets>,
+    counters: &OwnerCounters,
+    s: &Service,
+    client: Client,
+) -> bool {
+    let key = FlowKey {
+        client,
+        vip: s.vip,
+        protocol: s.protocol,
+    };
+    if conns.contains(&key) {
+        return true;
+    }
+    let Some(kernel) = kernel.as_mut().filter(|_| s.protocol == Protocol::Tcp) else {
+        return false;
+    };
+    match kernel.has_tcp(s.vip, client) {
+        Ok(held) => {
+            if held {
+                counters.kernel_held.fetch_add(1, Ordering::Relaxed);
+            }
+            held
+        }
+        Err(e) => {
+            debug!(%client, "socket table lookup: {e}");
+            false
+        }
+    }
 }
 
 /// Decides those of `clients` (of `vs_id`) that can be without waiting: an owner found or

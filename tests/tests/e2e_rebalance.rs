@@ -306,9 +306,13 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     let answered = l
         .metric_per_engine("lb_owner_queries_answered_total", &[])
         .unwrap()[&new_id];
+    let kernel_held = l
+        .metric_per_engine("lb_owner_flows_kernel_held_total", &[])
+        .unwrap();
     println!(
         "flows pushed by {}: {pushed}; {spare} loaded {loaded} of them and had {answered} \
-         owner queries answered",
+         owner queries answered; claimed from the kernel's socket table (per engine): \
+         {kernel_held:?}",
         first[0]
     );
     assert!(
