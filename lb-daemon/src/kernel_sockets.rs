@@ -6,8 +6,12 @@
 //! then in the listener's accept queue. A flow that moves between engines in that window (a
 //! migration's gratuitous ARP, say, between this engine's SYN-ACK and the client's ACK) must
 //! still be claimed by this engine, or the new primary takes it and its stack resets it.
+//!
+//! A lookup is two system calls and a kernel hash lookup; a storm of unknown segments asks
+//! about thousands of flows per second, so lookups are bounded by a [`Budget`] (flows over it
+//! are claimed only from the proxy's table).
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, time::Instant};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
@@ -15,6 +19,41 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
+
+/// Lookups per second at most, and at most this many at once after a quiet spell: the flows that
+/// are mid-handshake when a flow changes engines are about the connection rate times a round
+/// trip (hundreds at most), far fewer than a storm's.
+pub const LOOKUPS_PER_SECOND: u32 = 1000;
+
+/// A token bucket of [`LOOKUPS_PER_SECOND`].
+#[derive(Debug)]
+pub struct Budget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Budget {
+    pub fn new(now: Instant) -> Budget {
+        Budget {
+            tokens: f64::from(LOOKUPS_PER_SECOND),
+            last: now,
+        }
+    }
+
+    /// Whether a lookup may be made at `now` (and takes it).
+    pub fn take(&mut self, now: Instant) -> bool {
+        let rate = f64::from(LOOKUPS_PER_SECOND);
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// A `NETLINK_SOCK_DIAG` socket of this network namespace.
 pub struct KernelSockets {
@@ -114,6 +153,8 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
+    use std::time::Duration;
+
     use super::*;
 
     /// A connection waiting in the accept queue is found, and still is once accepted; another
@@ -158,6 +199,24 @@ mod tests {
     #[test]
     fn finds_ipv6_connections_the_kernel_holds() {
         finds_what_the_kernel_holds("[::1]:0");
+    }
+
+    #[test]
+    fn the_budget_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        let burst = (0..2 * LOOKUPS_PER_SECOND).filter(|_| b.take(t0)).count();
+        assert_eq!(burst, LOOKUPS_PER_SECOND as usize);
+        // A tenth of a second later, a tenth of the rate.
+        let later = t0 + Duration::from_millis(100);
+        let then = (0..LOOKUPS_PER_SECOND).filter(|_| b.take(later)).count();
+        assert_eq!(then, LOOKUPS_PER_SECOND as usize / 10);
+        // Never more than the burst, however long it was quiet.
+        let quiet = later + Duration::from_mins(1);
+        let after = (0..2 * LOOKUPS_PER_SECOND)
+            .filter(|_| b.take(quiet))
+            .count();
+        assert_eq!(after, LOOKUPS_PER_SECOND as usize);
     }
 
     #[test]

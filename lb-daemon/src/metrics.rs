@@ -171,6 +171,11 @@ impl Collector for PeerCollector {
                 &o.kernel_held,
             ),
             (
+                "lb_owner_flows_kernel_over_budget",
+                "Asked flows not in the proxy's table that were not looked up in the kernel's: over its 1000 lookups/s",
+                &o.kernel_over_budget,
+            ),
+            (
                 "lb_flows_bulk_loaded",
                 "Flows written into the connection table from surviving engines' lists",
                 &o.bulk_loaded,

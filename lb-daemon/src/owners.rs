@@ -54,7 +54,7 @@ use crate::{
     config::Protocol,
     conntable::{ConnTable, FlowKey},
     engine::Rings,
-    kernel_sockets::KernelSockets,
+    kernel_sockets::{Budget, KernelSockets},
     peers::{Incoming, Kind, MAX_BODY, Sender},
 };
 
@@ -118,6 +118,8 @@ pub struct OwnerCounters {
     /// Flows this engine said it holds that only the kernel's socket table knew (half open, or
     /// not accepted by the proxy yet).
     pub kernel_held: AtomicU64,
+    /// Flows not in the proxy's table that were not looked up in the kernel's: over the budget.
+    pub kernel_over_budget: AtomicU64,
     /// Seconds from a flow's query to its answer.
     pub latency: Histogram,
 }
@@ -135,6 +137,7 @@ impl Default for OwnerCounters {
             bulk_sent: AtomicU64::new(0),
             queries_answered: AtomicU64::new(0),
             kernel_held: AtomicU64::new(0),
+            kernel_over_budget: AtomicU64::new(0),
             latency: Histogram::new([
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
             ]),
@@ -323,7 +326,8 @@ pub async fn run(
         .inspect_err(|e| {
             warn!("owner queries: no socket table lookups ({e}); only the proxy's connections are claimed");
         })
-        .ok();
+        .ok()
+        .map(|k| (k, Budget::new(Instant::now())));
     let mut pending: HashMap<(u32, Client), Pending> = HashMap::new();
     let mut in_flight = InFlight::new();
     // The plan as of the last look; cloned again only when it changed.
@@ -640,7 +644,7 @@ fn settle(
 /// in the kernel's socket table before the proxy has accepted it (see [`crate::kernel_sockets`]).
 fn holds(
     conns: &ConnTable,
-    kernel: &mut Option<KernelSockets>,
+    kernel: &mut Option<(KernelSockets, Budget)>,
     counters: &OwnerCounters,
     s: &Service,
     client: Client,
@@ -653,9 +657,13 @@ fn holds(
     if conns.contains(&key) {
         return true;
     }
-    let Some(kernel) = kernel.as_mut().filter(|_| s.protocol == Protocol::Tcp) else {
+    let Some((kernel, budget)) = kernel.as_mut().filter(|_| s.protocol == Protocol::Tcp) else {
         return false;
     };
+    if !budget.take(Instant::now()) {
+        counters.kernel_over_budget.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
     match kernel.has_tcp(s.vip, client) {
         Ok(held) => {
             if held {
