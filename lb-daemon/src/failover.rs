@@ -347,6 +347,12 @@ impl Failover {
             *steering.entry(vs.vip).or_default() |= primary;
         }
         for (vip, on_interface) in &steering {
+            // Another engine steers it now: the rest of this engine's announcements would pull
+            // the clients back (a migration soon after a promotion).
+            if !on_interface && let Some(old) = self.announcing.remove(vip) {
+                old.abort();
+                info!(%vip, "stopped announcing: another engine steers this VIP");
+            }
             match vips.place(*vip, *on_interface).await {
                 Ok(_) => {
                     self.placed_vips.insert(*vip);

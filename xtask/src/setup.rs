@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "wrk",
     "iperf3",
     "tcpdump",
+    // Holds back a client's handshake ACKs in the migration test.
+    "nftables",
     "iputils-ping",
     "curl",
     // The failover benchmark's baseline (VRRP).
