@@ -192,6 +192,16 @@ impl Engine {
         self.inventory.clone()
     }
 
+    /// Lists `config`'s virtual services and engines and the proxy's services and pools for the
+    /// metrics endpoint.
+    fn publish_inventory(&self, config: &Config) {
+        *self
+            .inventory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Inventory::of(config, &self.proxy);
+    }
+
     /// Brings the engine to `config` (validated), changing only what differs. Nothing is applied
     /// unless the whole configuration can be: the host settings that need a restart are unchanged,
     /// the tables plan, the backends are routable and new sockets open. If writing the maps fails
@@ -204,6 +214,9 @@ impl Engine {
             return Ok(Applied::Unchanged);
         }
         self.proxy.apply(&config)?;
+        // The proxy serves the new services from here on (the map writes below can take a while
+        // for a ring): their metrics are listed from here on too.
+        self.publish_inventory(&config);
         let dp = &mut self.dp;
         // Thousands of system calls for a ring: let the runtime move other tasks off this worker.
         let written = tokio::task::block_in_place(|| dp.apply(&changes));
@@ -213,6 +226,8 @@ impl Engine {
             let restored = tokio::task::block_in_place(|| self.dp.apply(&back))
                 .map_err(|e| e.to_string())
                 .and_then(|()| self.proxy.apply(&self.config).map_err(|e| e.to_string()));
+            let previous = self.config.clone();
+            self.publish_inventory(&previous);
             let write = Box::new(write);
             return Err(match restored {
                 Ok(()) => ApplyError::RolledBack(write),
@@ -227,11 +242,6 @@ impl Engine {
                 (map, what, w.len())
             })
             .collect();
-        *self
-            .inventory
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Inventory::of(&config, &self.proxy);
         self.config = config;
         publish_rings(&self.rings, &tables);
         self.tables = tables;
