@@ -260,6 +260,37 @@ impl ControllerLab {
         .map(|_| ())
     }
 
+    /// Prints, for a failure's report, what each engine counted that tells where packets and
+    /// flows went (the non-zero series), the end of each engine's log and of the controller's.
+    pub fn print_engines_report(&self) {
+        const KEYS: [&str; 8] = [
+            "xdp_packets",
+            "owner_",
+            "flows_",
+            "drain",
+            "refused",
+            "promotions",
+            "demotions",
+            "garp",
+        ];
+        for e in &self.lab.engines {
+            let Some(d) = self.daemon(e.id) else { continue };
+            let metrics = d.metrics().unwrap_or_default();
+            let lines: Vec<&str> = metrics
+                .lines()
+                .filter(|s| !s.starts_with('#') && !s.ends_with(" 0"))
+                .filter(|s| KEYS.iter().any(|k| s.contains(k)))
+                .collect();
+            println!(
+                "--- {} ---\n{}\n{}",
+                e.name,
+                lines.join("\n"),
+                d.log_tail(40)
+            );
+        }
+        println!("--- controller ---\n{}", tail(&self.controller_log(), 40));
+    }
+
     /// The namespace of engine `id`.
     pub fn engine_ns(&self, id: u8) -> Result<Ns> {
         Ok(self

@@ -145,7 +145,7 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
          answered {answered:?}"
     );
     if body.is_err() {
-        dump(&l);
+        l.print_engines_report();
     }
     let body = body.unwrap();
     assert!(!body.is_empty(), "an empty body");
@@ -176,32 +176,8 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
     // The connection lives on, on the secondary.
     let again = c.get();
     if again.is_err() {
-        dump(&l);
+        l.print_engines_report();
     }
     let again = again.expect("a second request on it");
     assert!(!again.is_empty());
-}
-
-/// What each engine counted of owners and flows, and its log's end: for a failure's report.
-fn dump(l: &ControllerLab) {
-    for e in &l.lab.engines {
-        let Some(d) = l.daemon(e.id) else { continue };
-        let metrics = d.metrics().unwrap_or_default();
-        let lines: Vec<&str> = metrics
-            .lines()
-            .filter(|s| !s.starts_with('#'))
-            .filter(|s| {
-                ["xdp_packets", "owner_", "flows_", "drain", "refused"]
-                    .iter()
-                    .any(|k| s.contains(k))
-            })
-            .filter(|s| !s.ends_with(" 0"))
-            .collect();
-        println!(
-            "--- {} ---\n{}\n{}",
-            e.name,
-            lines.join("\n"),
-            d.log_tail(30)
-        );
-    }
 }

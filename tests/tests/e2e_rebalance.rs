@@ -37,44 +37,6 @@ fn accepted(l: &ControllerLab) -> BTreeMap<u8, f64> {
         .unwrap()
 }
 
-/// What each engine counted that tells where packets went: for a failure's report.
-fn dump_engines(l: &ControllerLab) {
-    for e in &l.lab.engines {
-        let Some(id) = l.id_of(&e.name) else { continue };
-        let Some(d) = l.daemon(id) else { continue };
-        let metrics = d.metrics().unwrap_or_default();
-        let lines: Vec<&str> = metrics
-            .lines()
-            .filter(|s| !s.starts_with('#'))
-            .filter(|s| {
-                [
-                    "xdp_packets",
-                    "owner_",
-                    "flows_",
-                    "drain",
-                    "refused",
-                    "promotions",
-                    "demotions",
-                    "garp",
-                ]
-                .iter()
-                .any(|k| s.contains(k))
-            })
-            .filter(|s| !s.ends_with(" 0"))
-            .collect();
-        println!(
-            "--- {} ---\n{}\n{}",
-            e.name,
-            lines.join("\n"),
-            d.log_tail(40)
-        );
-    }
-    println!(
-        "--- controller ---\n{}",
-        lb_tests::controller_lab::tail(&l.controller_log(), 40)
-    );
-}
-
 #[test]
 #[allow(clippy::too_many_lines)]
 fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fails_nothing() {
@@ -286,7 +248,7 @@ fn the_loop_scales_a_hot_service_out_and_back_in_and_a_migration_under_load_fail
     );
     if kept.errors() > 0 || fresh.errors > 0 {
         println!("migration started {migration_at:.2} s after the new connections");
-        dump_engines(&l);
+        l.print_engines_report();
     }
     assert!(kept.requests > 0 && fresh.ok() > 0);
     assert_eq!(
