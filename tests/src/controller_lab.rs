@@ -344,8 +344,10 @@ impl ControllerLab {
         Ok(())
     }
 
-    /// Waits until no engine placed for `vs` is pending a scale-out (each it has gets new
-    /// connections); returns the placement, the primary first.
+    /// Waits until no engine placed for `vs` is pending a scale-out and every placed engine has
+    /// applied the snapshot that gives each of them a weight (the controller shows an engine
+    /// serving as soon as it decides so; the primary's ring has it once the next snapshot is
+    /// applied); returns the placement, the primary first.
     pub fn wait_serving(&self, vs: &str, timeout: Duration) -> Result<Vec<String>> {
         let mut placed = Vec::new();
         self.wait(
@@ -354,12 +356,40 @@ impl ControllerLab {
             |l| {
                 let v = l.lbctl(&["vs", "get", vs])?.json()?;
                 placed = placement(&v);
-                Ok(v["placement"]
+                let decided = v["placement"]
                     .as_array()
-                    .is_some_and(|a| a.iter().all(|p| p["phase"] != "pending")))
+                    .is_some_and(|a| a.iter().all(|p| p["phase"] != "pending"));
+                Ok(decided && placed.iter().all(|e| l.applied_weights(e, vs, &placed)))
             },
         )?;
         Ok(placed)
+    }
+
+    /// Whether the snapshot engine `name` applied last gives each of `engines` a weight above 0
+    /// in `vs`.
+    fn applied_weights(&self, name: &str, vs: &str, engines: &[String]) -> bool {
+        let Some(applied) = self.applied(name) else {
+            return false;
+        };
+        let Some(s) = applied
+            .desired
+            .virtual_services
+            .iter()
+            .find(|s| s.name == vs)
+        else {
+            return false;
+        };
+        engines.iter().all(|e| {
+            self.lab
+                .engines
+                .iter()
+                .find(|x| x.name == *e)
+                .is_some_and(|x| {
+                    s.engines
+                        .iter()
+                        .any(|m| m.id == u32::from(x.id) && m.weight > 0)
+                })
+        })
     }
 
     /// The snapshot engine `name` applied last, as it saved it.
