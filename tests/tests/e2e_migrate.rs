@@ -1,5 +1,5 @@
-//! End to end: a connection whose handshake is still in flight when its virtual service's primary
-//! migrates.
+//! End to end: connections whose handshakes are still in flight when their virtual service's
+//! primary migrates, or when their engine is scaled in.
 //!
 //! `web` runs on two engines; the client's pure ACKs to the VIP are held back (an nftables drop
 //! in the client's namespace), so a connection the primary steered to the secondary stays half
@@ -11,6 +11,11 @@
 //! nobody would own the flow, the new primary would take it and its stack would reset it. The old
 //! primary, promoted moments before, stops its gratuitous ARPs when it is demoted (their rest
 //! would pull the client back to it).
+//!
+//! Scaled in, an engine first gets weight 0 and keeps listening until the primary has applied
+//! that and a handshake grace has passed: a connection half open there when the scale-in begins
+//! completes and is served (had the engine left as soon as the primary applied its weight 0, its
+//! listener would have closed and its kernel reset the connection).
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +62,30 @@ fn half_open_on(l: &ControllerLab, id: u8, peer: &str) -> Result<bool> {
         .any(|line| line.split_whitespace().last() == Some(peer)))
 }
 
+/// Opens connections (their ACKs held) until one is half open on engine `secondary` (the
+/// `primary` proxies a share too); returns it and its client address.
+fn half_open_connection(
+    l: &ControllerLab,
+    client: &Ns,
+    primary: u8,
+    secondary: u8,
+) -> (HeldConnection, String) {
+    for _ in 0..30 {
+        let c = HeldConnection::open(client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
+        let peer = c.local_addr().unwrap().to_string();
+        for _ in 0..20 {
+            if half_open_on(l, secondary, &peer).unwrap() {
+                return (c, peer);
+            }
+            if half_open_on(l, primary, &peer).unwrap() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("no connection half open on the secondary in 30 tries");
+}
+
 #[test]
 #[allow(clippy::too_many_lines)]
 fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
@@ -83,28 +112,7 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
     drop(warm);
 
     hold_acks(&l, &client, &vip, true).unwrap();
-    // Connections until one is half open on the secondary (the primary proxies a share too).
-    let mut held = None;
-    for _ in 0..30 {
-        let c = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
-        let peer = c.local_addr().unwrap().to_string();
-        let mut found = false;
-        for _ in 0..20 {
-            if half_open_on(&l, secondary, &peer).unwrap() {
-                found = true;
-                break;
-            }
-            if half_open_on(&l, primary, &peer).unwrap() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if found {
-            held = Some((c, peer));
-            break;
-        }
-    }
-    let (mut c, peer) = held.expect("no connection half open on the secondary in 30 tries");
+    let (mut c, peer) = half_open_connection(&l, &client, primary, secondary);
 
     let out = l.lbctl(&["migrate", "web", "--to", &target]).unwrap();
     assert_eq!(out.code, 0, "lbctl migrate: {}", out.stderr);
@@ -180,4 +188,75 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
     }
     let again = again.expect("a second request on it");
     assert!(!again.is_empty());
+}
+
+#[test]
+fn a_handshake_in_flight_across_a_scale_in_completes_on_the_leaving_engine() {
+    if !require_root() {
+        return;
+    }
+    let l = ControllerLab::build("lbsi").expect("build the controller lab");
+    l.create_web_pool().unwrap();
+    l.create_web_service(1).unwrap();
+    let out = l.lbctl(&["scale-out", "web"]).unwrap();
+    assert_eq!(out.code, 0, "lbctl scale-out: {}", out.stderr);
+    let on = l.wait_serving("web", Duration::from_secs(20)).unwrap();
+    assert_eq!(on.len(), 2, "{on:?}");
+    let (primary, secondary) = (l.id_of(&on[0]).unwrap(), l.id_of(&on[1]).unwrap());
+    let client = l.lab.client(0).clone();
+    let vip = l.lab.vip().to_string();
+    let mut warm = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
+    warm.get().expect("web serves");
+    drop(warm);
+
+    hold_acks(&l, &client, &vip, true).unwrap();
+    let (mut c, peer) = half_open_connection(&l, &client, primary, secondary);
+    let out = l.lbctl(&["scale-in", "web", "--engine", &on[1]]).unwrap();
+    assert_eq!(out.code, 0, "lbctl scale-in: {}", out.stderr);
+    // The primary sends the leaving engine nothing new once it has applied its weight 0.
+    let weight_on_primary = |l: &ControllerLab| {
+        l.applied(&on[0]).and_then(|a| {
+            let vs = a
+                .desired
+                .virtual_services
+                .iter()
+                .find(|v| v.name == "web")?;
+            vs.engines
+                .iter()
+                .find(|m| m.id == u32::from(secondary))
+                .map(|m| m.weight)
+        })
+    };
+    l.wait(
+        Duration::from_secs(10),
+        "the primary applied the leaving engine's weight 0",
+        |l| Ok(weight_on_primary(l) == Some(0)),
+    )
+    .unwrap();
+    // Past the controller's next tick (1 s here): an engine that left as soon as the primary had
+    // applied its weight 0 would have closed its listener by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        half_open_on(&l, secondary, &peer).unwrap(),
+        "{peer} is still half open on the leaving engine"
+    );
+    hold_acks(&l, &client, &vip, false).unwrap();
+    let body = c.get();
+    if body.is_err() {
+        l.print_engines_report();
+    }
+    let body = body.unwrap_or_else(|e| panic!("{peer} across the scale-in: {e:#}"));
+    assert!(!body.is_empty(), "an empty body");
+    // The grace ends: the engine leaves and drains, the connection lives on there.
+    l.wait(
+        Duration::from_secs(15),
+        "the scaled-in engine left the placement",
+        |l| Ok(placement(&l.lbctl(&["vs", "get", "web"])?.json()?) == [on[0].clone()]),
+    )
+    .unwrap();
+    let again = c.get();
+    if again.is_err() {
+        l.print_engines_report();
+    }
+    assert!(!again.expect("a second request on it, draining").is_empty());
 }

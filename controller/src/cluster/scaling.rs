@@ -6,7 +6,8 @@
 //!   a usable backend), it gets its weight.
 //! - **Scale in**: first the engine gets weight 0 (`leaving`), still placed and listening: the
 //!   primary stops sending it new connections, and a SYN already on its way is still answered.
-//!   Once the primary has applied that version, the engine leaves the placement. Its proxy closes
+//!   Once the primary has applied that version and [`HANDSHAKE_GRACE`] has passed (handshakes
+//!   begun before complete), the engine leaves the placement. Its proxy closes
 //!   the listener and lets open connections finish for the scale-in timeout
 //!   (`vs_scalein_timeout`, the engines' `proxy.drain_timeout_s`), then resets the rest; the
 //!   primary keeps sending it the packets of the flows it owns meanwhile. Its heartbeats report
@@ -18,7 +19,7 @@
 //!   epoch (the engines' promotion path: it takes the VIP and announces it) while the old primary
 //!   stays placed with weight 0, so it hands its flows over and answers owner queries. Once both
 //!   have applied that version, the old primary leaves as in a scale-in (its weight is already
-//!   0 on the new primary). A secondary's migration is a scale-out and, once the target serves,
+//!   0 on the new primary), after the same grace. A secondary's migration is a scale-out and, once the target serves,
 //!   a scale-in.
 //! - **The primary's share**: it also steers every packet of the service, so while other engines
 //!   serve it gets a smaller weight than theirs (`BASE_WEIGHT`), from its spare CPU.
@@ -46,6 +47,12 @@ pub const PRIMARY_WEIGHT_STEP: u32 = 20;
 pub const PRIMARY_WEIGHT_HOLD: Duration = Duration::from_secs(30);
 /// A drain nobody reports on is forgotten this long after its timeout.
 const DRAIN_REPORT_GRACE: Duration = Duration::from_secs(30);
+/// How long a leaving engine keeps listening at weight 0 after its primary has applied that
+/// weight: a SYN steered to it just before has this long to complete its handshake there (the
+/// client's round trip, a lost SYN-ACK resent after the kernel's 1 s, a SYN resent that the
+/// primary's connection table still sends there). Its listener closes when it leaves, and the
+/// kernel resets what is half open or waits in the accept queue then.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(3);
 
 /// The primary's weight for its CPU use: its spare CPU in steps of 10 %, within the bounds.
 #[must_use]
@@ -137,6 +144,9 @@ pub struct Scaling {
     drains: BTreeMap<(String, String), DrainView>,
     /// Service → its primary's weight and when it was set.
     primary_weights: BTreeMap<String, (u32, Instant)>,
+    /// (service, engine) → when the engine, leaving, could have left: its handshakes' grace
+    /// ([`HANDSHAKE_GRACE`]) runs from there.
+    ready_to_leave: BTreeMap<(String, String), Instant>,
 }
 
 impl Scaling {
@@ -550,6 +560,7 @@ impl Cluster {
         let key = (vs.to_owned(), engine.to_owned());
         self.scaling.pending.remove(&key);
         self.scaling.leaving.remove(&key);
+        self.scaling.ready_to_leave.remove(&key);
         self.scaling.drains.insert(
             key,
             DrainView {
@@ -708,6 +719,16 @@ impl Cluster {
         }
         changed |= self.advance_migrations(now)?;
         changed |= self.advance_leaving(now)?;
+        let Scaling {
+            leaving,
+            migrations,
+            ready_to_leave,
+            ..
+        } = &mut self.scaling;
+        ready_to_leave.retain(|(vs, e), _| {
+            leaving.contains_key(&(vs.clone(), e.clone()))
+                || migrations.get(vs).is_some_and(|m| m.from == *e)
+        });
         changed |= self.adjust_primary_weights(now);
         let timeouts: BTreeMap<String, Duration> = self
             .scaling
@@ -799,6 +820,7 @@ impl Cluster {
                 Stage::Promoted { version } => {
                     if self.has_applied(&m.to, version)
                         && (self.has_applied(&m.from, version) || self.is_gone(&m.from))
+                        && self.handshakes_settled(&vs, &m.from, now)
                     {
                         self.scaling.migrations.remove(&vs);
                         self.leave(rec, &m.from, "migrated away (the old primary)", now)?;
@@ -853,12 +875,25 @@ impl Cluster {
                 changed = true;
                 continue;
             }
-            if self.has_applied(&primary, version) || self.is_gone(&primary) {
+            if (self.has_applied(&primary, version) || self.is_gone(&primary))
+                && self.handshakes_settled(&vs, &e, now)
+            {
                 self.leave(rec, &e, &what, now)?;
                 changed = true;
             }
         }
         Ok(changed)
+    }
+
+    /// Whether [`HANDSHAKE_GRACE`] has passed since `engine` could first leave `vs` (the first
+    /// call that asks).
+    fn handshakes_settled(&mut self, vs: &str, engine: &str, now: Instant) -> bool {
+        let since = *self
+            .scaling
+            .ready_to_leave
+            .entry((vs.to_owned(), engine.to_owned()))
+            .or_insert(now);
+        now.saturating_duration_since(since) >= HANDSHAKE_GRACE
     }
 
     /// `engine` leaves `rec`'s placement and drains.

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use lb_model::{Algorithm, BackendConfig, Protocol};
 
 use super::{
-    scaling::{BASE_WEIGHT, PRIMARY_WEIGHT_MAX, PRIMARY_WEIGHT_MIN},
+    scaling::{BASE_WEIGHT, HANDSHAKE_GRACE, PRIMARY_WEIGHT_MAX, PRIMARY_WEIGHT_MIN},
     *,
 };
 use crate::store::MemStore;
@@ -463,6 +463,16 @@ fn a_scaled_in_engine_drains_and_its_resets_are_flagged() {
     serves(&mut c, "se3", &["web"], 10.0, now + Duration::from_secs(1));
     assert_eq!(c.persisted().services["web"].placement, ["se1", "se3"]);
     serves(&mut c, "se1", &["web"], 10.0, now + Duration::from_secs(1));
+    // The primary no longer sends it SYNs; those sent before complete their handshakes there.
+    assert_eq!(c.persisted().services["web"].placement, ["se1", "se3"]);
+    let grace_ends = now + Duration::from_secs(1) + HANDSHAKE_GRACE;
+    c.tick(grace_ends - Duration::from_millis(1)).unwrap();
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se1", "se3"],
+        "it listens for the whole handshake grace"
+    );
+    c.tick(grace_ends).unwrap();
     assert_eq!(c.persisted().services["web"].placement, ["se1"]);
     assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
     let report = |open, finished, reset, done| Observed {
@@ -538,6 +548,13 @@ fn a_migration_promotes_the_target_once_it_serves_then_the_old_primary_leaves() 
     serves(&mut c, "se4", &["web"], 10.0, t + Duration::from_secs(1));
     assert_eq!(c.persisted().services["web"].placement, ["se4", "se1"]);
     serves(&mut c, "se1", &["web"], 10.0, t + Duration::from_secs(2));
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se4", "se1"],
+        "the old primary's handshakes complete first"
+    );
+    c.tick(t + Duration::from_secs(2) + HANDSHAKE_GRACE)
+        .unwrap();
     assert_eq!(c.persisted().services["web"].placement, ["se4"]);
     assert_eq!(phases(&c)[1], ("se1".into(), 0, "draining"), "it drains");
     assert!(
@@ -561,6 +578,12 @@ fn a_migration_promotes_the_target_once_it_serves_then_the_old_primary_leaves() 
         "se2 gets nothing new"
     );
     serves(&mut c, "se4", &["web"], 10.0, t + Duration::from_secs(5));
+    assert_eq!(
+        c.persisted().services["web"].placement,
+        ["se4", "se2", "se3"]
+    );
+    c.tick(t + Duration::from_secs(5) + HANDSHAKE_GRACE)
+        .unwrap();
     assert_eq!(c.persisted().services["web"].placement, ["se4", "se3"]);
     assert_eq!(primary_epoch(&c), (4, epoch + 1), "no promotion");
 }
@@ -630,12 +653,16 @@ fn a_restarted_controller_resumes_the_steps_in_flight() {
         "the old primary still hands over"
     );
     assert!(c.scaling.in_progress(|_| true).is_some());
-    // The primaries apply what was built before the restart: both steps end.
+    // The primaries apply what was built before the restart: both steps end, after the
+    // handshake grace.
     let primary = c.persisted().services["web"].placement[0].clone();
     serves(&mut c, &primary, &["web"], 10.0, later);
-    assert_eq!(c.persisted().services["web"].placement, [primary.as_str()]);
     serves(&mut c, target, &["api"], 10.0, later);
     serves(&mut c, &api_primary, &["api"], 10.0, later);
+    assert_eq!(c.persisted().services["web"].placement.len(), 2);
+    assert_eq!(c.persisted().services["api"].placement.len(), 2);
+    c.tick(later + HANDSHAKE_GRACE).unwrap();
+    assert_eq!(c.persisted().services["web"].placement, [primary.as_str()]);
     assert_eq!(c.persisted().services["api"].placement, [target]);
 }
 
