@@ -465,14 +465,15 @@ fn a_scaled_in_engine_drains_and_its_resets_are_flagged() {
     serves(&mut c, "se1", &["web"], 10.0, now + Duration::from_secs(1));
     // The primary no longer sends it SYNs; those sent before complete their handshakes there.
     assert_eq!(c.persisted().services["web"].placement, ["se1", "se3"]);
-    let grace_ends = now + Duration::from_secs(1) + HANDSHAKE_GRACE;
-    c.tick(grace_ends - Duration::from_millis(1)).unwrap();
+    let applied = now + Duration::from_secs(1);
+    c.tick(applied + HANDSHAKE_GRACE.saturating_sub(Duration::from_millis(1)))
+        .unwrap();
     assert_eq!(
         c.persisted().services["web"].placement,
         ["se1", "se3"],
         "it listens for the whole handshake grace"
     );
-    c.tick(grace_ends).unwrap();
+    c.tick(applied + HANDSHAKE_GRACE).unwrap();
     assert_eq!(c.persisted().services["web"].placement, ["se1"]);
     assert_eq!(phases(&c)[1], ("se3".into(), 0, "draining"));
     let report = |open, finished, reset, done| Observed {
