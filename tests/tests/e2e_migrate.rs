@@ -62,20 +62,35 @@ fn half_open_on(l: &ControllerLab, id: u8, peer: &str) -> Result<bool> {
         .any(|line| line.split_whitespace().last() == Some(peer)))
 }
 
-/// Opens connections (their ACKs held) until one is half open on engine `secondary` (the
-/// `primary` proxies a share too); returns it and its client address.
-fn half_open_connection(
-    l: &ControllerLab,
-    client: &Ns,
-    primary: u8,
-    secondary: u8,
-) -> (HeldConnection, String) {
+/// A connection half open on one engine: the client's ACKs to the VIP are held back.
+struct HalfOpen {
+    client: Ns,
+    vip: String,
+    conn: HeldConnection,
+    /// The client's address of it.
+    peer: String,
+}
+
+/// Checks that `web` serves, holds the client's ACKs back, then opens connections until one is
+/// half open on engine `secondary` (the `primary` proxies a share too).
+fn half_open_connection(l: &ControllerLab, primary: u8, secondary: u8) -> HalfOpen {
+    let client = l.lab.client(0).clone();
+    let vip = l.lab.vip().to_string();
+    let mut warm = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
+    warm.get().expect("web serves");
+    drop(warm);
+    hold_acks(l, &client, &vip, true).unwrap();
     for _ in 0..30 {
-        let c = HeldConnection::open(client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
-        let peer = c.local_addr().unwrap().to_string();
+        let conn = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
+        let peer = conn.local_addr().unwrap().to_string();
         for _ in 0..20 {
             if half_open_on(l, secondary, &peer).unwrap() {
-                return (c, peer);
+                return HalfOpen {
+                    client,
+                    vip,
+                    conn,
+                    peer,
+                };
             }
             if half_open_on(l, primary, &peer).unwrap() {
                 break;
@@ -84,6 +99,13 @@ fn half_open_connection(
         }
     }
     panic!("no connection half open on the secondary in 30 tries");
+}
+
+impl HalfOpen {
+    /// Lets the client's ACKs through again.
+    fn release(&self, l: &ControllerLab) {
+        hold_acks(l, &self.client, &self.vip, false).unwrap();
+    }
 }
 
 #[test]
@@ -105,14 +127,8 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
         .find(|e| !on.contains(&e.name))
         .map(|e| e.name.clone())
         .unwrap();
-    let client = l.lab.client(0).clone();
-    let vip = l.lab.vip().to_string();
-    let mut warm = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
-    warm.get().expect("web serves");
-    drop(warm);
-
-    hold_acks(&l, &client, &vip, true).unwrap();
-    let (mut c, peer) = half_open_connection(&l, &client, primary, secondary);
+    let mut h = half_open_connection(&l, primary, secondary);
+    let peer = h.peer.clone();
 
     let out = l.lbctl(&["migrate", "web", "--to", &target]).unwrap();
     assert_eq!(out.code, 0, "lbctl migrate: {}", out.stderr);
@@ -138,8 +154,9 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
     let garps = |l: &ControllerLab| l.metric_per_engine("lb_garp_sent_total", &[]).unwrap();
     let garps_demoted = garps(&l)[&primary];
 
-    hold_acks(&l, &client, &vip, false).unwrap();
-    let body = c
+    h.release(&l);
+    let body = h
+        .conn
         .get()
         .with_context(|| format!("{peer} across the migration to {target}"));
     let claimed = l
@@ -182,7 +199,7 @@ fn a_handshake_in_flight_across_a_migration_completes_on_its_engine() {
         "the client sends to the new primary"
     );
     // The connection lives on, on the secondary.
-    let again = c.get();
+    let again = h.conn.get();
     if again.is_err() {
         l.print_engines_report();
     }
@@ -203,14 +220,8 @@ fn a_handshake_in_flight_across_a_scale_in_completes_on_the_leaving_engine() {
     let on = l.wait_serving("web", Duration::from_secs(20)).unwrap();
     assert_eq!(on.len(), 2, "{on:?}");
     let (primary, secondary) = (l.id_of(&on[0]).unwrap(), l.id_of(&on[1]).unwrap());
-    let client = l.lab.client(0).clone();
-    let vip = l.lab.vip().to_string();
-    let mut warm = HeldConnection::open(&client, l.lab.vip_http(), Duration::from_secs(5)).unwrap();
-    warm.get().expect("web serves");
-    drop(warm);
-
-    hold_acks(&l, &client, &vip, true).unwrap();
-    let (mut c, peer) = half_open_connection(&l, &client, primary, secondary);
+    let mut h = half_open_connection(&l, primary, secondary);
+    let peer = h.peer.clone();
     let out = l.lbctl(&["scale-in", "web", "--engine", &on[1]]).unwrap();
     assert_eq!(out.code, 0, "lbctl scale-in: {}", out.stderr);
     // The primary sends the leaving engine nothing new once it has applied its weight 0.
@@ -240,8 +251,8 @@ fn a_handshake_in_flight_across_a_scale_in_completes_on_the_leaving_engine() {
         half_open_on(&l, secondary, &peer).unwrap(),
         "{peer} is still half open on the leaving engine"
     );
-    hold_acks(&l, &client, &vip, false).unwrap();
-    let body = c.get();
+    h.release(&l);
+    let body = h.conn.get();
     if body.is_err() {
         l.print_engines_report();
     }
@@ -254,7 +265,7 @@ fn a_handshake_in_flight_across_a_scale_in_completes_on_the_leaving_engine() {
         |l| Ok(placement(&l.lbctl(&["vs", "get", "web"])?.json()?) == [on[0].clone()]),
     )
     .unwrap();
-    let again = c.get();
+    let again = h.conn.get();
     if again.is_err() {
         l.print_engines_report();
     }
