@@ -731,6 +731,61 @@ backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
         assert_eq!(listeners_on(port), 0);
     }
 
+    /// Connections whose handshakes completed before the drain, still in the accept queue when
+    /// it begins, are accepted and served (drained like the others), not reset by the listener's
+    /// close; the listener then closes.
+    #[tokio::test]
+    async fn a_drain_accepts_what_waits_in_the_accept_queue_before_closing() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_port = backend.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16];
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    let _ = c.write_all(&buf[..n]).await;
+                });
+            }
+        });
+        let conns = Arc::new(ConnTable::default());
+        let mut proxy = Proxy::new(conns.clone(), ProxyThreads::start(1).unwrap());
+        proxy
+            .apply(&config_to(free_port(), backend_port, true))
+            .unwrap();
+        let service = proxy.services()[0].clone();
+        // A listener of the service that nobody accepts on yet: its clients wait in its queue.
+        let port = free_port();
+        let mut group = tcp::listen_group(SocketAddr::from(([127, 0, 0, 1], port)), 1).unwrap();
+        let listener = tokio::net::TcpListener::from_std(group.remove(0)).unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        Proxy::start_draining(&service, Duration::from_secs(30));
+        let served = tokio::spawn(tcp::serve(listener, service.clone(), conns));
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the listener closes")
+            .unwrap();
+        assert_eq!(listeners_on(port), 0, "closed after the drain began");
+        for (i, c) in clients.iter_mut().enumerate() {
+            let byte = u8::try_from(i).unwrap();
+            c.write_all(&[byte; 4]).await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("queued connection {i} unanswered"))
+                .unwrap_or_else(|e| panic!("queued connection {i}: {e}"));
+            assert_eq!(got, [byte; 4]);
+        }
+        assert_eq!(service.stats.total.load(Ordering::Relaxed), 5);
+    }
+
     /// A port some other socket holds (without `SO_REUSEPORT`) is a clear error naming the
     /// service, and nothing is served.
     #[tokio::test]

@@ -75,8 +75,9 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts until the service drains (the listener then closes: new clients are refused by the
-/// kernel), spawning one task per connection.
+/// Accepts until the service drains, spawning one task per connection. The listener then
+/// closes (new clients are refused by the kernel), once the connections whose handshakes
+/// completed before are accepted: closing it with them in its accept queue would reset them.
 pub async fn serve(listener: TcpListener, s: Arc<Service>, conns: Arc<ConnTable>) {
     let mut drain = s.watch_drain();
     loop {
@@ -85,22 +86,7 @@ pub async fn serve(listener: TcpListener, s: Arc<Service>, conns: Arc<ConnTable>
             _ = drain.wait_for(|d| matches!(d, Drain::Draining { .. })) => break,
         };
         match accepted {
-            Ok((client, peer)) => {
-                // Read per connection: a reload reaches a running service.
-                let Settings {
-                    timeouts: t,
-                    sources,
-                    ..
-                } = s.settings();
-                tokio::spawn(connection(
-                    client,
-                    peer,
-                    s.clone(),
-                    conns.clone(),
-                    t,
-                    sources,
-                ));
-            }
+            Ok((client, peer)) => spawn_connection(client, peer, &s, &conns),
             // Out of file descriptors or memory: back off instead of spinning.
             Err(e) => {
                 warn!(vs = %s.name, "accept: {e}");
@@ -108,7 +94,49 @@ pub async fn serve(listener: TcpListener, s: Arc<Service>, conns: Arc<ConnTable>
             }
         }
     }
-    debug!(vs = %s.name, "listener closed (draining)");
+    let queued = accept_queued(&listener, &s, &conns);
+    debug!(vs = %s.name, queued, "listener closed (draining)");
+}
+
+/// Accepts what waits in `listener`'s accept queue now, without waiting; returns how many.
+fn accept_queued(listener: &TcpListener, s: &Arc<Service>, conns: &Arc<ConnTable>) -> usize {
+    let mut queued = 0;
+    loop {
+        // Straight to accept4: the runtime would wait for a readiness event first.
+        let Ok((socket, peer)) = socket2::SockRef::from(listener).accept() else {
+            return queued;
+        };
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        let client = socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(socket.into()));
+        match client {
+            Ok(client) => {
+                spawn_connection(client, peer, s, conns);
+                queued += 1;
+            }
+            Err(e) => warn!(vs = %s.name, "accept: {e}"),
+        }
+    }
+}
+
+fn spawn_connection(client: TcpStream, peer: SocketAddr, s: &Arc<Service>, conns: &Arc<ConnTable>) {
+    // Read per connection: a reload reaches a running service.
+    let Settings {
+        timeouts: t,
+        sources,
+        ..
+    } = s.settings();
+    tokio::spawn(connection(
+        client,
+        peer,
+        s.clone(),
+        conns.clone(),
+        t,
+        sources,
+    ));
 }
 
 /// Refuses a client at once: a reset, not a connection left hanging.
