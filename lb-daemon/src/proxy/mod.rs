@@ -669,6 +669,23 @@ backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
             .count()
     }
 
+    /// A backend on 127.0.0.1 that echoes each connection's first read; its port.
+    async fn echo_backend() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = backend.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16];
+                    let n = c.read(&mut buf).await.unwrap_or(0);
+                    let _ = c.write_all(&buf[..n]).await;
+                });
+            }
+        });
+        port
+    }
+
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -682,17 +699,7 @@ backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
     #[tokio::test]
     async fn a_tcp_service_listens_once_per_proxy_thread_and_every_listener_relays() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend_port = backend.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = backend.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 16];
-                    let n = c.read(&mut buf).await.unwrap_or(0);
-                    let _ = c.write_all(&buf[..n]).await;
-                });
-            }
-        });
+        let backend_port = echo_backend().await;
         let port = free_port();
         let mut proxy = Proxy::new(
             Arc::new(ConnTable::default()),
@@ -737,17 +744,7 @@ backends = [ {{ address = "127.0.0.1", port = {backend_port} }} ]
     #[tokio::test]
     async fn a_drain_accepts_what_waits_in_the_accept_queue_before_closing() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend_port = backend.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = backend.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 16];
-                    let n = c.read(&mut buf).await.unwrap_or(0);
-                    let _ = c.write_all(&buf[..n]).await;
-                });
-            }
-        });
+        let backend_port = echo_backend().await;
         let conns = Arc::new(ConnTable::default());
         let mut proxy = Proxy::new(conns.clone(), ProxyThreads::start(1).unwrap());
         proxy
