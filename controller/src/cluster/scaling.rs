@@ -7,9 +7,9 @@
 //! - **Scale in**: first the engine gets weight 0 (`leaving`), still placed and listening: the
 //!   primary stops sending it new connections, and a SYN already on its way is still answered.
 //!   Once the primary has applied that version and [`HANDSHAKE_GRACE`] has passed (handshakes
-//!   begun before complete), the engine leaves the placement. Its proxy closes
-//!   the listener and lets open connections finish for the scale-in timeout
-//!   (`vs_scalein_timeout`, the engines' `proxy.drain_timeout_s`), then resets the rest; the
+//!   begun before complete), the engine leaves the placement. Its proxy closes the listener
+//!   (once it has accepted its accept queue) and lets open connections finish for the scale-in
+//!   timeout (`vs_scalein_timeout`, the engines' `proxy.drain_timeout_s`), then resets the rest; the
 //!   primary keeps sending it the packets of the flows it owns meanwhile. Its heartbeats report
 //!   the drain; its end is an event (`drain`, or `drain_reset` when connections were reset).
 //!   (Leaving in one step raced: an engine that closed its listener before the primary applied
@@ -19,8 +19,8 @@
 //!   epoch (the engines' promotion path: it takes the VIP and announces it) while the old primary
 //!   stays placed with weight 0, so it hands its flows over and answers owner queries. Once both
 //!   have applied that version, the old primary leaves as in a scale-in (its weight is already
-//!   0 on the new primary), after the same grace. A secondary's migration is a scale-out and, once the target serves,
-//!   a scale-in.
+//!   0 on the new primary), after the same grace. A secondary's migration is a scale-out and,
+//!   once the target serves, a scale-in.
 //! - **The primary's share**: it also steers every packet of the service, so while other engines
 //!   serve it gets a smaller weight than theirs (`BASE_WEIGHT`), from its spare CPU.
 //!
