@@ -1,9 +1,10 @@
 //! "Who owns this flow?" — how a new primary learns the flows the surviving engines own, so that
 //! their connections never notice the failover.
 //!
-//! - **Bulk load.** An engine that sees a new primary for a virtual service (a [`Change::Followed`]
-//!   or, the old primary of a migration, a `Change::Demoted` from [`crate::roles`]) sends it
-//!   every flow its proxy holds for that service (`Owned` messages, seq 0). The new primary
+//! - **Bulk load.** An engine that sees a new primary for a virtual service
+//!   (a [`roles::Change::Followed`](crate::roles::Change::Followed) or, the old primary of a
+//!   migration, a `Change::Demoted` from [`crate::roles`]) sends it every flow its proxy holds
+//!   for that service (`Owned` messages, seq 0). The new primary
 //!   writes them into its connection table: most flows hit at once. A list that arrives before
 //!   the receiver has taken the role (the old primary may apply a migration first) is kept for
 //!   [`EARLY_TTL`] and written when it does.

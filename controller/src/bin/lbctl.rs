@@ -4,6 +4,10 @@
 //! 16 already exists, 17 permission denied, 19 failed precondition, 20 aborted: a conflicting
 //! update, read again and retry, 24 unavailable, 26 unauthenticated).
 
+// The doc comments below are clap's help text (`ADDRESS:PORT[:WEIGHT]`, `operator-<name>.pem`),
+// written for the terminal, not for rustdoc.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};

@@ -451,7 +451,7 @@ impl Cluster {
 
     /// Takes a secondary (`engine`, or the last one placed) out: it gets no new connections from
     /// the next snapshot on; once the primary has applied that, it leaves and drains for the
-    /// scale-in timeout ([`Cluster::advance_scaling`]).
+    /// scale-in timeout (`Cluster::advance_scaling`).
     pub fn scale_in(&mut self, name: &str, engine: Option<&str>) -> Result<VsRecord, ClusterError> {
         let rec = self.vs(name)?;
         let is_leaving = |e: &str| {
@@ -571,7 +571,7 @@ impl Cluster {
     }
 
     /// Moves the primary role (or a secondary's place) to `to` (or placement's choice): the target
-    /// scales out first; the rest follows as it serves ([`Cluster::advance_scaling`]).
+    /// scales out first; the rest follows as it serves (`Cluster::advance_scaling`).
     pub fn migrate(
         &mut self,
         name: &str,

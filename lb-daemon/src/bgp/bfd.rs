@@ -188,7 +188,7 @@ fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
-/// The state machine and timers of one session, without I/O (driven by [`run_session`], and by
+/// The state machine and timers of one session, without I/O (driven by `run_session`, and by
 /// the unit tests on a virtual clock).
 #[derive(Debug)]
 pub struct Machine {

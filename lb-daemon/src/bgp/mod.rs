@@ -132,7 +132,7 @@ impl Speakers {
     }
 
     /// Runs the speaker the (validated) configuration's `[bgp]` asks for: nothing to do if it
-    /// runs already. It announces nothing until [`peer_hold`] after this daemon's start.
+    /// runs already. It announces nothing until `peer_hold` after this daemon's start.
     pub async fn follow(&mut self, config: &lb_model::Config) {
         let (cfg, hold) = (config.bgp.as_ref(), peer_hold(config));
         if self.running.as_ref().map(|r| &r.0) == cfg {
