@@ -576,6 +576,7 @@ pub fn engine_to_pb(name: &str, c: &Cluster) -> Option<pb::EngineStatus> {
         connections: o.connections,
         last_heartbeat_unix_ms: o.last_heartbeat_unix_ms,
         applied_version: o.applied_version,
+        desired_version: c.snapshot_version(),
         last_error: o
             .nack
             .map(|(v, e)| format!("version {v}: {e}"))

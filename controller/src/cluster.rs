@@ -352,6 +352,11 @@ impl Cluster {
         self.snapshot.borrow().clone()
     }
 
+    /// The current snapshot's version, without copying the snapshot.
+    pub fn snapshot_version(&self) -> u64 {
+        self.snapshot.borrow().version
+    }
+
     pub fn health(&self, engine: &str) -> Option<EngineHealth> {
         self.health.state(engine)
     }

@@ -605,7 +605,8 @@ impl ControllerLab {
         Ok(seen)
     }
 
-    /// Every engine in `ids` runs the same version, > 0, and none reports an error.
+    /// Every engine in `ids` runs the controller's current version (> 0), and none reports an
+    /// error.
     pub fn applied_everywhere(&self, ids: &[u8]) -> Result<Option<u64>> {
         let engines = self.lbctl(&["engines"])?.json()?;
         let mut versions = Vec::new();
@@ -615,7 +616,11 @@ impl ControllerLab {
                 if e["last_error"].as_str().is_some_and(|s| !s.is_empty()) {
                     return Ok(None);
                 }
-                versions.push(e["applied_version"].as_u64().context("version")?);
+                let applied = e["applied_version"].as_u64().context("version")?;
+                if Some(applied) != e["desired_version"].as_u64() {
+                    return Ok(None);
+                }
+                versions.push(applied);
             }
         }
         Ok((versions.len() == ids.len()

@@ -217,6 +217,19 @@ fn controller_places_pushes_survives_and_fails_engines() {
         }))
     })
     .unwrap();
+    // Each engine shows the version it runs and the controller's, which it refused.
+    let engines = l.lbctl(&["engines"]).unwrap().json().unwrap();
+    for e in engines.as_array().unwrap() {
+        let (applied, desired) = (&e["applied_version"], &e["desired_version"]);
+        assert!(
+            applied.as_u64().unwrap() < desired.as_u64().unwrap(),
+            "a NACKing engine is behind the controller: {e}"
+        );
+    }
+    // (The controller may make a newer version meanwhile; every one with the pool is refused.)
+    let table = l.lbctl_text(&["engines"]).unwrap();
+    let behind = format!("{} → ", engines[0]["applied_version"]);
+    assert!(table.contains(&behind), "`{behind}` in\n{table}");
     let r = l.lab.load(90).unwrap();
     assert_eq!(r.errors, 0, "the engines serve their previous state: {r}");
     assert_eq!(l.lbctl(&["pool", "delete", "unroutable"]).unwrap().code, 0);

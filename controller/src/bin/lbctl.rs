@@ -682,7 +682,8 @@ mod views {
             "host_cpu_pct": e.host_cpu_pct, "daemon_cpu_pct": e.daemon_cpu_pct,
             "softirq_pct": e.softirq_pct, "memory_bytes": e.memory_bytes, "pps": e.pps,
             "connections": e.connections, "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
-            "applied_version": e.applied_version, "last_error": e.last_error,
+            "applied_version": e.applied_version, "desired_version": e.desired_version,
+            "last_error": e.last_error,
             "peers": e.peers.iter().map(|p| json!({"engine": p.engine, "id": p.id,
                 "daemon_up": p.daemon_up, "dataplane_up": p.dataplane_up})).collect::<Vec<_>>(),
             "claims": e.claims.iter().map(|c| json!({"virtual_service": c.virtual_service,
@@ -746,6 +747,16 @@ mod views {
 
     pub fn event(e: &pb::Event) -> Value {
         json!({"time_unix_ms": e.time_unix_ms, "kind": e.kind, "objects": e.objects, "reason": e.reason})
+    }
+}
+
+/// The version an engine runs: `7` when it is the controller's current one, `6 → 7` while it is
+/// behind (or has refused 7: see ERROR).
+fn version(e: &pb::EngineStatus) -> String {
+    if e.applied_version == e.desired_version {
+        e.applied_version.to_string()
+    } else {
+        format!("{} → {}", e.applied_version, e.desired_version)
     }
 }
 
@@ -989,7 +1000,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                                 format!("{:.1}", e.cpu_pct),
                                 e.pps.to_string(),
                                 e.connections.to_string(),
-                                e.applied_version.to_string(),
+                                version(e),
                                 time(e.last_heartbeat_unix_ms),
                                 peers(e),
                                 e.last_error.clone(),
