@@ -27,6 +27,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
+use aya_log::EbpfLogger;
 use lb_common::{
     ConnEntry, ENGINE_NONE, Engine, FlowV4, FlowV6, Globals, MAX_ENGINES, PersistEntry, PersistKey,
     REASON_COUNT, RING_SIZE, Reason, STATE_LAYOUT_VERSION, TX_ERROR_COUNT, TrafficCounters,
@@ -153,6 +154,8 @@ pub struct Dataplane {
     pub counters: Arc<Counters>,
     /// Flows of unknown owner the program hands up (taken by the owner-query task).
     pub owner_queries: Option<RingBuf<MapData>>,
+    /// The programs' log records (aya-log: their rare events), taken by [`forward_logs`].
+    pub logs: Option<DataplaneLogs>,
     /// The attachment was taken over from a previous daemon (the data plane was steering).
     adopted: bool,
     max_vs: u32,
@@ -329,6 +332,43 @@ pub fn detach_for_good(pin_dir: &Path) -> Result<Removed, DataplaneError> {
     Ok(removed)
 }
 
+/// The data plane's log: aya-log records, written to the process's `log` logger (the daemon's
+/// tracing).
+pub type DataplaneLogs = EbpfLogger<&'static dyn log::Log>;
+
+/// Writes the data plane's log records into the daemon's log as they come (targets
+/// `lb_xdp::…`), until polling the ring buffer fails.
+pub async fn forward_logs(logs: DataplaneLogs) {
+    // SAFETY: the logger owns the ring buffer's descriptor and the `AsyncFd` owns the logger:
+    // the descriptor stays open and the same for the `AsyncFd`'s life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logs, tokio::io::Interest::READABLE)
+    };
+    let mut logs = match registered {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(
+                "data plane log: cannot poll its ring buffer ({e}); its rare events are only counted"
+            );
+            return;
+        }
+    };
+    loop {
+        match logs.readable_mut().await {
+            Ok(mut ready) => {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+            Err(e) => {
+                warn!(
+                    "data plane log: polling its ring buffer failed ({e}); its rare events are only counted"
+                );
+                return;
+            }
+        }
+    }
+}
+
 impl Dataplane {
     /// Loads `object` with table sizes from `cfg`, pinning the state tables under `cfg.pin_dir`
     /// (reusing them if a previous run left them there, once [`check_pinned`] accepts them). Does
@@ -388,6 +428,9 @@ impl Dataplane {
                     .map_err(map_err($name))?
             };
         }
+        let logs = EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| warn!("data plane log: {e}; its rare events are only counted"))
+            .ok();
         let mut layout: Array<MapData, u32> = take!("STATE_LAYOUT");
         layout
             .set(0, STATE_LAYOUT_VERSION, 0)
@@ -416,6 +459,7 @@ impl Dataplane {
             }),
             tx_error_filter: take!("TX_ERROR_FILTER"),
             owner_queries: Some(take!("OWNER_QUERIES")),
+            logs,
             adopted: false,
             ebpf,
             link: None,

@@ -25,7 +25,7 @@ use clap::Parser;
 use lb_daemon::{
     config::{Config, ControllerConfig, Desired, EngineFile, ManagedFile},
     conntable::ConnTable,
-    dataplane::Dataplane,
+    dataplane::{self, Dataplane},
     engine::{Applied as Applied_, Engine},
     failover::{Ends, Failover, FailoverCounters},
     heartbeat::{self, Sampler},
@@ -259,6 +259,9 @@ async fn run(args: &Args, config: Config, managed: Option<ControllerConfig>) -> 
             ));
         }
         Err(e) => warn!("persistence mirror off: opening the pinned PERSIST table: {e:#}"),
+    }
+    if let Some(logs) = engine.dataplane_mut().logs.take() {
+        tokio::spawn(dataplane::forward_logs(logs));
     }
     match (
         engine.dataplane_mut().owner_queries.take(),

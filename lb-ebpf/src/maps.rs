@@ -101,6 +101,11 @@ pub static ENGINE_STATS: PerCpuArray<TrafficCounters> =
 #[map]
 pub static TX_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TX_ERROR_COUNT, 0);
 
+/// When each kind of transmit failure was last logged (`bpf_ktime_get_ns`, per CPU): the
+/// tracepoint programs log a kind at most once a second per CPU.
+#[map]
+pub static TX_ERRORS_LOGGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(TX_ERROR_COUNT, 0);
+
 /// This engine's program id and interface: the transmit failures `TX_ERRORS` counts.
 #[map]
 pub static TX_ERROR_FILTER: Array<TxErrorFilter> = Array::with_max_entries(1, 0);

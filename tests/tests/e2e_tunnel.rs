@@ -71,6 +71,12 @@ fn full_size_requests_through_the_tunnel_succeed_and_failed_transmits_show() {
         Some(0.0),
         "nothing the primary sent was dropped by the interface:\n{metrics}"
     );
+    let log = lab.daemon.as_ref().unwrap().log_path();
+    assert_eq!(
+        transmit_drops_logged(&log),
+        0,
+        "no transmit failure logged while none happened"
+    );
 
     // A path MTU the network does not carry: encapsulated full-size frames leave XDP_TX and are
     // dropped by the interface (no ICMP, nothing for the client): the request fails, and the
@@ -79,11 +85,23 @@ fn full_size_requests_through_the_tunnel_succeed_and_failed_transmits_show() {
     lab.lab
         .exec(&client, &["ip", "route", "flush", "cache"])
         .unwrap();
+    // 20 requests at once: each full-size segment, and each retransmission of it, is dropped.
     let lost = in_ns(client.name(), || {
-        Ok(post(vip, 6 * 1024, Duration::from_secs(2)))
+        Ok(std::thread::scope(|s| {
+            let posts: Vec<_> = (0..20)
+                .map(|_| s.spawn(|| post(vip, 6 * 1024, Duration::from_secs(2))))
+                .collect();
+            posts
+                .into_iter()
+                .map(|p| p.join().unwrap())
+                .collect::<Vec<_>>()
+        }))
     })
     .unwrap();
-    assert!(lost.is_err(), "a 6 KB request should not get through");
+    assert!(
+        lost.iter().all(Result::is_err),
+        "a 6 KB request should not get through"
+    );
     let metrics = lab.metrics().unwrap();
     let dropped = tx_errors(&metrics, "bulk_tx_drop").unwrap_or(0.0);
     println!("with mtu 9000: {dropped} frames dropped after XDP_TX");
@@ -96,4 +114,33 @@ fn full_size_requests_through_the_tunnel_succeed_and_failed_transmits_show() {
         sent,
         "no ICMP: the data plane believed the packets fit"
     );
+    // The data plane logs the drops (aya-log, into the daemon's log), rate-limited: one line a
+    // second per CPU at most, however many frames were dropped.
+    let logged = transmit_drops_logged(&log);
+    println!("transmit-drop lines in the daemon's log: {logged}");
+    assert!(
+        logged >= 1,
+        "the drops are in the daemon's log:\n{}",
+        lab.daemon.as_ref().unwrap().log_tail(30)
+    );
+    // The 2 s of requests span at most 3 one-second windows on each CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert!(
+        logged <= 3 * cpus,
+        "{logged} lines for {dropped} drops in about 2 s: not rate-limited\n{}",
+        lab.daemon.as_ref().unwrap().log_tail(30)
+    );
+}
+
+/// The data plane's log lines for frames an interface dropped after `XDP_TX`.
+fn transmit_drops_logged(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains("lb_xdp")
+                && l.contains("dropped")
+                && l.contains("frames the data plane transmitted")
+        })
+        .count()
 }
